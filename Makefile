@@ -1,0 +1,24 @@
+# Each target sets up its own environment: a fresh clone needs only `make demo` or `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The pinned CPU build installs from the local wheel cache here; an unpinned torch would pull a CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+.PHONY: demo test install
+install: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(PY) scripts/train_rl.py
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q

@@ -1,0 +1,114 @@
+"""``DROConfig``: GRPOConfig plus the knobs of DRO. Defaults follow the paper (METHOD.md §6); extras are opt-in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import GRPOConfig
+
+from .estimators import ESTIMATORS, GENERATOR_UPDATES
+
+
+@dataclass
+class DROConfig(GRPOConfig):
+    """Training arguments of :class:`~dro_rl.DROTrainer`.
+
+    ``num_generations`` is m, the number of rankings sampled per question, and ``per_device_train_batch_size`` counts
+    sampled rankings (rows), not questions, as in GRPO. ``temperature`` is the selector's sampling temperature; the
+    same temperature scales the logits of the selector's log-probability in the loss, so the loss scores the
+    distribution that sampled.
+    """
+
+    # Parent defaults changed, with the reason.
+    learning_rate: float = field(default=1e-5, metadata={"help": "Selector learning rate (paper: 1e-5)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (paper: 0.01)."})
+
+    # ---- E-step: the selector's list-wise sampling --------------------------------------------------------------
+    num_docs_selected: int = field(default=5, metadata={"help": "K, the passages the selector picks (paper: 5)."})
+    max_passage_tokens: int = field(
+        default=128,
+        metadata={"help": "Token budget of each candidate in the selector prompt, so all N candidates always fit."},
+    )
+    repeat_ids: bool = field(
+        default=False,
+        metadata={"help": "Also write each passage's id after it (`[3] text [3]`); helps small models bind ids."},
+    )
+    use_chat_template: bool = field(
+        default=True,
+        metadata={"help": "Wrap selector and generator prompts in the tokenizer's chat template when it has one."},
+    )
+
+    # ---- Weights and advantages ---------------------------------------------------------------------------------
+    estimator: Literal["dro", "dro_baseline", "reinforce", "rloo", "grpo"] = field(
+        default="dro",
+        metadata={
+            "help": "Selector advantage (METHOD.md §3): `dro` = self-normalised weights (the paper), `dro_baseline` = "
+            "weights − 1/m, `reinforce` = reward, `rloo` = leave-one-out baseline, `grpo` = group-normalised reward "
+            "(divided by the group std unless scale_rewards='none')."
+        },
+    )
+    importance_logits: Literal["sum", "mean"] = field(
+        default="sum",
+        metadata={
+            "help": "Log-weights of the E-step: `sum` = log p(y | x, d_z) (the paper), `mean` = per-token mean "
+            "(the released scripts; a tempered version)."
+        },
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["log_likelihood"],
+        metadata={
+            "help": "Rewards for `reinforce`/`rloo`/`grpo` (names in rewards.REWARDS or dotted paths), summed with "
+            "`reward_weights`. With `dro`/`dro_baseline` they are only logged."
+        },
+    )
+
+    # ---- The generator and its update ---------------------------------------------------------------------------
+    generator_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Generator model name or path (when not passed to the trainer as a model)."}
+    )
+    generator_update: Literal["weighted", "uniform", "best", "none"] = field(
+        default="weighted",
+        metadata={
+            "help": "Generator loss: `weighted` = w̃-weighted NLL (the paper), `uniform` = SFT on every sample, "
+            "`best` = the highest-weight sample only, `none` = frozen generator."
+        },
+    )
+    generator_learning_rate: float | None = field(
+        default=None, metadata={"help": "Generator learning rate; defaults to `learning_rate`."}
+    )
+    generator_loss_coef: float = field(default=1.0, metadata={"help": "Multiplier of L_generate in the total loss."})
+    generator_max_passage_tokens: int = field(
+        default=128, metadata={"help": "Token budget of each selected passage in the generator prompt."}
+    )
+    generator_batch_size: int = field(
+        default=64, metadata={"help": "Rows per chunk when scoring answers without gradients."}
+    )
+
+    # ---- Freezing ----------------------------------------------------------------------------------------------
+    freeze_selector: bool = field(
+        default=False, metadata={"help": "Keep sampling from the selector but do not train it (paper's ablation)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator={self.estimator!r} is not one of {ESTIMATORS}")
+        if self.generator_update not in GENERATOR_UPDATES:
+            raise ValueError(f"generator_update={self.generator_update!r} is not one of {GENERATOR_UPDATES}")
+        if self.importance_logits not in ("sum", "mean"):
+            raise ValueError(f"importance_logits={self.importance_logits!r} is not one of ('sum', 'mean')")
+        if self.estimator == "grpo" and self.scale_rewards not in ("group", "none", True, False):
+            raise ValueError(f"estimator='grpo' supports scale_rewards 'group' or 'none', not {self.scale_rewards!r}")
+        if self.num_docs_selected < 1:
+            raise ValueError(f"num_docs_selected must be >= 1, got {self.num_docs_selected}")
+        if self.freeze_selector and self.generator_update == "none":
+            raise ValueError("freeze_selector=True with generator_update='none' leaves nothing to train")
+        local_rows = self.per_device_train_batch_size * self.steps_per_generation
+        if local_rows % self.num_generations != 0:
+            raise ValueError(
+                f"per_device_train_batch_size × steps_per_generation ({local_rows}) must be a multiple of "
+                f"num_generations ({self.num_generations}) so each process holds whole question groups"
+            )
+        if self.generator_learning_rate is None:
+            self.generator_learning_rate = self.learning_rate

@@ -1,0 +1,105 @@
+"""The DRO math, top to bottom, as pure tensor functions (METHOD.md §2–3).
+
+Shapes: Q questions, m sampled rankings per question, B = Q·m rows (question-major: row q·m + j).
+
+    E-step   w̃_i = softmax_i( log p(y | x, d_{z_i}) )                  importance_weights
+             A_i  from w̃ or from rewards r_i, per estimator            advantages
+    M-step   L_select   = − Σ_i A_i · log p(z_i | x, d; θ_s)            selector_loss
+             L_generate = − Σ_i c_i · log p(y | x, d_{z_i}; θ_g)        generator_coefficients, generator_loss
+
+Nothing here knows about the Trainer, accelerate or tokenizers; the trainer calls these functions by name.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+Estimator = Literal["dro", "dro_baseline", "reinforce", "rloo", "grpo"]
+GeneratorUpdate = Literal["weighted", "uniform", "best", "none"]
+ESTIMATORS: tuple[str, ...] = Estimator.__args__
+GENERATOR_UPDATES: tuple[str, ...] = GeneratorUpdate.__args__
+
+
+def importance_weights(answer_logp: torch.Tensor) -> torch.Tensor:
+    """Self-normalised E-step weights w̃ = softmax over the m samples of log p(y | x, d_z).  [Q, m] -> [Q, m]
+
+    The selector's own probability cancels (METHOD.md §2), so the weight is the generator's likelihood, normalised
+    per question in log space (never exponentiating raw sums). NaN and +inf scores (impossible for a log-probability) count as -inf; a question
+    whose samples are all impossible gets uniform weights, so weights are always finite and sum to one.
+    """
+    logits = answer_logp.float()
+    logits = torch.where(torch.isnan(logits) | torch.isposinf(logits), float("-inf"), logits)
+    dead = torch.isneginf(logits).all(-1, keepdim=True)
+    logits = torch.where(dead, torch.zeros_like(logits), logits)
+    return torch.softmax(logits, dim=-1)
+
+
+def advantages(
+    estimator: Estimator, weights: torch.Tensor, rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-4
+) -> torch.Tensor:
+    """Per-sample advantage A_i used in −Σ_i A_i log p(z_i) (METHOD.md §3 table).  [Q, m] -> [Q, m]
+
+    ``dro`` and ``dro_baseline`` use the importance weights; the others use the rewards r_i.
+    """
+    m = rewards.shape[-1]
+    if estimator == "dro":  # the paper, exactly
+        return weights
+    if estimator == "dro_baseline":  # same expected gradient (Σ w̃ = 1 and E[∇log p] = 0), lower variance
+        return weights - 1.0 / m
+    if estimator == "reinforce":  # no baseline
+        return rewards
+    if estimator == "rloo":  # leave-one-out baseline: r_i − mean_{j≠i} r_j
+        if m < 2:
+            return torch.zeros_like(rewards)
+        return rewards - (rewards.sum(-1, keepdim=True) - rewards) / (m - 1)
+    if estimator == "grpo":  # group-normalised: (r_i − mean_j r_j) / (std_j r_j + ε)
+        centred = rewards - rewards.mean(-1, keepdim=True)
+        if scale_by_std and m > 1:
+            centred = centred / (rewards.std(-1, keepdim=True) + eps)
+        return centred
+    raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
+
+
+def generator_coefficients(update: GeneratorUpdate, weights: torch.Tensor) -> torch.Tensor:
+    """c_i in L_generate = −Σ_i c_i log p(y | x, d_{z_i}) for each generator update option.  [Q, m] -> [Q, m]"""
+    if update == "weighted":  # the paper: w̃-weighted NLL
+        return weights
+    if update == "uniform":  # plain SFT on every sample
+        return torch.full_like(weights, 1.0 / weights.shape[-1])
+    if update == "best":  # only the highest-weight sample
+        return torch.nn.functional.one_hot(weights.argmax(-1), weights.shape[-1]).to(weights.dtype)
+    if update == "none":  # frozen generator
+        return torch.zeros_like(weights)
+    raise ValueError(f"unknown generator update {update!r}; choose one of {GENERATOR_UPDATES}")
+
+
+def weighted_nll(coef: torch.Tensor, logp: torch.Tensor, m: int) -> torch.Tensor:
+    """−(1/Q) Σ_q Σ_i c_qi · logp_qi over any subset of rows; Q = rows / m.  [B], [B] -> scalar
+
+    Written per row so that a shuffled slice of the generation batch (gradient accumulation) contributes its share.
+    The coefficients carry no gradient: the weights are held constant in the M-step.
+    """
+    return -(coef.detach() * logp).sum() * m / logp.shape[0]
+
+
+def selector_loss(adv: torch.Tensor, ranking_logp: torch.Tensor, m: int) -> torch.Tensor:
+    """L_select = −Σ_i A_i · log p(z_i | x, d; θ_s), averaged over questions (policy-gradient view, §2)."""
+    return weighted_nll(adv, ranking_logp, m)
+
+
+def generator_loss(coef: torch.Tensor, answer_logp: torch.Tensor, m: int) -> torch.Tensor:
+    """L_generate = −Σ_i c_i · log p(y | x, d_{z_i}; θ_g), averaged over questions."""
+    return weighted_nll(coef, answer_logp, m)
+
+
+def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
+    """1 / Σ_i w̃_i², per question: m when the weights are uniform, 1 when one sample takes all.  [Q, m] -> [Q]"""
+    return 1.0 / (weights.float() ** 2).sum(-1)
+
+
+def weight_entropy(weights: torch.Tensor) -> torch.Tensor:
+    """Entropy of the weights per question, in nats.  [Q, m] -> [Q]"""
+    w = weights.float()
+    return -(w * torch.log(w.clamp_min(1e-30))).sum(-1)

@@ -1,0 +1,360 @@
+"""The selector: a list-wise policy that writes an ordered pick of K of N passage ids, ``[3] > [1] > [7]``.
+
+Three pieces live here, in the order a step uses them:
+
+1. the list-wise prompt (METHOD.md §5.4), with a per-passage token budget so that all N candidates always fit;
+2. the id grammar and the constrained sampler (§5.1–5.2): every sample is K distinct in-range ids by construction,
+   each id is written with fixed token sequences, and the same masks that sampled a token score it in the loss;
+3. a lenient parser with rank_llm-style repair, for free-form rankings written by unconstrained models.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+INSTRUCTION = (
+    "I will give you {n} passages, each numbered [1] to [{n}], and a question. Pick the {k} passages that best help "
+    "answer the question, most useful first."
+)
+OUTPUT_FORMAT = "Answer with {k} distinct identifiers in order, like {example}, and nothing else."
+SEPARATOR = " > "
+
+
+def format_id(i: int) -> str:
+    """Display form of the 0-based passage index ``i``: ``[i + 1]``."""
+    return f"[{i + 1}]"
+
+
+def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> str:
+    """Keep the first ``max_tokens`` tokens of ``text`` (by this tokenizer) so every passage fits its budget."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) <= max_tokens:
+        return text
+    return tokenizer.decode(ids[:max_tokens], skip_special_tokens=True)
+
+
+def passage_text(passage: dict) -> str:
+    """``title: text`` when a title exists, else the text alone."""
+    title, text = (passage.get("title") or "").strip(), (passage.get("text") or "").strip()
+    return f"{title}: {text}" if title else text
+
+
+def apply_template(tokenizer, text: str, use_chat_template: bool) -> list[int]:
+    """Token ids of a user turn (chat template with the generation prompt) or of the plain text.
+
+    One function for the selector and the generator so sampling, training and evaluation see one prompt (§5.3).
+    """
+    if use_chat_template and tokenizer.chat_template is not None:
+        ids = tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+@dataclass(frozen=True)
+class SelectorPrompt:
+    """RankGPT-style list-wise prompt (METHOD.md §5.4), one definition for sampling, training and evaluation.
+
+    Layout: instruction, question, the N passages each prefixed ``[i]``, the question again, the output-format line.
+    Each passage is cut to ``max_passage_tokens`` tokens so that all N candidates stay in the prompt. With
+    ``repeat_ids`` the id also follows its passage, so a causal model reads the id after the content it names
+    (small models learn to pick ids much faster that way; see docs/demo.md).
+    """
+
+    k: int
+    max_passage_tokens: int = 128
+    use_chat_template: bool = True
+    repeat_ids: bool = False
+
+    def __call__(self, tokenizer, question: str, passages: Sequence[dict]) -> list[int]:
+        n = len(passages)
+        k = min(self.k, n)
+        lines = [INSTRUCTION.format(n=n, k=k), f"Question: {question}"]
+        for i, passage in enumerate(passages):
+            text = truncate_to_tokens(tokenizer, passage_text(passage), self.max_passage_tokens)
+            lines.append(f"{format_id(i)} {text} {format_id(i)}" if self.repeat_ids else f"{format_id(i)} {text}")
+        example = SEPARATOR.join(format_id(i) for i in range(k))
+        lines += [f"Question: {question}", OUTPUT_FORMAT.format(k=k, example=example)]
+        return apply_template(tokenizer, "\n".join(lines), self.use_chat_template)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The id grammar: canonical token sequences and the allowed next tokens of a partial ranking (METHOD.md §5.1–5.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    """Where one sample is in the grammar: ids picked so far and the tokens of the id being written."""
+
+    picked: list[int]
+    prefix: tuple[int, ...] = ()
+    done: bool = False
+
+
+class IdGrammar:
+    """Token-level grammar of ``[a] > [b] > ... <eos>`` with K distinct ids among the first ``n`` passages.
+
+    The first id is written with the tokens of ``"[i]"``, every later one with those of ``" > [i]"``: fixed token
+    sequences, tokenised once, used for sampling, scoring and training alike and never re-tokenised from decoded
+    text. Works for any tokenizer, including ids that take several tokens.
+    """
+
+    def __init__(self, tokenizer, max_candidates: int, eos_token_id: int | None = None):
+        self.eos_token_id = tokenizer.eos_token_id if eos_token_id is None else eos_token_id
+        if self.eos_token_id is None:
+            raise ValueError("the selector tokenizer has no eos_token_id; set one (it ends every ranking)")
+
+        def encode(s: str) -> tuple[int, ...]:
+            return tuple(tokenizer(s, add_special_tokens=False)["input_ids"])
+
+        self.first = [encode(format_id(i)) for i in range(max_candidates)]
+        self.later = [encode(SEPARATOR + format_id(i)) for i in range(max_candidates)]
+        for pieces in (self.first, self.later):
+            for a in range(max_candidates):
+                for b in range(max_candidates):
+                    if a != b and pieces[b][: len(pieces[a])] == pieces[a]:
+                        raise ValueError(
+                            f"ambiguous id tokens: {tokenizer.decode(pieces[a])!r} is a prefix of "
+                            f"{tokenizer.decode(pieces[b])!r} for this tokenizer"
+                        )
+        self.max_candidates = max_candidates
+
+    def allowed(self, state: _State, n: int, k: int) -> list[int]:
+        """Token ids that may come next; the constrained policy renormalises over exactly these."""
+        if len(state.picked) == k:
+            return [self.eos_token_id]
+        pieces = self.first if not state.picked else self.later
+        depth = len(state.prefix)
+        nxt = {
+            pieces[i][depth]
+            for i in range(n)
+            if i not in state.picked and pieces[i][:depth] == state.prefix
+        }
+        return sorted(nxt)
+
+    def advance(self, state: _State, token: int, n: int, k: int) -> None:
+        """Move ``state`` past ``token`` (which must be allowed)."""
+        if len(state.picked) == k:
+            state.done = True
+            return
+        pieces = self.first if not state.picked else self.later
+        state.prefix = state.prefix + (token,)
+        for i in range(n):
+            if i not in state.picked and pieces[i] == state.prefix:
+                state.picked.append(i)
+                state.prefix = ()
+                return
+
+    def encode_ranking(self, ranking: Sequence[int]) -> list[int]:
+        """Canonical completion ids of a ranking of 0-based indices (used to build warm-up targets)."""
+        ids: list[int] = []
+        for t, i in enumerate(ranking):
+            ids += (self.first if t == 0 else self.later)[i]
+        return ids + [self.eos_token_id]
+
+    def replay(self, completion: Sequence[int], n: int, k: int) -> tuple[list[list[int]], list[int]]:
+        """Allowed sets at every position of a grammatical completion, and the ids it picks."""
+        state, allowed = _State(picked=[]), []
+        for token in completion:
+            options = self.allowed(state, n, k)
+            if token not in options:
+                raise ValueError(f"token {token} is not allowed at position {len(allowed)} of this ranking")
+            allowed.append(options)
+            self.advance(state, token, n, k)
+            if state.done:
+                break
+        return allowed, state.picked
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Constrained sampling with one shared prefill, and the constrained log-probability used in the loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Samples:
+    """m sampled rankings per question, flattened question-major: row ``q * m + j``."""
+
+    completion_ids: torch.Tensor  # [B, C] right-padded with 0
+    completion_mask: torch.Tensor  # [B, C]
+    allowed: torch.Tensor  # [B, C, A] allowed token ids per position, -1 padded
+    logps: torch.Tensor  # [B] constrained log-probability of each sample, as sampled
+    picks: list[list[int]]  # [B][K] 0-based passage indices, in order
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and mask."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        if len(s):
+            ids[r, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
+            mask[r, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and mask."""
+    width = max(1, max(len(s) for s in seqs))
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip left padding, so padded and unpadded rows see the same positions."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def allowed_mask(allowed: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Boolean [B, C, V] mask from -1-padded allowed ids [B, C, A]; positions with no entry allow everything."""
+    b, c, _ = allowed.shape
+    mask = torch.zeros(b, c, vocab_size + 1, dtype=torch.bool, device=allowed.device)
+    mask.scatter_(2, torch.where(allowed < 0, vocab_size, allowed), True)
+    mask = mask[..., :vocab_size]
+    empty = ~mask.any(-1, keepdim=True)
+    return mask | empty
+
+
+def constrained_logprobs(logits: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor, temperature: float):
+    """Per-token log-probability of ``tokens`` under softmax(logits / T) restricted to the allowed set.  [B, C]"""
+    logits = logits.float() / temperature
+    logits = logits.masked_fill(~allowed_mask(allowed, logits.shape[-1]), float("-inf"))
+    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+@torch.no_grad()
+def sample_rankings(
+    model: nn.Module,
+    grammar: IdGrammar,
+    prompts: Sequence[Sequence[int]],
+    num_candidates: Sequence[int],
+    k: int,
+    m: int,
+    temperature: float = 1.0,
+    greedy: bool = False,
+    pad_token_id: int = 0,
+    generator: torch.Generator | None = None,
+) -> Samples:
+    """E-step proposal: m valid rankings of K ids for each of Q prompts (METHOD.md §2, §5.1).
+
+    The prompt is prefilled once per question and its KV cache repeated m times, so the N-passage prompt costs one
+    forward however many samples are drawn. Each token is drawn from softmax(logits / T) renormalised over the
+    grammar's allowed tokens; ``logps`` are the log-probabilities of exactly that distribution.
+    """
+    device = next(model.parameters()).device
+    ids, mask = left_pad(prompts, pad_token_id, device)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+    cache = out.cache
+    cache.batch_repeat_interleave(m)
+    mask = mask.repeat_interleave(m, 0)
+    next_logits = out.logits[:, -1].repeat_interleave(m, 0)  # [B, V]
+    sizes = [min(n, grammar.max_candidates) for n in num_candidates for _ in range(m)]
+    ks = [min(k, n) for n in sizes]
+    states = [_State(picked=[]) for _ in sizes]
+    tokens, allowed_log, logps = [], [], torch.zeros(len(states), device=device)
+    while not all(s.done for s in states):
+        options = [grammar.allowed(s, n, kk) if not s.done else [] for s, n, kk in zip(states, sizes, ks)]
+        width = max(len(o) for o in options)
+        allowed = torch.full((len(states), 1, width), -1, dtype=torch.long)
+        for r, o in enumerate(options):
+            allowed[r, 0, : len(o)] = torch.tensor(o, dtype=torch.long)
+        allowed = allowed.to(device)
+        logits = next_logits.float() / temperature
+        logits = logits.masked_fill(~allowed_mask(allowed, logits.shape[-1])[:, 0], float("-inf"))
+        logprobs = torch.log_softmax(logits, -1)
+        if greedy:
+            token = logprobs.argmax(-1)
+        else:
+            token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+        live = torch.tensor([not s.done for s in states], device=device)
+        logps += torch.where(live, logprobs.gather(-1, token[:, None]).squeeze(-1), 0.0)
+        token = torch.where(live, token, pad_token_id)
+        for r, s in enumerate(states):
+            if not s.done:
+                grammar.advance(s, int(token[r]), sizes[r], ks[r])
+        tokens.append(torch.where(live, token, -1))
+        allowed_log.append(torch.where(live[:, None], allowed[:, 0], -1))
+        if all(s.done for s in states):
+            break
+        mask = torch.cat([mask, live[:, None].long()], dim=1)
+        out = model(
+            input_ids=token[:, None],
+            attention_mask=mask,
+            position_ids=positions(mask)[:, -1:],
+            cache=cache,
+            use_cache=True,
+        )
+        cache, next_logits = out.cache, out.logits[:, -1]
+    completion = torch.stack(tokens, 1)  # [B, C], -1 after the end
+    width = max(a.shape[1] for a in allowed_log)
+    allowed = torch.stack([nn.functional.pad(a, (0, width - a.shape[1]), value=-1) for a in allowed_log], 1)
+    completion_mask = (completion >= 0).long()
+    return Samples(
+        completion_ids=completion.clamp(min=0) * completion_mask + pad_token_id * (1 - completion_mask),
+        completion_mask=completion_mask,
+        allowed=allowed,
+        logps=logps,
+        picks=[s.picked for s in states],
+    )
+
+
+def ranking_logprobs(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """log p(z | x, d; θ_s) under the constrained distribution that sampled z, with grad.  [B]
+
+    One teacher-forced forward over prompt + completion; only the completion positions' logits are materialised.
+    """
+    ids = torch.cat([prompt_ids, completion_ids], 1)
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    c = completion_ids.shape[1]
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=c + 1).logits
+    per_token = constrained_logprobs(logits[:, :-1], completion_ids, allowed, temperature)  # [B, C]
+    return (per_token * completion_mask).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Lenient parsing of free-form rankings (evaluation of unconstrained models)
+# ----------------------------------------------------------------------------------------------------------------
+
+_ID = re.compile(r"\[\s*(\d+)\s*\]")
+
+
+def parse_ranking(text: str, n: int, k: int, fallback: Sequence[int] | None = None) -> tuple[list[int], bool]:
+    """0-based picks from a free-form ranking, repaired rank_llm-style, and whether it needed no repair.
+
+    Repair: keep ``[i]`` ids in order of appearance, drop duplicates and ids outside 1..n, then fill up to K from
+    ``fallback`` (the retrieval order by default).
+    """
+    seen: list[int] = []
+    raw = [int(x) - 1 for x in _ID.findall(text)]
+    for i in raw:
+        if 0 <= i < n and i not in seen:
+            seen.append(i)
+    k = min(k, n)
+    clean = len(raw) == len(seen) and len(seen) >= k
+    picks = seen[:k]
+    for i in fallback if fallback is not None else range(n):
+        if len(picks) == k:
+            break
+        if i not in picks:
+            picks.append(i)
+    return picks, clean

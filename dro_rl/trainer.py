@@ -1,0 +1,297 @@
+"""``DROTrainer``: the DRO E-step and M-step on TRL's GRPO machinery.
+
+Overridden, and why:
+
+- ``__init__``: builds the second trainable model, the generator, and the selector's id grammar;
+- ``_generate_and_score_completions``: the E-step (constrained sampling, generator scoring, weights, advantages),
+  replacing GRPO's free-form generation and group-mean advantage;
+- ``_compute_loss``: the M-step, L_select + L_generate, replacing GRPO's clipped token-level loss (a DRO sample is
+  scored under the constrained distribution that drew it, which GRPO's unconstrained log-probs are not);
+- ``create_optimizer`` / ``_clip_grad_norm``: the generator's own param group (own learning rate) and clipping;
+- ``save_model`` / ``_load_from_checkpoint``: ``selector/`` and ``generator/`` in every checkpoint, both restored.
+
+Reused from GRPO unchanged: the RepeatSampler that groups the m samples of a question, the generation buffer and its
+split over gradient-accumulation steps, the reward-function protocol and its cross-process gather, metric logging.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from accelerate.utils import gather
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
+from trl import GRPOTrainer
+from trl.models.utils import unwrap_model_for_generation
+from trl.trainer.utils import create_model_from_path
+
+from rewards import get_reward
+
+from . import estimators as E
+from .config import DROConfig
+from .generator import GeneratorPrompt, batch_answer_logprobs, target_logprobs
+from .selector import IdGrammar, SelectorPrompt, left_pad, parse_ranking, ranking_logprobs, right_pad, sample_rankings
+
+
+class _ZeroGeneratorGrads(TrainerCallback):
+    """The Trainer zeroes only the selector's grads after each optimizer step; this zeroes the generator's."""
+
+    def __init__(self, generator: torch.nn.Module):
+        self.generator = generator
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.generator.zero_grad(set_to_none=True)
+
+
+class DROTrainer(GRPOTrainer):
+    """Train a list-wise selector (``model``) and a generator jointly with DRO (Shi et al., 2025).
+
+    Dataset rows hold ``question`` (str), ``answers`` (list of gold strings; the first is the training target),
+    ``passages`` (list of ``{"title", "text"}`` in first-stage retrieval order) and optionally ``gold`` (list of bools,
+    used only for logging support recall, never for training).
+    """
+
+    _tag_names = ["trl", "dro"]
+    _name = "DRO"
+    _paper = {
+        "title": "Direct Retrieval-augmented Optimization: Synergizing Knowledge Selection and Language Models",
+        "id": "2505.03075",
+    }
+
+    def __init__(
+        self,
+        model: str | PreTrainedModel | PeftModel,
+        generator: str | PreTrainedModel | PeftModel | None = None,
+        args: DROConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        generator_processing_class=None,
+        peft_config=None,
+        generator_peft_config=None,
+        quantization_config=None,
+        callbacks: list[TrainerCallback] | None = None,
+    ):
+        args = args or DROConfig(output_dir="dro-output")
+        super().__init__(
+            model=model,
+            reward_funcs=[get_reward(name) for name in args.reward_funcs],
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            quantization_config=quantization_config,
+            peft_config=peft_config,
+        )
+        self.reward_func_names = list(args.reward_funcs)
+
+        generator = generator if generator is not None else args.generator_model_name_or_path
+        if generator is None:
+            raise ValueError("DROTrainer needs a generator: pass `generator=` or set `generator_model_name_or_path`")
+        if isinstance(generator, str):
+            if generator_processing_class is None:
+                generator_processing_class = AutoTokenizer.from_pretrained(generator)
+            init_kwargs = dict(args.model_init_kwargs or {})
+            if quantization_config is not None:
+                init_kwargs["quantization_config"] = quantization_config
+            generator = create_model_from_path(generator, **init_kwargs)
+        if generator_processing_class is None:
+            raise ValueError("pass `generator_processing_class` with a generator model instance")
+        if generator_processing_class.pad_token_id is None:
+            generator_processing_class.pad_token = generator_processing_class.eos_token
+        if generator_peft_config is not None:
+            generator = get_peft_model(generator, generator_peft_config)
+        if args.generator_update == "none":
+            generator.requires_grad_(False)
+        elif args.gradient_checkpointing:
+            generator.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)
+            if isinstance(generator, PeftModel):
+                generator.enable_input_require_grads()
+        if args.freeze_selector:
+            self.model.requires_grad_(False)
+        self.generator_processing_class = generator_processing_class
+        self.generator = self.accelerator.prepare_model(generator)
+        self.add_callback(_ZeroGeneratorGrads(self.generator))
+
+        max_candidates = max((len(p) for p in train_dataset["passages"]), default=1) if train_dataset else 100
+        self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
+        self.selector_prompt = SelectorPrompt(
+            args.num_docs_selected, args.max_passage_tokens, args.use_chat_template, args.repeat_ids
+        )
+        self.generator_prompt = GeneratorPrompt(args.generator_max_passage_tokens, args.use_chat_template)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Optimizer and clipping: the generator is a second trainable model
+    # ------------------------------------------------------------------------------------------------------------
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        params = [p for p in self.generator.parameters() if p.requires_grad]
+        if params:
+            optimizer.add_param_group(
+                {"params": params, "lr": self.args.generator_learning_rate, "weight_decay": self.args.weight_decay}
+            )
+        return optimizer
+
+    def _clip_grad_norm(self, model):
+        norm = super()._clip_grad_norm(model)
+        params = [p for p in self.generator.parameters() if p.grad is not None]
+        if params:
+            gen_norm = self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+            self._metrics["train"]["generator/grad_norm"].append(float(gen_norm))
+        return norm
+
+    # ------------------------------------------------------------------------------------------------------------
+    # E-step
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        args, m = self.args, self.num_generations
+        device, mode = self.accelerator.device, "train" if self.model.training else "eval"
+        tok, gtok = self.processing_class, self.generator_processing_class
+        questions = inputs[::m]  # RepeatSampler puts the m copies of a question next to each other
+        if any(inputs[q * m + j]["question"] != row["question"] for q, row in enumerate(questions) for j in range(m)):
+            raise RuntimeError("a generation batch must hold whole groups of num_generations copies per question")
+
+        # 1. Sample m valid rankings per question from the current selector (the E-step proposal).
+        prompts = [self.selector_prompt(tok, r["question"], r["passages"]) for r in questions]
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+            samples = sample_rankings(
+                unwrapped, self.grammar, prompts, [len(r["passages"]) for r in questions], args.num_docs_selected,
+                m, temperature=self.temperature, pad_token_id=tok.pad_token_id,
+            )
+
+        # 2. Score each pick with the generator: log p(y | x, d_z), no grad.
+        gen_prompts = [
+            self.generator_prompt(gtok, r["question"], [r["passages"][i] for i in picks])
+            for r, picks in zip(inputs, samples.picks)
+        ]
+        targets = [self.generator_prompt.target(gtok, r["answers"][0]) for r in inputs]
+        answer_logp = batch_answer_logprobs(
+            self.accelerator.unwrap_model(self.generator), gen_prompts, targets, gtok.pad_token_id,
+            args.generator_batch_size,
+        )  # [B]
+        n_tokens = torch.tensor([len(t) for t in targets], device=device, dtype=torch.float32)
+
+        # 3. Rewards through TRL's reward protocol (gathered over processes), combined with reward_weights.
+        completions = tok.batch_decode(samples.completion_ids, skip_special_tokens=True)
+        reward_rows = [
+            {**r, "answer_logprob": float(lp), "answer_num_tokens": len(t), "picks": p}
+            for r, lp, t, p in zip(inputs, answer_logp.tolist(), targets, samples.picks)
+        ]
+        rewards_per_func = self._calculate_rewards(
+            reward_rows, [r["question"] for r in inputs], completions, samples.completion_ids.tolist()
+        )  # [B_global, F]
+        rewards_global = (rewards_per_func * self.reward_weights.to(device)[None]).nansum(1)
+        start = self.accelerator.process_index * len(inputs)
+        rewards = rewards_global[start : start + len(inputs)]
+
+        # 4. Importance weights (METHOD.md §2) and advantages (§3), per question.
+        log_w = answer_logp if args.importance_logits == "sum" else answer_logp / n_tokens
+        weights = E.importance_weights(log_w.view(-1, m))  # [Q, m]
+        adv = E.advantages(args.estimator, weights, rewards.view(-1, m), args.scale_rewards not in ("none", False))
+        gen_coef = E.generator_coefficients(args.generator_update, weights)  # [Q, m]
+
+        # 5. Metrics, gathered over processes.
+        valid = [
+            parse_ranking(c, len(r["passages"]), args.num_docs_selected)[0] == p and len(set(p)) == len(p)
+            for c, r, p in zip(completions, inputs, samples.picks)
+        ]
+        self._log_estep_metrics(mode, samples, answer_logp, weights, rewards_per_func, rewards_global, valid, inputs)
+
+        p_ids, p_mask = left_pad([p for p in prompts for _ in range(m)], tok.pad_token_id, device)
+        g_ids, g_mask = left_pad(gen_prompts, gtok.pad_token_id, device)
+        y_ids, y_mask = right_pad(targets, gtok.pad_token_id, device)
+        return {
+            "prompt_ids": p_ids,
+            "prompt_mask": p_mask,
+            "completion_ids": samples.completion_ids,
+            "completion_mask": samples.completion_mask,
+            "allowed": samples.allowed,
+            "advantages": adv.reshape(-1).detach(),
+            "gen_coef": gen_coef.reshape(-1).detach(),
+            "gen_prompt_ids": g_ids,
+            "gen_prompt_mask": g_mask,
+            "gen_target_ids": y_ids,
+            "gen_target_mask": y_mask,
+        }
+
+    def _log_estep_metrics(self, mode, samples, answer_logp, weights, rewards_per_func, rewards_global, valid, inputs):
+        metrics, m, gathered = self._metrics[mode], self.num_generations, self.accelerator.gather
+        device = answer_logp.device
+        metrics["selector/valid_rate"].append(gathered(torch.tensor(valid, device=device).float()).mean().item())
+        metrics["selector/ranking_logprob"].append(gathered(samples.logps).mean().item())
+        metrics["generator/answer_logprob"].append(gathered(answer_logp).mean().item())
+        metrics["weights/ess"].append(gathered(E.effective_sample_size(weights)).mean().item())
+        metrics["weights/entropy"].append(gathered(E.weight_entropy(weights)).mean().item())
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+        grouped = rewards_global.view(-1, m)
+        metrics["reward"].append(rewards_global.mean().item())
+        metrics["reward_std"].append(grouped.std(-1).mean().item() if m > 1 else 0.0)
+        metrics["frac_reward_zero_std"].append((grouped.std(-1) < 1e-8).float().mean().item() if m > 1 else 1.0)
+        recalls = [
+            sum(i in p for i, g in enumerate(r["gold"]) if g) / max(1, sum(bool(g) for g in r["gold"]))
+            for r, p in zip(inputs, samples.picks)
+            if r.get("gold") and any(r["gold"])
+        ]
+        if recalls:
+            metrics["selector/support_recall"].append(gathered(torch.tensor(recalls, device=device)).mean().item())
+
+    # ------------------------------------------------------------------------------------------------------------
+    # M-step
+    # ------------------------------------------------------------------------------------------------------------
+
+    def _compute_loss(self, model, inputs):
+        args, m, mode = self.args, self.num_generations, "train" if self.model.training else "eval"
+        loss = torch.zeros((), device=self.accelerator.device)
+        if not args.freeze_selector:
+            logp = ranking_logprobs(
+                model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+                inputs["completion_mask"], inputs["allowed"], self.temperature,
+            )  # [B], the constrained distribution that sampled
+            select = E.selector_loss(inputs["advantages"], logp, m)
+            self._metrics[mode]["selector/loss"].append(select.item())
+            loss = loss + select
+        if args.generator_update != "none":
+            answer_logp = target_logprobs(
+                self.generator, inputs["gen_prompt_ids"], inputs["gen_prompt_mask"], inputs["gen_target_ids"],
+                inputs["gen_target_mask"],
+            ).sum(-1)  # [B]
+            generate = E.generator_loss(inputs["gen_coef"], answer_logp, m)
+            self._metrics[mode]["generator/loss"].append(generate.item())
+            loss = loss + args.generator_loss_coef * generate
+        return loss / self.current_gradient_accumulation_steps
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Checkpoints: selector/ and generator/
+    # ------------------------------------------------------------------------------------------------------------
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        output_dir = output_dir or self.args.output_dir
+        super().save_model(os.path.join(output_dir, "selector"), _internal_call)
+        if self.args.should_save:
+            path = os.path.join(output_dir, "generator")
+            self.accelerator.unwrap_model(self.generator).save_pretrained(path, safe_serialization=True)
+            self.generator_processing_class.save_pretrained(path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, "selector"), model)
+        load_generator_weights(self.accelerator.unwrap_model(self.generator), resume_from_checkpoint)
+
+
+def load_generator_weights(generator: torch.nn.Module, checkpoint: str) -> None:
+    """Restore the generator saved under ``checkpoint/generator`` (a LoRA adapter or full weights)."""
+    path = os.path.join(checkpoint, "generator")
+    if isinstance(generator, PeftModel):
+        set_peft_model_state_dict(generator, load_file(os.path.join(path, "adapter_model.safetensors")))
+        return
+    state = load_file(os.path.join(path, "model.safetensors"))
+    missing, unexpected = generator.load_state_dict(state, strict=False)
+    tied = set(getattr(generator, "_tied_weights_keys", None) or [])
+    if unexpected or [k for k in missing if k not in tied]:
+        raise RuntimeError(f"generator checkpoint {path} does not match: missing={missing} unexpected={unexpected}")
