@@ -50,6 +50,18 @@ def f1_score(prediction: str, golds: Sequence[str]) -> float:
     return max((_f1(prediction, g) for g in golds), default=0.0)
 
 
+def sub_exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 when a normalised gold answer occurs inside the normalised prediction."""
+    pred = f" {normalize_answer(prediction)} "
+    return float(any(f" {normalize_answer(g)} " in pred for g in golds if normalize_answer(g)))
+
+
+def answer_recall(passages: Sequence[dict], golds: Sequence[str]) -> float:
+    """1.0 when a gold answer string occurs in the selected passages (the paper's selector recall)."""
+    text = f" {normalize_answer(' '.join(p.get('title', '') + ' ' + p.get('text', '') for p in passages))} "
+    return float(any(f" {normalize_answer(g)} " in text for g in golds if normalize_answer(g)))
+
+
 def support_recall(picks: Sequence[int], gold: Sequence[bool]) -> float | None:
     """Fraction of the gold passages among ``picks``; None when the row has no gold labels."""
     positives = [i for i, g in enumerate(gold or []) if g]
@@ -106,10 +118,16 @@ def score_picks(
     rows: Sequence[dict], picks: Sequence[Sequence[int]], generator=None, generator_tokenizer=None,
     prompt: GeneratorPrompt | None = None, max_new_tokens: int = 16, batch_size: int = 64,
 ) -> dict:
-    """Support recall@K of the picks and, with a generator, EM/F1 of its greedy answers; plus the predictions."""
+    """Support and answer recall@K of the picks and, with a generator, EM / F1 / sub-EM of its greedy answers."""
     recalls = [support_recall(p, r.get("gold")) for p, r in zip(picks, rows)]
     recalls = [x for x in recalls if x is not None]
-    result: dict = {"support_recall_at_k": sum(recalls) / len(recalls) if recalls else None, "n": len(rows)}
+    result: dict = {
+        "support_recall_at_k": sum(recalls) / len(recalls) if recalls else None,
+        "answer_recall_at_k": sum(
+            answer_recall([r["passages"][i] for i in p], r["answers"]) for p, r in zip(picks, rows)
+        ) / max(1, len(rows)),
+        "n": len(rows),
+    }
     if generator is not None:
         prompt = prompt or GeneratorPrompt()
         prompts = [prompt(generator_tokenizer, r["question"], [r["passages"][i] for i in p]) for r, p in zip(rows, picks)]
@@ -120,5 +138,6 @@ def score_picks(
         generator.train(was_training)
         result["answer_em"] = sum(exact_match(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
         result["answer_f1"] = sum(f1_score(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
+        result["answer_sub_em"] = sum(sub_exact_match(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
         result["predictions"] = answers
     return result

@@ -23,10 +23,10 @@ import torch
 from accelerate.utils import gather
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, PreTrainedModel, TrainerCallback
+from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import create_model_from_path
+from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
 
 from rewards import get_reward
 
@@ -113,11 +113,17 @@ class DROTrainer(GRPOTrainer):
                 generator.enable_input_require_grads()
         if args.freeze_selector:
             self.model.requires_grad_(False)
+        if args.disable_dropout:
+            disable_dropout_in_model(generator)
         self.generator_processing_class = generator_processing_class
-        self.generator = self.accelerator.prepare_model(generator)
+        if any(p.requires_grad for p in generator.parameters()):  # DDP/FSDP wrap so replicas stay in sync
+            self.generator = self.accelerator.prepare_model(generator)
+        else:  # a frozen generator needs no wrapper (DDP refuses a module without trainable parameters)
+            self.generator = generator.to(self.accelerator.device)
         self.add_callback(_ZeroGeneratorGrads(self.generator))
 
-        max_candidates = max((len(p) for p in train_dataset["passages"]), default=1) if train_dataset else 100
+        datasets = [d for d in (train_dataset, eval_dataset) if d is not None and not isinstance(d, dict)]
+        max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
         self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
         self.selector_prompt = SelectorPrompt(
             args.num_docs_selected, args.max_passage_tokens, args.use_chat_template, args.repeat_ids
@@ -266,6 +272,31 @@ class DROTrainer(GRPOTrainer):
             self._metrics[mode]["generator/loss"].append(generate.item())
             loss = loss + args.generator_loss_coef * generate
         return loss / self.current_gradient_accumulation_steps
+
+    # ------------------------------------------------------------------------------------------------------------
+    # Evaluation: the greedy retrieve -> select -> generate pipeline on the eval set
+    # ------------------------------------------------------------------------------------------------------------
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Support recall@K and answer EM/F1 of greedy selection + greedy answers (replaces GRPO's eval loss)."""
+        from .evaluation import score_picks, select_greedy
+
+        data = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if data is None:
+            raise ValueError("evaluate() needs an eval_dataset")
+        rows = [dict(r) for r in data]
+        selector = self.accelerator.unwrap_model(self.model)
+        generator = self.accelerator.unwrap_model(self.generator)
+        picks = select_greedy(selector, self.processing_class, self.grammar, self.selector_prompt, rows)
+        scores = score_picks(rows, picks, generator, self.generator_processing_class, self.generator_prompt)
+        metrics = {
+            f"{metric_key_prefix}_{key}": value
+            for key, value in scores.items()
+            if key in ("support_recall_at_k", "answer_em", "answer_f1") and value is not None
+        }
+        Trainer.log(self, metrics)  # not GRPO's log(), which would flush the pending training metrics here
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints: selector/ and generator/

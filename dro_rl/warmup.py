@@ -49,6 +49,49 @@ def generator_sft_rows(tokenizer, prompt: GeneratorPrompt, rows: Sequence[dict],
 
 def run_sft(model, tokenizer, rows: list[dict], args: SFTConfig) -> SFTTrainer:
     """Completion-only SFT on pre-tokenised rows; returns the trainer (its log_history holds the curve)."""
+    longest = max(len(r["input_ids"]) for r in rows)
+    if args.max_length is not None and longest > args.max_length:
+        raise ValueError(
+            f"a warm-up example has {longest} tokens, more than max_length={args.max_length}: truncation would cut "
+            "its target; lower the per-passage token budget or raise max_length"
+        )
+    args.completion_only_loss = True
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.train()
     return trainer
+
+
+def selector_targets(
+    rows: Sequence[dict], target: str, seed: int = 0, shuffle: bool = True, teacher: dict | None = None
+) -> tuple[list[dict], list[list[int]]]:
+    """(rows as presented, target rankings) for selector SFT; rows must be in retrieval order.
+
+    ``target``: ``retrieval`` (imitate the first-stage ranking), ``gold_first`` (labelled passages, then retrieval
+    order) or ``teacher`` (``teacher[row id]`` = passage ids, best first, e.g. distilled from a stronger ranker).
+    With ``shuffle`` the candidates are presented in a random order, so that imitating a ranking takes reading the
+    passages instead of copying ``[1] > [2]``.
+    """
+    rng = random.Random(seed)
+    presented, rankings = [], []
+    for row in rows:
+        n = len(row["passages"])
+        if target == "retrieval":
+            order = list(range(n))
+        elif target == "gold_first":
+            gold = [i for i, g in enumerate(row.get("gold") or []) if g]
+            order = gold + [i for i in range(n) if i not in gold]
+        elif target == "teacher":
+            if teacher is None or row["id"] not in teacher:
+                raise ValueError(f"no teacher ranking for question id {row['id']!r}")
+            position = {p.get("id", str(i)): i for i, p in enumerate(row["passages"])}
+            order = [position[pid] for pid in teacher[row["id"]] if pid in position]
+            order += [i for i in range(n) if i not in order]
+        else:
+            raise ValueError(f"unknown selector target {target!r}: use retrieval, gold_first or teacher")
+        perm = list(range(n))
+        if shuffle:
+            rng.shuffle(perm)
+        where = {original: shown for shown, original in enumerate(perm)}
+        presented.append({**row, "passages": [row["passages"][i] for i in perm]})
+        rankings.append([where[i] for i in order])
+    return presented, rankings

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,18 +20,18 @@ from typing import Literal
 
 import torch
 from datasets import Dataset
-from transformers import AutoTokenizer
 from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 
 from dro_rl import DROConfig, DROTrainer
 from dro_rl.data import read_jsonl
 from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from dro_rl.generator import GeneratorPrompt
+from dro_rl.models import load_model
 from dro_rl.pipeline import compare, make_retriever, retrieval_order
 from dro_rl.report import write_report
 from dro_rl.retrieval import DEFAULT_DENSE_MODEL
 from dro_rl.selector import IdGrammar, SelectorPrompt, passage_text
-from dro_rl.warmup import generator_sft_rows, run_sft, selector_sft_rows
+from dro_rl.warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
 
@@ -80,7 +79,7 @@ def load_rows(args: TrainScriptArguments, seed: int) -> tuple[list[dict], list[d
 
 
 def build_models(args: TrainScriptArguments, dro: DROConfig, model_args: ModelConfig, rows: list[dict]):
-    """(selector, tokenizer, generator, generator tokenizer): tiny offline models for the demo, else from names."""
+    """(selector, tokenizer, generator, generator tokenizer): the demo's tiny models, or by name (dro_rl.models)."""
     if model_args.model_name_or_path is None:
         n = max(len(r["passages"]) for r in rows)
         tok = demo_tokenizer(rows, n, dro.num_docs_selected)
@@ -88,22 +87,15 @@ def build_models(args: TrainScriptArguments, dro: DROConfig, model_args: ModelCo
         selector = tiny_llama(len(tok), seed=dro.seed, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, **shape)
         generator = tiny_llama(len(tok), seed=dro.seed + 1, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, **shape)
         return selector, tok, generator, tok
-    from trl.trainer.utils import create_model_from_path
-
-    kwargs = dict(dro.model_init_kwargs or {}, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code)
+    init = dict(dro.model_init_kwargs or {}, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code)
     quantization = get_quantization_config(model_args)
     if quantization is not None:
-        kwargs["quantization_config"] = quantization
+        init["quantization_config"] = quantization
+    size = dict(hidden_size=args.demo_hidden_size, num_layers=args.demo_num_layers)
+    selector, tok = load_model(model_args.model_name_or_path, dro.seed, **size, **init)
     gen_name = dro.generator_model_name_or_path or model_args.model_name_or_path
-    tok = AutoTokenizer.from_pretrained(model_args.model_name_or_path, padding_side="left")
-    gtok = AutoTokenizer.from_pretrained(gen_name, padding_side="left")
-    for t in (tok, gtok):
-        if t.pad_token is None:
-            t.pad_token = t.eos_token
-    return (
-        create_model_from_path(model_args.model_name_or_path, **kwargs), tok,
-        create_model_from_path(gen_name, **kwargs), gtok,
-    )
+    generator, gtok = load_model(gen_name, dro.seed + 1, **size, **init)
+    return selector, tok, generator, gtok
 
 
 def warm_up(args, dro, selector, tok, generator, gtok, train_rows, grammar, sprompt, gprompt):
@@ -119,20 +111,10 @@ def warm_up(args, dro, selector, tok, generator, gtok, train_rows, grammar, spro
         print(f"warm-up: generator SFT, {args.generator_warmup_steps} steps", flush=True)
         rows = generator_sft_rows(gtok, gprompt, train_rows, dro.num_docs_selected, dro.seed)
         run_sft(generator, gtok, rows, sft(args.generator_warmup_steps, "warmup-generator"))
-    if args.selector_warmup_steps > 0:
-        # The target is the retriever's ranking of a shuffled presentation, so imitating it takes reading the
-        # passages rather than copying "[1] > [2]"; gold labels are never used.
+    if args.selector_warmup_steps > 0:  # imitates the retriever; gold labels are never used
         print(f"warm-up: selector SFT on retriever rankings, {args.selector_warmup_steps} steps", flush=True)
-        rng = random.Random(dro.seed)
-        shuffled, targets = [], []
-        for row in train_rows:
-            perm = list(range(len(row["passages"])))
-            rng.shuffle(perm)
-            shuffled.append({**row, "passages": [row["passages"][i] for i in perm]})
-            targets.append(sorted(range(len(perm)), key=lambda j: perm[j]))  # retrieval rank order in the shuffle
-        rows = selector_sft_rows(tok, grammar, sprompt, shuffled, targets)
+        rows = selector_sft_rows(tok, grammar, sprompt, *selector_targets(train_rows, "retrieval", dro.seed))
         run_sft(selector, tok, rows, sft(args.selector_warmup_steps, "warmup-selector"))
-
 
 def main(script_args: TrainScriptArguments, training_args: DROConfig, model_args: ModelConfig) -> dict:
     start = time.time()

@@ -110,3 +110,19 @@ def test_checkpoint_holds_both_models_and_resume_restores_them(tmp_path, demo_ro
     for a, b in ((first.model, second.model), (first.generator, second.generator)):
         for (name, p), q in zip(a.named_parameters(), b.parameters()):
             torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_evaluation_runs_the_greedy_pipeline_during_training(tmp_path, demo_rows, word_tok):
+    data = Dataset.from_list([{k: r[k] for k in ("question", "answers", "passages", "gold")} for r in demo_rows])
+    trainer = DROTrainer(
+        model=make_model(word_tok), generator=make_model(word_tok, seed=1),
+        args=tiny_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8),
+        train_dataset=data, eval_dataset=data.select(range(6)), processing_class=word_tok,
+        generator_processing_class=word_tok,
+    )
+    trainer.train()
+    evals = [h for h in trainer.state.log_history if "eval_support_recall_at_k" in h]
+    assert [h["step"] for h in evals] == [1, 2]
+    assert all(0.0 <= h["eval_answer_em"] <= 1.0 for h in evals)
+    train_logs = [h for h in trainer.state.log_history if "selector/loss" in h]
+    assert len(train_logs) == 2  # evaluation did not swallow the training metrics

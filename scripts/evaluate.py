@@ -1,0 +1,122 @@
+"""Evaluate retrieve -> select -> generate, greedily, side by side: retrieval top-K, the selector, gold passages.
+
+    python scripts/evaluate.py --datasets hotpotqa:../shared/data/hotpotqa_dev300/hotpotqa_distractor_dev300.jsonl \
+        --selector outputs/warmup/selector --generator outputs/warmup/generator --num_docs_selected 5 \
+        --output_dir outputs/eval
+    python scripts/evaluate.py --datasets flashrag:../shared/data/flashrag_toy/test.jsonl \
+        --corpus ../shared/data/flashrag_toy/sample_data.jsonl --top_n 20 --selector ... --generator ...
+
+Each `--datasets` entry is `[format:]path` (default format: canonical). Rows with their own candidates are re-ranked
+by the first-stage retriever; question-only formats retrieve their top-N from `--corpus`. Writes, per dataset,
+`<name>.<strategy>.predictions.jsonl`, plus `metrics.json` and `metrics.md` for all of them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import TrlParser
+
+from dro_rl.data import load
+from dro_rl.evaluation import baseline_picks, score_picks, select_greedy
+from dro_rl.generator import GeneratorPrompt
+from dro_rl.models import load_model
+from dro_rl.pipeline import make_retriever, retrieval_order
+from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidates
+from dro_rl.selector import IdGrammar, SelectorPrompt
+
+METRICS = ["support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1", "answer_sub_em"]
+
+
+@dataclass
+class EvaluateArguments:
+    datasets: list[str] = field(metadata={"help": "`[format:]path` entries; formats as in dro_rl.data.FORMATS."})
+    selector: str = field(metadata={"help": "Selector model (path, name, or tiny:<tokenizer> for a smoke test)."})
+    generator: str = field(metadata={"help": "Generator model (path, name, or tiny:<tokenizer>)."})
+    output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions and metrics go."})
+    corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
+    top_n: int = field(default=20, metadata={"help": "Candidates retrieved per question from the corpus."})
+    retriever: Literal["dense", "bm25"] = field(default="dense", metadata={"help": "First-stage retriever."})
+    retriever_model: str = field(default=DEFAULT_DENSE_MODEL, metadata={"help": "sentence-transformers model."})
+    num_docs_selected: int = field(default=5, metadata={"help": "K."})
+    max_passage_tokens: int = field(default=128, metadata={"help": "Selector per-passage token budget."})
+    generator_max_passage_tokens: int = field(default=128, metadata={"help": "Generator per-passage budget."})
+    use_chat_template: bool = field(default=True, metadata={"help": "Use the tokenizers' chat templates if any."})
+    repeat_ids: bool = field(default=False, metadata={"help": "Selector prompt writes ids after passages too."})
+    max_new_tokens: int = field(default=32, metadata={"help": "Longest generated answer."})
+    limit: int | None = field(default=None, metadata={"help": "At most this many questions per dataset."})
+    on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
+
+
+def prepare(spec: str, args: EvaluateArguments, retriever) -> tuple[str, list[dict]]:
+    """(name, rows in retrieval order) for one `[format:]path` entry."""
+    fmt, _, path = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else ("canonical", "", spec)
+    rows, stats = load(path, fmt or "canonical", args.on_error, limit=args.limit)
+    print(stats.summary(), flush=True)
+    name = os.path.splitext(os.path.basename(path))[0]
+    if all(not r["passages"] for r in rows):
+        if not args.corpus:
+            raise ValueError(f"{path} has no candidate passages: pass --corpus to retrieve them")
+        cache = os.path.join(args.output_dir, f"{name}.retrieval-cache.json")
+        key = f"{args.retriever}:{args.retriever_model}:{args.corpus}"
+        return name, retrieve_candidates(rows, load_corpus(args.corpus), retriever, args.top_n, cache, key)
+    return name, retrieval_order(rows, retriever)
+
+
+def main(args: EvaluateArguments) -> dict:
+    os.makedirs(args.output_dir, exist_ok=True)
+    retriever = make_retriever(args.retriever, args.retriever_model)
+    selector, tok = load_model(args.selector, seed=0)
+    generator, gtok = load_model(args.generator, seed=1)
+    sprompt = SelectorPrompt(args.num_docs_selected, args.max_passage_tokens, args.use_chat_template, args.repeat_ids)
+    gprompt = GeneratorPrompt(args.generator_max_passage_tokens, args.use_chat_template)
+    results: dict[str, dict] = {}
+    for spec in args.datasets:
+        name, rows = prepare(spec, args, retriever)
+        grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
+        picks = {
+            "retrieval": baseline_picks(rows, args.num_docs_selected, "retrieval"),
+            "selector": select_greedy(selector, tok, grammar, sprompt, rows, progress=True),
+        }
+        if any(r["gold"] for r in rows):
+            picks["oracle"] = baseline_picks(rows, args.num_docs_selected, "oracle")
+        results[name] = {}
+        for strategy, chosen in picks.items():
+            scores = score_picks(rows, chosen, generator, gtok, gprompt, args.max_new_tokens)
+            results[name][strategy] = {k: scores.get(k) for k in METRICS}
+            path = os.path.join(args.output_dir, f"{name}.{strategy}.predictions.jsonl")
+            with open(path, "w", encoding="utf-8") as f:
+                for r, p, pred in zip(rows, chosen, scores["predictions"]):
+                    record = {"id": r["id"], "question": r["question"], "answers": r["answers"], "prediction": pred,
+                              "selected": [r["passages"][i]["id"] for i in p]}
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        results[name]["n"] = len(rows)
+    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    table = markdown_table(results, args.num_docs_selected)
+    with open(os.path.join(args.output_dir, "metrics.md"), "w") as f:
+        f.write(table + "\n")
+    print("\n" + table, flush=True)
+    return results
+
+
+def markdown_table(results: dict, k: int) -> str:
+    head = ["dataset", "selection", f"support R@{k}", f"answer R@{k}", "EM", "F1", "sub-EM"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * 5]
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    for name, by_strategy in results.items():
+        for strategy, m in by_strategy.items():
+            if strategy != "n":
+                lines.append(f"| {name} (n={by_strategy['n']}) | {strategy} | " + " | ".join(fmt(m[k_]) for k_ in METRICS) + " |")
+    return "\n".join(lines)
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((EvaluateArguments,))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

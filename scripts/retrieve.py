@@ -1,0 +1,62 @@
+"""First-stage retrieval: write each question's top-N candidates as canonical JSONL, in retrieval order.
+
+    python scripts/retrieve.py --questions ../shared/data/flashrag_toy/test.jsonl --format flashrag \
+        --corpus ../shared/data/flashrag_toy/sample_data.jsonl --top_n 20 --output outputs/retrieved/toy.jsonl
+    python scripts/retrieve.py --questions ../shared/data/hotpotqa_dev300/hotpotqa_distractor_dev300.jsonl \
+        --format hotpotqa --output outputs/retrieved/hotpot.jsonl     # rows with candidates: re-rank them
+
+With ``--corpus`` every question retrieves from the corpus (dense exact search, FAISS above 200k passages, or BM25);
+the hits are cached next to the output and reused while questions, corpus size and settings are unchanged. Without
+it, each row's own candidates are sorted by the retriever.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import TrlParser
+
+from dro_rl.data import load, write_jsonl
+from dro_rl.pipeline import make_retriever, retrieval_order
+from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidates
+
+
+@dataclass
+class RetrieveArguments:
+    questions: str = field(metadata={"help": "Question file (JSONL or JSON array)."})
+    output: str = field(metadata={"help": "Canonical JSONL to write."})
+    format: str = field(
+        default="canonical",
+        metadata={"help": "canonical | hotpotqa | musique | 2wikimultihopqa | flashrag | nq_open"},
+    )
+    corpus: str | None = field(default=None, metadata={"help": "Corpus JSONL (FlashRAG `contents` or id/title/text)."})
+    top_n: int = field(default=20, metadata={"help": "Candidates per question (paper: 20)."})
+    retriever: Literal["dense", "bm25"] = field(default="dense", metadata={"help": "First-stage retriever."})
+    retriever_model: str = field(default=DEFAULT_DENSE_MODEL, metadata={"help": "sentence-transformers model."})
+    on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
+    limit: int | None = field(default=None, metadata={"help": "Read at most this many questions."})
+
+
+def main(args: RetrieveArguments) -> list[dict]:
+    rows, stats = load(args.questions, args.format, args.on_error, limit=args.limit)
+    print(stats.summary(), flush=True)
+    retriever = make_retriever(args.retriever, args.retriever_model)
+    if args.corpus:
+        corpus = load_corpus(args.corpus)
+        print(f"retrieving top-{args.top_n} of {len(corpus)} passages for {len(rows)} questions", flush=True)
+        key = f"{args.retriever}:{args.retriever_model}:{args.corpus}"
+        rows = retrieve_candidates(rows, corpus, retriever, args.top_n, args.output + ".cache.json", key)
+    else:
+        rows = retrieval_order(rows, retriever)
+    write_jsonl(rows, args.output)
+    print(f"wrote {len(rows)} rows to {args.output}", flush=True)
+    return rows
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((RetrieveArguments,))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())

@@ -1,0 +1,79 @@
+"""Warm-up SFT before DRO, on TRL's SFTTrainer, in exactly the prompts DRO samples and scores.
+
+    # generator: question + gold and retrieved passages -> answer (the paper mixes 2 gold + 3 retrieved)
+    python scripts/warmup_sft.py --data outputs/retrieved/hotpot.jsonl --role generator \
+        --model tiny:minilm --output_dir outputs/warmup/generator --max_steps 200
+    # selector: a target ranking written with the canonical id tokens
+    python scripts/warmup_sft.py --data outputs/retrieved/hotpot.jsonl --role selector --target retrieval \
+        --model tiny:minilm --output_dir outputs/warmup/selector --max_steps 200
+
+`--data` is canonical JSONL with candidates in retrieval order (scripts/retrieve.py writes it). `--target` is
+`retrieval`, `gold_first` or `teacher` (`--teacher_rankings`: JSONL of {"id", "ranking": [passage ids]}). The model
+and its tokenizer are saved to `output_dir`, ready for `scripts/train_rl.py --model_name_or_path`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import SFTConfig, TrlParser
+
+from dro_rl.data import load
+from dro_rl.generator import GeneratorPrompt
+from dro_rl.models import load_model
+from dro_rl.selector import IdGrammar, SelectorPrompt
+from dro_rl.warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets
+
+
+@dataclass
+class WarmupArguments:
+    data: str = field(metadata={"help": "Canonical JSONL, candidates in retrieval order."})
+    role: Literal["selector", "generator"] = field(metadata={"help": "Which model to warm up."})
+    model: str = field(default="tiny:minilm", metadata={"help": "Model name, path, or tiny:<tokenizer>."})
+    target: Literal["retrieval", "gold_first", "teacher"] = field(
+        default="retrieval", metadata={"help": "Selector target ranking."}
+    )
+    teacher_rankings: str | None = field(default=None, metadata={"help": "JSONL of {id, ranking} for `teacher`."})
+    shuffle_candidates: bool = field(
+        default=True, metadata={"help": "Present the selector's candidates shuffled (the target follows them)."}
+    )
+    num_docs_selected: int = field(default=5, metadata={"help": "K."})
+    max_passage_tokens: int = field(default=128, metadata={"help": "Per-passage token budget."})
+    use_chat_template: bool = field(default=True, metadata={"help": "Use the tokenizer's chat template if any."})
+    repeat_ids: bool = field(default=False, metadata={"help": "Write each id after its passage too."})
+    limit: int | None = field(default=None, metadata={"help": "Use at most this many rows."})
+
+
+def main(args: WarmupArguments, sft_args: SFTConfig):
+    rows, stats = load(args.data, "canonical", limit=args.limit)
+    print(stats.summary(), flush=True)
+    model, tok = load_model(args.model, seed=sft_args.seed)
+    if args.role == "generator":
+        examples = generator_sft_rows(
+            tok, GeneratorPrompt(args.max_passage_tokens, args.use_chat_template), rows, args.num_docs_selected,
+            sft_args.seed,
+        )
+    else:
+        teacher = None
+        if args.teacher_rankings:
+            with open(args.teacher_rankings) as f:
+                teacher = {r["id"]: [str(x) for x in r["ranking"]] for r in map(json.loads, f) if r}
+        prompt = SelectorPrompt(args.num_docs_selected, args.max_passage_tokens, args.use_chat_template,
+                                args.repeat_ids)
+        grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
+        presented, rankings = selector_targets(rows, args.target, sft_args.seed, args.shuffle_candidates, teacher)
+        examples = selector_sft_rows(tok, grammar, prompt, presented, rankings)
+    trainer = run_sft(model, tok, examples, sft_args)
+    trainer.save_model(sft_args.output_dir)
+    print(f"saved the warmed-up {args.role} to {sft_args.output_dir}", flush=True)
+    return trainer
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((WarmupArguments, SFTConfig))
+
+
+if __name__ == "__main__":
+    main(*make_parser().parse_args_and_config())
