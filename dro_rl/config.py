@@ -30,6 +30,13 @@ class DROConfig(GRPOConfig):
         default=128,
         metadata={"help": "Token budget of each candidate in the selector prompt, so all N candidates always fit."},
     )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Cap on the selector prompt in tokens; the per-passage budget shrinks to fit all N."},
+    )
+    generator_max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Cap on the generator prompt in tokens; passages shrink to fit all K."}
+    )
     repeat_ids: bool = field(
         default=False,
         metadata={"help": "Also write each passage's id after it (`[3] text [3]`); helps small models bind ids."},

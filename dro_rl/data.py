@@ -301,13 +301,14 @@ def load(
 
 
 def load_hf(
-    name: str, split: str, fmt: str = "canonical", config: str | None = None, on_error: OnError = "raise",
-    mapping: dict[str, str] | None = None,
+    name: str, split: str, fmt: str = "canonical", on_error: OnError = "raise",
+    mapping: dict[str, str] | None = None, **load_kwargs,
 ) -> tuple[list[dict], LoadStats]:
-    """A Hugging Face Hub dataset (needs the Hub), converted with the same row checks as the files."""
+    """A Hugging Face dataset (a Hub name needs the Hub; ``"json"`` + ``data_files=`` works offline), converted with
+    the same row checks as the files. ``load_kwargs`` go to ``datasets.load_dataset`` (``name=`` config, ...)."""
     from datasets import load_dataset
 
-    data = load_dataset(name, config, split=split)
+    data = load_dataset(name, split=split, **load_kwargs)
     to_row = _mapped(mapping or {}) if fmt == "json" else FORMATS[fmt]
     return convert(((f"{name}[{split}]:{i}", dict(r)) for i, r in enumerate(data)), to_row, name, on_error)
 

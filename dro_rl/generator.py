@@ -12,23 +12,30 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .selector import apply_template, left_pad, passage_text, positions, right_pad, truncate_to_tokens
+from .selector import apply_template, fit_to_length, left_pad, passage_text, positions, right_pad, truncate_to_tokens
 
 
 @dataclass(frozen=True)
 class GeneratorPrompt:
-    """Question + the selected passages in the order the selector ranked them; the answer target ends with EOS."""
+    """Question + the selected passages in the order the selector ranked them; the answer target ends with EOS.
+
+    Passages are cut to ``max_passage_tokens`` each, fewer when ``max_prompt_length`` requires.
+    """
 
     max_passage_tokens: int = 128
     use_chat_template: bool = True
+    max_prompt_length: int | None = None
 
     def __call__(self, tokenizer, question: str, passages: Sequence[dict]) -> list[int]:
-        lines = [
-            f"Passage {t + 1}: {truncate_to_tokens(tokenizer, passage_text(p), self.max_passage_tokens)}"
-            for t, p in enumerate(passages)
-        ]
-        lines += [f"Question: {question}", "Answer:"]
-        return apply_template(tokenizer, "\n".join(lines), self.use_chat_template)
+        def build(budget: int) -> list[int]:
+            lines = [
+                f"Passage {t + 1}: {truncate_to_tokens(tokenizer, passage_text(p), budget)}"
+                for t, p in enumerate(passages)
+            ]
+            lines += [f"Question: {question}", "Answer:"]
+            return apply_template(tokenizer, "\n".join(lines), self.use_chat_template)
+
+        return fit_to_length(build, len(passages), self.max_passage_tokens, self.max_prompt_length, "generator")
 
     def target(self, tokenizer, answer: str) -> list[int]:
         """Answer ids then EOS, so the greedy answer knows where to stop."""

@@ -7,6 +7,7 @@ BM25 (``rank_bm25``) is the lexical alternative.
 
 from __future__ import annotations
 
+import re
 from typing import Sequence
 
 import numpy as np
@@ -50,16 +51,20 @@ class DenseRetriever:
         return [p[[row[c] for c in cands]] @ q[i] if cands else np.zeros(0) for i, cands in enumerate(candidates)]
 
 
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
 class BM25Retriever:
-    """Okapi BM25 over each question's own candidates, on lower-cased whitespace tokens."""
+    """Okapi BM25 over each question's own candidates, on lower-cased word tokens (punctuation dropped)."""
 
     def scores(self, questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
         from rank_bm25 import BM25Okapi
 
         out = []
         for question, cands in zip(questions, candidates):
-            bm25 = BM25Okapi([c.lower().split() or [""] for c in cands])
-            out.append(np.asarray(bm25.get_scores(question.lower().split()), dtype=np.float64))
+            bm25 = BM25Okapi([_words(c) or [""] for c in cands])
+            out.append(np.asarray(bm25.get_scores(_words(question)), dtype=np.float64))
         return out
 
 

@@ -32,6 +32,8 @@ def format_id(i: int) -> str:
 
 def truncate_to_tokens(tokenizer, text: str, max_tokens: int) -> str:
     """Keep the first ``max_tokens`` tokens of ``text`` (by this tokenizer) so every passage fits its budget."""
+    if max_tokens <= 0:
+        return ""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) <= max_tokens:
         return text
@@ -57,31 +59,57 @@ def apply_template(tokenizer, text: str, use_chat_template: bool) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def fit_to_length(build, n: int, budget: int, max_length: int | None, what: str) -> list[int]:
+    """``build(per_passage_budget)`` with the budget lowered until the prompt fits ``max_length`` tokens.
+
+    The budget is shared evenly by the n passages, so every passage stays in the prompt; too small a
+    ``max_length`` for the fixed text is an error, never a silently dropped passage.
+    """
+    if max_length is None:
+        return build(budget)
+    overhead = len(build(0))
+    budget = min(budget, (max_length - overhead) // max(n, 1))
+    while budget >= 1:
+        ids = build(budget)
+        if len(ids) <= max_length:
+            return ids
+        budget -= max(1, (len(ids) - max_length) // max(n, 1))
+    raise ValueError(
+        f"the {what} prompt needs {overhead} tokens before any passage text, leaving no room for {n} passages in "
+        f"max length {max_length}"
+    )
+
+
 @dataclass(frozen=True)
 class SelectorPrompt:
     """RankGPT-style list-wise prompt (METHOD.md §5.4), one definition for sampling, training and evaluation.
 
     Layout: instruction, question, the N passages each prefixed ``[i]``, the question again, the output-format line.
-    Each passage is cut to ``max_passage_tokens`` tokens so that all N candidates stay in the prompt. With
-    ``repeat_ids`` the id also follows its passage, so a causal model reads the id after the content it names
-    (small models learn to pick ids much faster that way; see docs/demo.md).
+    Each passage is cut to ``max_passage_tokens`` tokens — fewer when ``max_prompt_length`` requires — so that all N
+    candidates stay in the prompt. With ``repeat_ids`` the id also follows its passage, so a causal model reads the
+    id after the content it names (small models learn to pick ids much faster that way; see docs/demo.md).
     """
 
     k: int
     max_passage_tokens: int = 128
     use_chat_template: bool = True
     repeat_ids: bool = False
+    max_prompt_length: int | None = None
 
     def __call__(self, tokenizer, question: str, passages: Sequence[dict]) -> list[int]:
         n = len(passages)
         k = min(self.k, n)
-        lines = [INSTRUCTION.format(n=n, k=k), f"Question: {question}"]
-        for i, passage in enumerate(passages):
-            text = truncate_to_tokens(tokenizer, passage_text(passage), self.max_passage_tokens)
-            lines.append(f"{format_id(i)} {text} {format_id(i)}" if self.repeat_ids else f"{format_id(i)} {text}")
-        example = SEPARATOR.join(format_id(i) for i in range(k))
-        lines += [f"Question: {question}", OUTPUT_FORMAT.format(k=k, example=example)]
-        return apply_template(tokenizer, "\n".join(lines), self.use_chat_template)
+
+        def build(budget: int) -> list[int]:
+            lines = [INSTRUCTION.format(n=n, k=k), f"Question: {question}"]
+            for i, passage in enumerate(passages):
+                text = truncate_to_tokens(tokenizer, passage_text(passage), budget)
+                lines.append(f"{format_id(i)} {text} {format_id(i)}" if self.repeat_ids else f"{format_id(i)} {text}")
+            example = SEPARATOR.join(format_id(i) for i in range(k))
+            lines += [f"Question: {question}", OUTPUT_FORMAT.format(k=k, example=example)]
+            return apply_template(tokenizer, "\n".join(lines), self.use_chat_template)
+
+        return fit_to_length(build, n, self.max_passage_tokens, self.max_prompt_length, "selector")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ import os
 from typing import Any
 
 import torch
-from accelerate.utils import gather
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
@@ -125,10 +124,7 @@ class DROTrainer(GRPOTrainer):
         datasets = [d for d in (train_dataset, eval_dataset) if d is not None and not isinstance(d, dict)]
         max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
         self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
-        self.selector_prompt = SelectorPrompt(
-            args.num_docs_selected, args.max_passage_tokens, args.use_chat_template, args.repeat_ids
-        )
-        self.generator_prompt = GeneratorPrompt(args.generator_max_passage_tokens, args.use_chat_template)
+        self.selector_prompt, self.generator_prompt = prompts_from_config(args)
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimizer and clipping: the generator is a second trainable model
@@ -313,6 +309,15 @@ class DROTrainer(GRPOTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, "selector"), model)
         load_generator_weights(self.accelerator.unwrap_model(self.generator), resume_from_checkpoint)
+
+
+def prompts_from_config(args: DROConfig) -> tuple[SelectorPrompt, GeneratorPrompt]:
+    """The selector and generator prompt definitions a DROConfig describes."""
+    return (
+        SelectorPrompt(args.num_docs_selected, args.max_passage_tokens, args.use_chat_template, args.repeat_ids,
+                       args.max_prompt_length),
+        GeneratorPrompt(args.generator_max_passage_tokens, args.use_chat_template, args.generator_max_prompt_length),
+    )
 
 
 def load_generator_weights(generator: torch.nn.Module, checkpoint: str) -> None:

@@ -23,14 +23,14 @@ from datasets import Dataset
 from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
 
 from dro_rl import DROConfig, DROTrainer
+from dro_rl.trainer import prompts_from_config
 from dro_rl.data import read_jsonl
 from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
-from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_model
 from dro_rl.pipeline import compare, make_retriever, retrieval_order
 from dro_rl.report import write_report
 from dro_rl.retrieval import DEFAULT_DENSE_MODEL
-from dro_rl.selector import IdGrammar, SelectorPrompt, passage_text
+from dro_rl.selector import IdGrammar
 from dro_rl.warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
@@ -119,7 +119,6 @@ def warm_up(args, dro, selector, tok, generator, gtok, train_rows, grammar, spro
 def main(script_args: TrainScriptArguments, training_args: DROConfig, model_args: ModelConfig) -> dict:
     start = time.time()
     torch.manual_seed(training_args.seed)
-    k = training_args.num_docs_selected
 
     # 1. Data, in first-stage retrieval order.
     train_rows, eval_rows = load_rows(script_args, training_args.seed)
@@ -129,10 +128,7 @@ def main(script_args: TrainScriptArguments, training_args: DROConfig, model_args
 
     # 2. Models and the shared prompt definitions.
     selector, tok, generator, gtok = build_models(script_args, training_args, model_args, train_rows + eval_rows)
-    sprompt = SelectorPrompt(
-        k, training_args.max_passage_tokens, training_args.use_chat_template, training_args.repeat_ids
-    )
-    gprompt = GeneratorPrompt(training_args.generator_max_passage_tokens, training_args.use_chat_template)
+    sprompt, gprompt = prompts_from_config(training_args)
     grammar = IdGrammar(tok, max(len(r["passages"]) for r in train_rows + eval_rows))
 
     # 3. Warm-up, then the "before" evaluation.

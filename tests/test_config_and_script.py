@@ -78,3 +78,16 @@ def test_main_runs_the_demo_end_to_end(tmp_path, capsys):
     assert (tmp_path / "selector" / "model.safetensors").exists()
     assert (tmp_path / "generator" / "model.safetensors").exists()
     assert "| selector after DRO |" in capsys.readouterr().out
+
+
+def test_two_runs_with_the_same_seed_report_the_same_figures(tmp_path):
+    def run(out):
+        args = make_parser().parse_args_and_config(
+            args=["--config", str(ROOT / "configs" / "demo.yaml"), "--output_dir", str(out), "--max_steps", "2",
+                  "--demo_num_train", "32", "--demo_num_eval", "12", "--generator_warmup_steps", "3",
+                  "--per_device_train_batch_size", "16", "--disable_tqdm", "true", "--retriever", "bm25"]
+        )
+        report = main(*args)
+        return report["support_recall_at_k"], report["answer_em"]
+
+    assert run(tmp_path / "a") == run(tmp_path / "b")

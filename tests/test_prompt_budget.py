@@ -1,0 +1,46 @@
+"""Real passages must all fit: per-passage truncation keeps every candidate inside the configured prompt length."""
+
+import pytest
+from test_data import SHARED, needs_shared
+
+from dro_rl.data import load
+from dro_rl.generator import GeneratorPrompt
+from dro_rl.models import load_tokenizer
+from dro_rl.retrieval import load_corpus
+from dro_rl.selector import SelectorPrompt, format_id
+
+
+@pytest.fixture(scope="module")
+def minilm_tok():
+    return load_tokenizer("minilm")
+
+
+@needs_shared
+def test_twenty_wikipedia_passages_fit_the_selector_prompt(minilm_tok):
+    passages = load_corpus(str(SHARED / "flashrag_toy" / "sample_data.jsonl"))[:20]
+    prompt = SelectorPrompt(5, max_passage_tokens=128, use_chat_template=False, max_prompt_length=1024)
+    ids = prompt(minilm_tok, "who got the first nobel prize in physics?", passages)
+    text = minilm_tok.decode(ids)
+    assert len(ids) <= 1024
+    assert all(f"[ {i + 1} ]" in text for i in range(20))  # WordPiece decodes "[3]" as "[ 3 ]"
+    # and without the cap the same passages would not have fit
+    assert len(SelectorPrompt(5, 128, use_chat_template=False)(minilm_tok, "q?", passages)) > 1024
+
+
+@needs_shared
+def test_hotpotqa_prompts_fit_with_every_candidate(minilm_tok):
+    rows, _ = load(str(SHARED / "hotpotqa_dev300" / "hotpotqa_distractor_dev300.jsonl"), "hotpotqa", limit=30)
+    selector = SelectorPrompt(5, 200, use_chat_template=False, max_prompt_length=512)
+    generator = GeneratorPrompt(200, use_chat_template=False, max_prompt_length=256)
+    for row in rows:
+        ids = selector(minilm_tok, row["question"], row["passages"])
+        assert len(ids) <= 512
+        text = minilm_tok.decode(ids)
+        assert all(f"[ {i + 1} ]" in text for i in range(len(row["passages"])))
+        assert len(generator(minilm_tok, row["question"], row["passages"][:5])) <= 256
+
+
+def test_too_small_a_cap_is_an_error_not_a_dropped_passage(minilm_tok):
+    passages = [{"title": "", "text": "words " * 50}] * 20
+    with pytest.raises(ValueError, match="no room for 20 passages"):
+        SelectorPrompt(5, 64, use_chat_template=False, max_prompt_length=60)(minilm_tok, "q?", passages)

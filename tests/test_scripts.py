@@ -1,0 +1,52 @@
+"""The warm-up and evaluation entry points, run in-process on real HotpotQA rows with tiny models."""
+
+import json
+import sys
+from pathlib import Path
+
+from test_data import SHARED, needs_shared
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from evaluate import EvaluateArguments  # noqa: E402
+from evaluate import main as evaluate_main  # noqa: E402
+from warmup_sft import WarmupArguments  # noqa: E402
+from warmup_sft import main as warmup_main  # noqa: E402
+from warmup_sft import make_parser as warmup_parser  # noqa: E402
+
+from dro_rl.data import load, write_jsonl  # noqa: E402
+from dro_rl.pipeline import make_retriever, retrieval_order  # noqa: E402
+
+HOTPOT = SHARED / "hotpotqa_dev300" / "hotpotqa_distractor_dev300.jsonl"
+
+
+@needs_shared
+def test_warmup_then_evaluate_on_hotpotqa(tmp_path):
+    rows, _ = load(str(HOTPOT), "hotpotqa", limit=12)
+    data = tmp_path / "hotpot.jsonl"
+    write_jsonl(retrieval_order(rows, make_retriever("bm25", "")), str(data))
+    common = ["--data", str(data), "--model", "tiny:minilm", "--num_docs_selected", "2", "--max_passage_tokens", "24",
+              "--max_steps", "2", "--per_device_train_batch_size", "4", "--use_cpu", "true", "--bf16", "false",
+              "--report_to", "none", "--save_strategy", "no", "--disable_tqdm", "true"]
+    for role in ("generator", "selector"):
+        args = warmup_parser().parse_args_and_config(
+            args=[*common, "--role", role, "--output_dir", str(tmp_path / role)]
+        )
+        assert isinstance(args[0], WarmupArguments)
+        trainer = warmup_main(*args)
+        assert trainer.state.global_step == 2
+        assert (tmp_path / role / "model.safetensors").exists()
+
+    results = evaluate_main(EvaluateArguments(
+        datasets=[f"hotpotqa:{HOTPOT}"], selector=str(tmp_path / "selector"), generator=str(tmp_path / "generator"),
+        output_dir=str(tmp_path / "eval"), retriever="bm25", num_docs_selected=2, max_passage_tokens=24,
+        generator_max_passage_tokens=24, max_new_tokens=3, limit=6, use_chat_template=False,
+    ))
+    table = results["hotpotqa_distractor_dev300"]
+    assert set(table) == {"retrieval", "selector", "oracle", "n"} and table["n"] == 6
+    assert table["oracle"]["support_recall_at_k"] == 1.0
+    assert 0.0 <= table["selector"]["answer_f1"] <= 1.0
+    predictions = (tmp_path / "eval" / "hotpotqa_distractor_dev300.selector.predictions.jsonl").read_text()
+    assert len(predictions.splitlines()) == 6 and "prediction" in json.loads(predictions.splitlines()[0])
+    assert "| hotpotqa_distractor_dev300 (n=6) | selector |" in (tmp_path / "eval" / "metrics.md").read_text()
