@@ -88,6 +88,9 @@ class DROConfig(GRPOConfig):
     generator_max_passage_tokens: int = field(
         default=128, metadata={"help": "Token budget of each selected passage in the generator prompt."}
     )
+    max_answer_tokens: int = field(
+        default=32, metadata={"help": "Longest greedy answer, generated only for the answer_em / answer_f1 rewards."}
+    )
     generator_batch_size: int = field(
         default=64, metadata={"help": "Rows per chunk when scoring answers without gradients."}
     )
@@ -98,7 +101,16 @@ class DROConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        super().__post_init__()
+        # GRPO refuses m = 1 (its group baseline needs two samples); DRO's `dro` estimator and the generator update
+        # are well defined with one sample per question, so m = 1 is allowed here and the parent checks run with 2.
+        single = self.num_generations == 1
+        if single:
+            self.num_generations = 2
+        try:
+            super().__post_init__()
+        finally:
+            if single:
+                self.num_generations = 1
         if self.estimator not in ESTIMATORS:
             raise ValueError(f"estimator={self.estimator!r} is not one of {ESTIMATORS}")
         if self.generator_update not in GENERATOR_UPDATES:

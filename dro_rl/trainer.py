@@ -31,7 +31,7 @@ from rewards import get_reward
 
 from . import estimators as E
 from .config import DROConfig
-from .generator import GeneratorPrompt, batch_answer_logprobs, target_logprobs
+from .generator import GeneratorPrompt, batch_answer_logprobs, generate_answers, target_logprobs
 from .selector import IdGrammar, SelectorPrompt, left_pad, parse_ranking, ranking_logprobs, right_pad, sample_rankings
 
 
@@ -185,6 +185,13 @@ class DROTrainer(GRPOTrainer):
             {**r, "answer_logprob": float(lp), "answer_num_tokens": len(t), "picks": p}
             for r, lp, t, p in zip(inputs, answer_logp.tolist(), targets, samples.picks)
         ]
+        if any(getattr(f, "needs_generated_answer", False) for f in self.reward_funcs):
+            generated = generate_answers(
+                self.accelerator.unwrap_model(self.generator), gtok, gen_prompts, args.max_answer_tokens,
+                args.generator_batch_size,
+            )
+            for row, answer in zip(reward_rows, generated):
+                row["generated_answer"] = answer
         rewards_per_func = self._calculate_rewards(
             reward_rows, [r["question"] for r in inputs], completions, samples.completion_ids.tolist()
         )  # [B_global, F]

@@ -6,7 +6,9 @@ passes what the E-step computed for each sample:
 
 - ``answer_logprob``: log p(y | x, d_z), summed over the answer tokens (EOS included);
 - ``answer_num_tokens``: the number of answer tokens;
-- ``picks``: the 0-based indices of the selected passages, in order.
+- ``picks``: the 0-based indices of the selected passages, in order;
+- ``generated_answer``: the generator's greedy answer for the sample — computed only when a reward declares
+  ``needs_generated_answer = True`` (it costs one greedy decode per sample).
 
 Names usable in YAML are the keys of ``REWARDS``; any other string is imported as a dotted path (``pkg.mod.func``).
 """
@@ -62,11 +64,67 @@ def support_recall(completions, picks, gold=None, **kwargs) -> list[float | None
     return out
 
 
+def answer_em(completions, generated_answer, answers, **kwargs) -> list[float]:
+    """Exact match of the generator's greedy answer against any gold answer (SQuAD normalisation).
+
+    >>> answer_em(["[1]", "[2]"], generated_answer=["The Beatles", "Queen"], answers=[["beatles"], ["Abba"]])
+    [1.0, 0.0]
+    """
+    from dro_rl.evaluation import exact_match
+
+    return [exact_match(a, golds) for a, golds in zip(generated_answer, answers)]
+
+
+answer_em.needs_generated_answer = True
+
+
+def answer_f1(completions, generated_answer, answers, **kwargs) -> list[float]:
+    """Token F1 of the generator's greedy answer against the best-matching gold answer.
+
+    >>> answer_f1(["[1]"], generated_answer=["Barack Obama"], answers=[["Obama"]])  # P = 1/2, R = 1
+    [0.6666666666666666]
+    """
+    from dro_rl.evaluation import f1_score
+
+    return [f1_score(a, golds) for a, golds in zip(generated_answer, answers)]
+
+
+answer_f1.needs_generated_answer = True
+
+
+class WeightedSum:
+    """Σ_j weight_j · reward_j, skipping (None) a sample only where every part skips it.
+
+    Picklable, with a fixed ``__name__`` for the metric key. Same result as several ``reward_funcs`` with
+    ``reward_weights``, packed into one reward for code that takes a single function.
+
+    >>> WeightedSum({"log_likelihood": 0.5, "mean_log_likelihood": 2.0})(
+    ...     ["[1]"], answer_logprob=[-4.0], answer_num_tokens=[2])   # 0.5 * -4 + 2 * -2
+    [-6.0]
+    """
+
+    def __init__(self, weights: dict[str, float]):
+        self.weights = dict(weights)
+        self.parts = {name: get_reward(name) for name in self.weights}
+        self.needs_generated_answer = any(getattr(f, "needs_generated_answer", False) for f in self.parts.values())
+        self.__name__ = "+".join(f"{w:g}*{name}" for name, w in self.weights.items())
+
+    def __call__(self, completions, **kwargs) -> list[float | None]:
+        values = [self.parts[name](completions, **kwargs) for name in self.weights]
+        out: list[float | None] = []
+        for per_sample in zip(*values):
+            parts = [(w, v) for w, v in zip(self.weights.values(), per_sample) if v is not None]
+            out.append(sum(w * v for w, v in parts) if parts else None)
+        return out
+
+
 REWARDS: dict[str, RewardFunc] = {
     "likelihood": likelihood,
     "log_likelihood": log_likelihood,
     "mean_log_likelihood": mean_log_likelihood,
     "support_recall": support_recall,
+    "answer_em": answer_em,
+    "answer_f1": answer_f1,
 }
 
 

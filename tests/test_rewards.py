@@ -29,3 +29,18 @@ def test_rewards_by_name_and_by_dotted_path():
 
 def test_rewards_pickle():
     assert pickle.loads(pickle.dumps(rewards.likelihood)) is rewards.likelihood
+
+
+def test_answer_rewards_declare_they_need_a_generated_answer():
+    assert rewards.answer_em.needs_generated_answer and rewards.answer_f1.needs_generated_answer
+    assert not getattr(rewards.log_likelihood, "needs_generated_answer", False)
+    assert rewards.WeightedSum({"answer_f1": 1.0, "log_likelihood": 0.1}).needs_generated_answer
+
+
+def test_weighted_sum_skips_only_when_every_part_skips():
+    total = rewards.WeightedSum({"support_recall": 2.0, "log_likelihood": 1.0})
+    assert total.__name__ == "2*support_recall+1*log_likelihood"
+    out = total(["", ""], picks=[[0], [0]], gold=[[True, False], []], answer_logprob=[-1.0, -2.0])
+    assert out == [2.0 * 1.0 - 1.0, -2.0]  # second row has no labels: only the likelihood part counts
+    assert pickle.loads(pickle.dumps(total))(["", ""], picks=[[0], [0]], gold=[[True], []],
+                                             answer_logprob=[0.0, 0.0]) == [2.0, 0.0]

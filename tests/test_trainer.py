@@ -54,12 +54,19 @@ def test_every_trainable_selector_and_generator_parameter_changes(tmp_path, demo
     assert 1.0 <= logs[0]["weights/ess"] <= 4.0
 
 
-@pytest.mark.parametrize("estimator", ["dro", "reinforce", "rloo", "grpo"])
-def test_each_estimator_trains(tmp_path, demo_rows, word_tok, estimator):
-    trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator=estimator, max_steps=1)
+@pytest.mark.parametrize(
+    "estimator, reward_funcs",
+    [("dro", ["likelihood"]), ("reinforce", ["mean_log_likelihood"]), ("rloo", ["log_likelihood", "answer_f1"]),
+     ("grpo", ["answer_em", "log_likelihood"])],
+)
+def test_each_estimator_trains(tmp_path, demo_rows, word_tok, estimator, reward_funcs):
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator=estimator, max_steps=1,
+                           reward_funcs=reward_funcs, reward_weights=[1.0] * len(reward_funcs))
     sel = snapshot(trainer.model)
     trainer.train()
     assert changed(sel, trainer.model)
+    logged = trainer.state.log_history[0]
+    assert all(f"rewards/{name}/mean" in logged for name in reward_funcs)
 
 
 def test_frozen_generator_does_not_change(tmp_path, demo_rows, word_tok):
@@ -126,3 +133,13 @@ def test_evaluation_runs_the_greedy_pipeline_during_training(tmp_path, demo_rows
     assert all(0.0 <= h["eval_answer_em"] <= 1.0 for h in evals)
     train_logs = [h for h in trainer.state.log_history if "selector/loss" in h]
     assert len(train_logs) == 2  # evaluation did not swallow the training metrics
+
+
+def test_one_sample_per_question_trains_with_finite_weights(tmp_path, demo_rows, word_tok):
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, num_generations=1, per_device_train_batch_size=4,
+                           estimator="dro", max_steps=1)
+    sel, gen = snapshot(trainer.model), snapshot(trainer.generator)
+    trainer.train()
+    logged = trainer.state.log_history[0]
+    assert logged["weights/ess"] == 1.0 and logged["frac_reward_zero_std"] == 1.0
+    assert changed(sel, trainer.model) and changed(gen, trainer.generator)

