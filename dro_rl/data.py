@@ -177,7 +177,7 @@ def _canonical(where: str, r: dict) -> dict:
     passages = r.get("passages")
     if passages is not None and not isinstance(passages, list):
         _fail(where, "passages", "must be a list")
-    gold = [bool(p.get("gold", False)) for p in passages or [] if isinstance(p, dict)]
+    gold = [bool(p.get("gold", False)) if isinstance(p, dict) else False for p in passages or []]
     return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"))
 
 

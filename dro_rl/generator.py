@@ -12,7 +12,15 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .selector import apply_template, fit_to_length, left_pad, passage_text, positions, right_pad, truncate_to_tokens
+from .selector import (
+    apply_template,
+    fit_to_length,
+    left_pad,
+    passage_text,
+    positions,
+    right_pad,
+    truncate_to_tokens,
+)
 
 
 @dataclass(frozen=True)

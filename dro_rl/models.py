@@ -17,9 +17,12 @@ from .retrieval import DEFAULT_DENSE_MODEL, dense_model_path
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """A left-padding tokenizer with pad and EOS tokens (EOS ends every ranking and every answer)."""
-    if name_or_path == "minilm":
+    minilm = name_or_path == "minilm"
+    if minilm:
         name_or_path = dense_model_path(DEFAULT_DENSE_MODEL)
     tok = AutoTokenizer.from_pretrained(name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
+    if minilm:  # its 512-token limit belongs to the encoder, not to the tiny models built over its vocabulary
+        tok.model_max_length = 1_000_000
     if tok.eos_token is None:
         tok.eos_token = tok.sep_token or tok.pad_token  # BERT-style vocabularies have [SEP] but no EOS
     if tok.pad_token is None:

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
+from .data import load
 from .evaluation import baseline_picks, score_picks, select_greedy
 from .generator import GeneratorPrompt
-from .retrieval import BM25Retriever, DenseRetriever, rank_candidates
+from .retrieval import (
+    BM25Retriever,
+    DenseRetriever,
+    load_corpus,
+    rank_candidates,
+    retrieve_candidates,
+)
 from .selector import IdGrammar, SelectorPrompt, passage_text
 
 
@@ -31,6 +39,24 @@ def retrieval_order(rows: Sequence[dict], retriever) -> list[dict]:
             {**row, "passages": [row["passages"][i] for i in order], "gold": [gold[i] for i in order] if gold else []}
         )
     return out
+
+
+def load_ranked(
+    spec: str, retriever, corpus: str | None = None, top_n: int = 20, cache_dir: str | None = None,
+    on_error: str = "raise", limit: int | None = None, retriever_name: str = "",
+) -> tuple[str, list[dict]]:
+    """(name, rows in retrieval order) for ``[format:]path``: own candidates re-ranked, or top-N from ``corpus``."""
+    fmt, path = spec.split(":", 1) if ":" in spec and not os.path.exists(spec) else ("canonical", spec)
+    rows, stats = load(path, fmt, on_error, limit=limit)
+    print(stats.summary(), flush=True)
+    name = os.path.splitext(os.path.basename(path))[0]
+    if rows and all(not r["passages"] for r in rows):
+        if not corpus:
+            raise ValueError(f"{path} has no candidate passages: give a corpus to retrieve them from")
+        cache = os.path.join(cache_dir, f"{name}.retrieval-cache.json") if cache_dir else None
+        key = f"{retriever_name}:{corpus}"
+        return name, retrieve_candidates(rows, load_corpus(corpus), retriever, top_n, cache, key)
+    return name, retrieval_order(rows, retriever)
 
 
 def compare(

@@ -22,17 +22,31 @@ from typing import Any
 import torch
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import AutoTokenizer, PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import create_model_from_path, disable_dropout_in_model
+from trl.trainer.utils import disable_dropout_in_model
 
 from rewards import get_reward
 
 from . import estimators as E
 from .config import DROConfig
-from .generator import GeneratorPrompt, batch_answer_logprobs, generate_answers, target_logprobs
-from .selector import IdGrammar, SelectorPrompt, left_pad, parse_ranking, ranking_logprobs, right_pad, sample_rankings
+from .generator import (
+    GeneratorPrompt,
+    batch_answer_logprobs,
+    generate_answers,
+    target_logprobs,
+)
+from .models import load_model
+from .selector import (
+    IdGrammar,
+    SelectorPrompt,
+    left_pad,
+    parse_ranking,
+    ranking_logprobs,
+    right_pad,
+    sample_rankings,
+)
 
 
 class _ZeroGeneratorGrads(TrainerCallback):
@@ -92,12 +106,11 @@ class DROTrainer(GRPOTrainer):
         if generator is None:
             raise ValueError("DROTrainer needs a generator: pass `generator=` or set `generator_model_name_or_path`")
         if isinstance(generator, str):
-            if generator_processing_class is None:
-                generator_processing_class = AutoTokenizer.from_pretrained(generator)
-            init_kwargs = dict(args.model_init_kwargs or {})
+            init_kwargs = dict(args.model_init_kwargs or {}, trust_remote_code=args.trust_remote_code)
             if quantization_config is not None:
                 init_kwargs["quantization_config"] = quantization_config
-            generator = create_model_from_path(generator, **init_kwargs)
+            generator, loaded_tokenizer = load_model(generator, seed=args.seed + 1, **init_kwargs)
+            generator_processing_class = generator_processing_class or loaded_tokenizer
         if generator_processing_class is None:
             raise ValueError("pass `generator_processing_class` with a generator model instance")
         if generator_processing_class.pad_token_id is None:
@@ -206,8 +219,8 @@ class DROTrainer(GRPOTrainer):
         gen_coef = E.generator_coefficients(args.generator_update, weights)  # [Q, m]
 
         # 5. Metrics, gathered over processes.
-        valid = [
-            parse_ranking(c, len(r["passages"]), args.num_docs_selected)[0] == p and len(set(p)) == len(p)
+        valid = [  # the decoded text must parse back, with no repair, to the picks that were sampled
+            parse_ranking(c, len(r["passages"]), args.num_docs_selected) == (p, True)
             for c, r, p in zip(completions, inputs, samples.picks)
         ]
         self._log_estep_metrics(mode, samples, answer_logp, weights, rewards_per_func, rewards_global, valid, inputs)

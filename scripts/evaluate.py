@@ -20,12 +20,11 @@ from typing import Literal
 
 from trl import TrlParser
 
-from dro_rl.data import load
 from dro_rl.evaluation import baseline_picks, score_picks, select_greedy
 from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_model
-from dro_rl.pipeline import make_retriever, retrieval_order
-from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidates
+from dro_rl.pipeline import load_ranked, make_retriever
+from dro_rl.retrieval import DEFAULT_DENSE_MODEL
 from dro_rl.selector import IdGrammar, SelectorPrompt
 
 METRICS = ["support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1", "answer_sub_em"]
@@ -51,21 +50,6 @@ class EvaluateArguments:
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
 
 
-def prepare(spec: str, args: EvaluateArguments, retriever) -> tuple[str, list[dict]]:
-    """(name, rows in retrieval order) for one `[format:]path` entry."""
-    fmt, _, path = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else ("canonical", "", spec)
-    rows, stats = load(path, fmt or "canonical", args.on_error, limit=args.limit)
-    print(stats.summary(), flush=True)
-    name = os.path.splitext(os.path.basename(path))[0]
-    if all(not r["passages"] for r in rows):
-        if not args.corpus:
-            raise ValueError(f"{path} has no candidate passages: pass --corpus to retrieve them")
-        cache = os.path.join(args.output_dir, f"{name}.retrieval-cache.json")
-        key = f"{args.retriever}:{args.retriever_model}:{args.corpus}"
-        return name, retrieve_candidates(rows, load_corpus(args.corpus), retriever, args.top_n, cache, key)
-    return name, retrieval_order(rows, retriever)
-
-
 def main(args: EvaluateArguments) -> dict:
     os.makedirs(args.output_dir, exist_ok=True)
     retriever = make_retriever(args.retriever, args.retriever_model)
@@ -75,7 +59,8 @@ def main(args: EvaluateArguments) -> dict:
     gprompt = GeneratorPrompt(args.generator_max_passage_tokens, args.use_chat_template)
     results: dict[str, dict] = {}
     for spec in args.datasets:
-        name, rows = prepare(spec, args, retriever)
+        name, rows = load_ranked(spec, retriever, args.corpus, args.top_n, args.output_dir, args.on_error, args.limit,
+                                 f"{args.retriever}:{args.retriever_model}")
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
         picks = {
             "retrieval": baseline_picks(rows, args.num_docs_selected, "retrieval"),

@@ -88,13 +88,13 @@ def grid_jobs(args: AblationArguments) -> list[dict]:
 
 def prepare(args: AblationArguments, seed: int) -> str:
     """Build and save one world: rows in retrieval order, tokenizer, warmed-up generator. Returns its folder."""
+    from trl import SFTConfig
+
+    from dro_rl import DROConfig
     from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
     from dro_rl.pipeline import make_retriever, retrieval_order
     from dro_rl.trainer import prompts_from_config
     from dro_rl.warmup import generator_sft_rows, run_sft
-    from trl import SFTConfig
-
-    from dro_rl import DROConfig
 
     folder = os.path.join(args.output_dir, f"task-seed{seed}")
     if os.path.exists(os.path.join(folder, "rows.json")):

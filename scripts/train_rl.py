@@ -20,18 +20,28 @@ from typing import Literal
 
 import torch
 from datasets import Dataset
-from trl import ModelConfig, SFTConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import (
+    ModelConfig,
+    SFTConfig,
+    TrlParser,
+    get_peft_config,
+    get_quantization_config,
+)
 
 from dro_rl import DROConfig, DROTrainer
-from dro_rl.trainer import prompts_from_config
-from dro_rl.data import read_jsonl
 from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from dro_rl.models import load_model
-from dro_rl.pipeline import compare, make_retriever, retrieval_order
+from dro_rl.pipeline import compare, load_ranked, make_retriever, retrieval_order
 from dro_rl.report import write_report
 from dro_rl.retrieval import DEFAULT_DENSE_MODEL
 from dro_rl.selector import IdGrammar
-from dro_rl.warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets
+from dro_rl.trainer import prompts_from_config
+from dro_rl.warmup import (
+    generator_sft_rows,
+    run_sft,
+    selector_sft_rows,
+    selector_targets,
+)
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
 
@@ -40,8 +50,12 @@ DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "co
 class TrainScriptArguments:
     """Options of this script (data, retrieval, demo world, warm-up); training options are DROConfig's."""
 
-    dataset: str = field(default="demo", metadata={"help": "`demo`, or a canonical-schema JSONL of training rows."})
-    eval_dataset: str | None = field(default=None, metadata={"help": "Canonical-schema JSONL of evaluation rows."})
+    dataset: str = field(
+        default="demo", metadata={"help": "`demo`, or `[format:]path` of training rows (formats: dro_rl.data)."}
+    )
+    eval_dataset: str | None = field(default=None, metadata={"help": "`[format:]path` of evaluation rows."})
+    corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
+    top_n: int = field(default=20, metadata={"help": "Candidates retrieved per question from the corpus (N)."})
     retriever: Literal["dense", "bm25"] = field(default="dense", metadata={"help": "First-stage retriever."})
     retriever_model: str = field(
         default=DEFAULT_DENSE_MODEL, metadata={"help": "sentence-transformers model name or path (dense only)."}
@@ -64,18 +78,22 @@ class TrainScriptArguments:
     warmup_batch_size: int = field(default=64, metadata={"help": "Batch size of both warm-ups."})
 
 
-def load_rows(args: TrainScriptArguments, seed: int) -> tuple[list[dict], list[dict]]:
-    """Training and evaluation rows, candidates still unordered."""
+def load_rows(args: TrainScriptArguments, seed: int, retriever) -> tuple[list[dict], list[dict]]:
+    """Training and evaluation rows, candidates in first-stage retrieval order."""
     if args.dataset == "demo":
         world = WorldConfig(
             num_people=args.demo_num_people, num_candidates=args.demo_num_candidates,
             two_hop_fraction=args.demo_two_hop_fraction, own_home_distractor=args.demo_own_home_distractor,
             seed=seed,
         )
-        return make_split(world, args.demo_num_train, 1), make_split(world, args.demo_num_eval, 2)
-    train = read_jsonl(args.dataset)
-    evals = read_jsonl(args.eval_dataset)[: args.demo_num_eval] if args.eval_dataset else []
-    return train, evals
+        train, evals = make_split(world, args.demo_num_train, 1), make_split(world, args.demo_num_eval, 2)
+        print(f"retrieval: ranking the candidates of {len(train) + len(evals)} demo questions", flush=True)
+        return retrieval_order(train, retriever), retrieval_order(evals, retriever)
+    ranked = lambda spec, limit=None: load_ranked(  # noqa: E731
+        spec, retriever, args.corpus, args.top_n, os.path.dirname(os.path.abspath(spec.split(":")[-1])),
+        limit=limit, retriever_name=f"{args.retriever}:{args.retriever_model}",
+    )[1]
+    return ranked(args.dataset), ranked(args.eval_dataset, args.demo_num_eval) if args.eval_dataset else []
 
 
 def build_models(args: TrainScriptArguments, dro: DROConfig, model_args: ModelConfig, rows: list[dict]):
@@ -87,7 +105,10 @@ def build_models(args: TrainScriptArguments, dro: DROConfig, model_args: ModelCo
         selector = tiny_llama(len(tok), seed=dro.seed, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, **shape)
         generator = tiny_llama(len(tok), seed=dro.seed + 1, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, **shape)
         return selector, tok, generator, tok
-    init = dict(dro.model_init_kwargs or {}, dtype=model_args.dtype, trust_remote_code=model_args.trust_remote_code)
+    init = dict(dro.model_init_kwargs or {}, dtype=model_args.dtype, revision=model_args.model_revision,
+                trust_remote_code=dro.trust_remote_code)
+    if model_args.attn_implementation is not None:
+        init["attn_implementation"] = model_args.attn_implementation
     quantization = get_quantization_config(model_args)
     if quantization is not None:
         init["quantization_config"] = quantization
@@ -121,10 +142,8 @@ def main(script_args: TrainScriptArguments, training_args: DROConfig, model_args
     torch.manual_seed(training_args.seed)
 
     # 1. Data, in first-stage retrieval order.
-    train_rows, eval_rows = load_rows(script_args, training_args.seed)
     retriever = make_retriever(script_args.retriever, script_args.retriever_model)
-    print(f"retrieval: ranking candidates of {len(train_rows) + len(eval_rows)} questions", flush=True)
-    train_rows, eval_rows = retrieval_order(train_rows, retriever), retrieval_order(eval_rows, retriever)
+    train_rows, eval_rows = load_rows(script_args, training_args.seed, retriever)
 
     # 2. Models and the shared prompt definitions.
     selector, tok, generator, gtok = build_models(script_args, training_args, model_args, train_rows + eval_rows)

@@ -24,7 +24,12 @@ from dro_rl.data import load
 from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_model
 from dro_rl.selector import IdGrammar, SelectorPrompt
-from dro_rl.warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets
+from dro_rl.warmup import (
+    generator_sft_rows,
+    run_sft,
+    selector_sft_rows,
+    selector_targets,
+)
 
 
 @dataclass

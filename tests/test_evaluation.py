@@ -1,6 +1,12 @@
 import pytest
 
-from dro_rl.evaluation import baseline_picks, exact_match, f1_score, normalize_answer, support_recall
+from dro_rl.evaluation import (
+    baseline_picks,
+    exact_match,
+    f1_score,
+    normalize_answer,
+    support_recall,
+)
 
 
 @pytest.mark.parametrize(

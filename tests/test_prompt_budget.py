@@ -7,7 +7,7 @@ from dro_rl.data import load
 from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_tokenizer
 from dro_rl.retrieval import load_corpus
-from dro_rl.selector import SelectorPrompt, format_id
+from dro_rl.selector import SelectorPrompt
 
 
 @pytest.fixture(scope="module")

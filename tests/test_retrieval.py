@@ -8,7 +8,13 @@ from test_data import HOTPOT_COLUMNS, SHARED, needs_shared
 
 from dro_rl import retrieval
 from dro_rl.data import load, load_hf
-from dro_rl.retrieval import BM25Retriever, DenseRetriever, load_corpus, rank_candidates, retrieve_candidates
+from dro_rl.retrieval import (
+    BM25Retriever,
+    DenseRetriever,
+    load_corpus,
+    rank_candidates,
+    retrieve_candidates,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))

@@ -50,3 +50,20 @@ def test_warmup_then_evaluate_on_hotpotqa(tmp_path):
     predictions = (tmp_path / "eval" / "hotpotqa_distractor_dev300.selector.predictions.jsonl").read_text()
     assert len(predictions.splitlines()) == 6 and "prediction" in json.loads(predictions.splitlines()[0])
     assert "| hotpotqa_distractor_dev300 (n=6) | selector |" in (tmp_path / "eval" / "metrics.md").read_text()
+
+
+@needs_shared
+def test_train_rl_runs_on_real_hotpotqa_with_tiny_models(tmp_path):
+    from train_rl import main as train_main
+    from train_rl import make_parser as train_parser
+
+    report = train_main(*train_parser().parse_args_and_config(args=[
+        "--config", str(ROOT / "configs" / "demo.yaml"), "--output_dir", str(tmp_path),
+        "--dataset", f"hotpotqa:{HOTPOT}", "--eval_dataset", f"hotpotqa:{HOTPOT}", "--demo_num_eval", "3",
+        "--retriever", "bm25", "--model_name_or_path", "tiny:minilm", "--max_steps", "1", "--num_generations", "2",
+        "--per_device_train_batch_size", "4", "--generator_warmup_steps", "1", "--max_prompt_length", "300",
+        "--generator_max_prompt_length", "150", "--repeat_ids", "false", "--disable_tqdm", "true",
+    ]))
+    assert report["num_eval_questions"] == 3
+    assert 0.0 <= report["support_recall_at_k"]["after"] <= 1.0
+    assert (tmp_path / "generator" / "model.safetensors").exists()
