@@ -155,9 +155,14 @@ class DROTrainer(GRPOTrainer):
     def _clip_grad_norm(self, model):
         norm = super()._clip_grad_norm(model)
         params = [p for p in self.generator.parameters() if p.grad is not None]
-        if params:
-            gen_norm = self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+        gen_norm = self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm) if params else None
+        if gen_norm is not None:
             self._metrics["train"]["generator/grad_norm"].append(float(gen_norm))
+        if not all(torch.isfinite(torch.as_tensor(n)) for n in (norm, gen_norm) if n is not None):
+            # A non-finite gradient would poison both models: drop this update and count it.
+            for p in [*model.parameters(), *self.generator.parameters()]:
+                p.grad = None
+            self._metrics["train"]["guard/skipped_nonfinite_grad"].append(1.0)
         return norm
 
     # ------------------------------------------------------------------------------------------------------------
@@ -277,7 +282,7 @@ class DROTrainer(GRPOTrainer):
                 inputs["completion_mask"], inputs["allowed"], self.temperature,
             )  # [B], the constrained distribution that sampled
             select = E.selector_loss(inputs["advantages"], logp, m)
-            self._metrics[mode]["selector/loss"].append(select.item())
+            self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
             loss = loss + select
         if args.generator_update != "none":
             answer_logp = target_logprobs(
@@ -285,8 +290,11 @@ class DROTrainer(GRPOTrainer):
                 inputs["gen_target_mask"],
             ).sum(-1)  # [B]
             generate = E.generator_loss(inputs["gen_coef"], answer_logp, m)
-            self._metrics[mode]["generator/loss"].append(generate.item())
+            self._metrics[mode]["generator/loss"].append(self.accelerator.gather(generate.detach()).mean().item())
             loss = loss + args.generator_loss_coef * generate
+        if not torch.isfinite(loss):  # skip the micro-batch rather than write NaN into the parameters; reported
+            self._metrics[mode]["guard/skipped_nonfinite_loss"].append(1.0)
+            return loss.new_zeros((), requires_grad=True)
         return loss / self.current_gradient_accumulation_steps
 
     # ------------------------------------------------------------------------------------------------------------

@@ -91,3 +91,12 @@ def test_two_runs_with_the_same_seed_report_the_same_figures(tmp_path):
         return report["support_recall_at_k"], report["answer_em"]
 
     assert run(tmp_path / "a") == run(tmp_path / "b")
+
+
+def test_accelerate_configs_load_with_accelerate():
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    files = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+    assert len(files) >= 5
+    kinds = {ClusterConfig.from_yaml_file(str(f)).distributed_type.value for f in files}
+    assert kinds == {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"}

@@ -143,3 +143,18 @@ def test_one_sample_per_question_trains_with_finite_weights(tmp_path, demo_rows,
     logged = trainer.state.log_history[0]
     assert logged["weights/ess"] == 1.0 and logged["frac_reward_zero_std"] == 1.0
     assert changed(sel, trainer.model) and changed(gen, trainer.generator)
+
+
+def test_a_nan_loss_is_skipped_and_reported_not_applied(tmp_path, demo_rows, word_tok, monkeypatch):
+    from dro_rl import trainer as trainer_module
+
+    def nan_logprobs(*args, **kwargs):
+        return torch.full((args[1].shape[0],), float("nan"), requires_grad=True)
+
+    monkeypatch.setattr(trainer_module, "ranking_logprobs", nan_logprobs)
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, max_steps=1, generator_update="none")
+    sel = snapshot(trainer.model)
+    trainer.train()
+    assert not changed(sel, trainer.model)
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert trainer.state.log_history[0]["guard/skipped_nonfinite_loss"] == 1.0
