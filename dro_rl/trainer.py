@@ -31,6 +31,7 @@ from rewards import get_reward
 
 from . import estimators as E
 from .config import DROConfig
+from .evaluation import support_recall
 from .generator import (
     GeneratorPrompt,
     batch_answer_logprobs,
@@ -261,13 +262,11 @@ class DROTrainer(GRPOTrainer):
         metrics["reward"].append(rewards_global.mean().item())
         metrics["reward_std"].append(grouped.std(-1).mean().item() if m > 1 else 0.0)
         metrics["frac_reward_zero_std"].append((grouped.std(-1) < 1e-8).float().mean().item() if m > 1 else 1.0)
-        recalls = [
-            sum(i in p for i, g in enumerate(r["gold"]) if g) / max(1, sum(bool(g) for g in r["gold"]))
-            for r, p in zip(inputs, samples.picks)
-            if r.get("gold") and any(r["gold"])
-        ]
-        if recalls:
-            metrics["selector/support_recall"].append(gathered(torch.tensor(recalls, device=device)).mean().item())
+        # One entry per row on every process (NaN without labels), so the gather has the same shape everywhere.
+        recalls = [support_recall(p, r.get("gold")) for r, p in zip(inputs, samples.picks)]
+        recalls = gathered(torch.tensor([float("nan") if x is None else x for x in recalls], device=device))
+        if not torch.isnan(recalls).all():
+            metrics["selector/support_recall"].append(torch.nanmean(recalls).item())
 
     # ------------------------------------------------------------------------------------------------------------
     # M-step

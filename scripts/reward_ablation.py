@@ -256,14 +256,16 @@ def plot_curves(results: list[dict], path: str) -> None:
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name in dict.fromkeys(r["name"] for r in results):
+    names = list(dict.fromkeys(r["name"] for r in results))
+    for i, name in enumerate(names):  # ten colours, then the same colours dashed: every run stays distinguishable
+        style = {"color": plt.get_cmap("tab10")(i % 10), "linestyle": ("-", "--", ":")[i // 10 % 3]}
         curves = [r["curve"] for r in results if r["name"] == name]
         steps = [s for s, _, _ in curves[0]]
         values = np.array([[v for _, v, _ in c][: len(steps)] for c in curves])
         mean = values.mean(0)
-        ax.plot(steps, mean, marker=".", label=name)
+        ax.plot(steps, mean, marker=".", label=name, **style)
         if len(curves) > 1:
-            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+            ax.fill_between(steps, values.min(0), values.max(0), alpha=0.12, color=style["color"])
     ax.set_xlabel("DRO step")
     ax.set_ylabel("eval support recall@K (greedy)")
     ax.grid(alpha=0.3)
@@ -332,6 +334,8 @@ def main(args: AblationArguments) -> list[dict]:
         writer.writerows(results)
     with open(os.path.join(args.output_dir, f"{name}.md"), "w") as f:
         f.write(table + "\n")
+    with open(os.path.join(args.output_dir, f"{name}.json"), "w") as f:  # everything, curves included
+        json.dump(results, f)
     print(f"\n{table}\n\n{len(results)} results in {time.time() - start:.0f} s; files in {args.output_dir}", flush=True)
     return results
 
