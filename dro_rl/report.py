@@ -25,8 +25,7 @@ def format_table(report: dict) -> str:
         ("retrieval order (top-K)", recall.get("retrieval"), em.get("retrieval_order"), f1.get("retrieval_order")),
         ("selector before DRO", recall.get("before"), em.get("before"), f1.get("before")),
         ("selector after DRO", recall.get("after"), em.get("dro"), f1.get("dro")),
-        ("oracle (gold passages)", 1.0 if recall.get("retrieval") is not None else None, em.get("oracle"),
-         f1.get("oracle")),
+        ("oracle (gold passages)", recall.get("oracle"), em.get("oracle"), f1.get("oracle")),
     ]
     fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
     lines += [f"| {name} | {fmt(r)} | {fmt(e)} | {fmt(f)} |" for name, r, e, f in rows]

@@ -188,6 +188,7 @@ def build_report(before: dict, after: dict, wall: float, script_args, training_a
             "retrieval": get(after, "retrieval", "support_recall_at_k"),
             "before": get(before, "selector", "support_recall_at_k"),
             "after": get(after, "selector", "support_recall_at_k"),
+            "oracle": get(after, "oracle", "support_recall_at_k"),
         },
         # All with the final generator, except `before` (warm-up selector and warm-up generator) and
         # `retrieval_order_before_dro` (retrieval top-K read by the warm-up generator).

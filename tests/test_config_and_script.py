@@ -68,7 +68,7 @@ def test_main_runs_the_demo_end_to_end(tmp_path, capsys):
     )
     report = main(*args)
     saved = json.loads((tmp_path / "report.json").read_text())
-    for key in ("random", "retrieval", "before", "after"):
+    for key in ("random", "retrieval", "before", "after", "oracle"):
         assert 0.0 <= saved["support_recall_at_k"][key] <= 1.0
     for metric in ("answer_em", "answer_f1"):
         assert set(saved[metric]) >= {"retrieval_order", "dro", "oracle"}
