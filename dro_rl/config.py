@@ -95,6 +95,12 @@ class DROConfig(GRPOConfig):
         default=64, metadata={"help": "Rows per chunk when scoring answers without gradients."}
     )
 
+    on_bad_row: Literal["raise", "skip"] = field(
+        default="raise",
+        metadata={"help": "A malformed training row (empty question/answers, fewer than K candidates, passage "
+                  "without text): stop with an error naming row and field, or skip it and report the count."},
+    )
+
     # ---- Freezing ----------------------------------------------------------------------------------------------
     freeze_selector: bool = field(
         default=False, metadata={"help": "Keep sampling from the selector but do not train it (paper's ablation)."}

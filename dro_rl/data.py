@@ -327,3 +327,25 @@ def write_jsonl(rows: Iterable[dict], path: str) -> None:
             passages = [{**p, "gold": g} for p, g in zip(r["passages"], gold)]
             row = {k: v for k, v in r.items() if k != "gold"}
             f.write(json.dumps({**row, "passages": passages}, ensure_ascii=False) + "\n")
+
+
+def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "train_dataset"):
+    """Validate trainer rows (question, answers, passages) before training; return (dataset, LoadStats).
+
+    A row with fewer than K candidates, an empty question or answer list, or a passage without text raises a
+    DataError naming the row and field — or, with ``on_error="skip"``, is dropped and counted.
+    """
+    stats, keep = LoadStats(name), []
+    for i, row in enumerate(dataset):
+        try:
+            make_row(f"{name} row {i}", row.get("id", i), row.get("question"), row.get("answers"),
+                     row.get("passages"), row.get("gold"), min_passages=k)
+            keep.append(i)
+            stats.kept += 1
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            stats.skipped.append(str(err))
+    if stats.skipped:
+        dataset = dataset.select(keep)
+    return dataset, stats

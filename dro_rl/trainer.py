@@ -20,6 +20,7 @@ import os
 from typing import Any
 
 import torch
+from accelerate.logging import get_logger
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
@@ -31,6 +32,7 @@ from rewards import get_reward
 
 from . import estimators as E
 from .config import DROConfig
+from .data import check_dataset
 from .evaluation import support_recall
 from .generator import (
     GeneratorPrompt,
@@ -48,6 +50,8 @@ from .selector import (
     right_pad,
     sample_rankings,
 )
+
+logger = get_logger(__name__)
 
 
 class _ZeroGeneratorGrads(TrainerCallback):
@@ -90,6 +94,16 @@ class DROTrainer(GRPOTrainer):
         callbacks: list[TrainerCallback] | None = None,
     ):
         args = args or DROConfig(output_dir="dro-output")
+        self.data_stats = []
+        if train_dataset is not None:
+            train_dataset, stats = check_dataset(train_dataset, args.num_docs_selected, args.on_bad_row)
+            self.data_stats.append(stats)
+        if eval_dataset is not None and not isinstance(eval_dataset, dict):
+            eval_dataset, stats = check_dataset(eval_dataset, args.num_docs_selected, args.on_bad_row, "eval_dataset")
+            self.data_stats.append(stats)
+        for stats in self.data_stats:
+            if stats.skipped:
+                logger.warning(stats.summary())
         super().__init__(
             model=model,
             reward_funcs=[get_reward(name) for name in args.reward_funcs],
@@ -333,6 +347,22 @@ class DROTrainer(GRPOTrainer):
             self.accelerator.unwrap_model(self.generator).save_pretrained(path, safe_serialization=True)
             self.generator_processing_class.save_pretrained(path)
 
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        # Written last: a checkpoint without it was interrupted while saving and is never resumed from.
+        if self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
+                f.write(f"{self.state.global_step}\n")
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
+        """``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint in ``output_dir``."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, "selector"), model)
         load_generator_weights(self.accelerator.unwrap_model(self.generator), resume_from_checkpoint)
@@ -345,6 +375,22 @@ def prompts_from_config(args: DROConfig) -> tuple[SelectorPrompt, GeneratorPromp
                        args.max_prompt_length),
         GeneratorPrompt(args.generator_max_passage_tokens, args.use_chat_template, args.generator_max_prompt_length),
     )
+
+
+COMPLETE_MARKER = "checkpoint_complete"
+
+
+def last_complete_checkpoint(output_dir: str) -> str | None:
+    """The highest-numbered ``checkpoint-N`` folder whose save finished, or None."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = [
+        int(name.split("-")[1])
+        for name in os.listdir(output_dir)
+        if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
+        and os.path.exists(os.path.join(output_dir, name, COMPLETE_MARKER))
+    ]
+    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
 def load_generator_weights(generator: torch.nn.Module, checkpoint: str) -> None:

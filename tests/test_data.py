@@ -119,3 +119,18 @@ def test_real_nq_open_and_flashrag_questions_load():
     toy, _ = load(str(SHARED / "flashrag_toy" / "test.jsonl"), "flashrag")
     assert len(nq) == 3610 and len(toy) == 17
     assert all(r["answers"] for r in nq + toy)
+
+
+def test_empty_passage_text_is_kept_and_huge_text_loads(tmp_path):
+    huge = "word " * 200_000
+    rows, stats = load(write(tmp_path, "odd.jsonl", [
+        {"question": "q?", "answers": ["a"], "passages": [{"text": ""}, {"text": huge}, {"text": "Ünïcødé 🙂"}]},
+    ]))
+    assert stats.kept == 1 and [len(p["text"]) for p in rows[0]["passages"]][:2] == [0, len(huge)]
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path):
+    from dro_rl.models import load_model
+
+    with pytest.raises(FileNotFoundError, match="model path does not exist"):
+        load_model(str(tmp_path / "no-such-model"))

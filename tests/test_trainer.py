@@ -158,3 +158,23 @@ def test_a_nan_loss_is_skipped_and_reported_not_applied(tmp_path, demo_rows, wor
     assert not changed(sel, trainer.model)
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
     assert trainer.state.log_history[0]["guard/skipped_nonfinite_loss"] == 1.0
+
+
+def test_bad_training_rows_are_named_or_skipped_and_counted(tmp_path, demo_rows, word_tok):
+    from dro_rl.data import DataError
+
+    rows = [{k: r[k] for k in ("question", "answers", "passages", "gold")} for r in demo_rows]
+    rows[3] = {**rows[3], "answers": []}
+    rows[5] = {**rows[5], "passages": rows[5]["passages"][:1], "gold": []}  # fewer than K = 2 candidates
+    data = Dataset.from_list(rows)
+    build = lambda policy: DROTrainer(  # noqa: E731
+        model=make_model(word_tok), generator=make_model(word_tok, seed=1), args=tiny_args(tmp_path, on_bad_row=policy),
+        train_dataset=data, processing_class=word_tok, generator_processing_class=word_tok,
+    )
+    with pytest.raises(DataError, match="train_dataset row 3: field 'answers'"):
+        build("raise")
+    trainer = build("skip")
+    (stats,) = trainer.data_stats
+    assert stats.kept == len(rows) - 2 and len(stats.skipped) == 2 and stats.seen == len(rows)
+    assert "row 5: field 'passages'" in stats.skipped[1]
+    assert len(trainer.train_dataset) == len(rows) - 2
