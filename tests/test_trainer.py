@@ -178,3 +178,15 @@ def test_bad_training_rows_are_named_or_skipped_and_counted(tmp_path, demo_rows,
     assert stats.kept == len(rows) - 2 and len(stats.skipped) == 2 and stats.seen == len(rows)
     assert "row 5: field 'passages'" in stats.skipped[1]
     assert len(trainer.train_dataset) == len(rows) - 2
+
+
+def test_a_nonfinite_gradient_drops_the_update_and_is_reported(tmp_path, demo_rows, word_tok, monkeypatch):
+    from dro_rl import trainer as trainer_module
+
+    # finite loss (0) whose gradient is NaN: d sqrt(x)/dx at x = 0 is inf, times 0 gives NaN
+    monkeypatch.setattr(trainer_module.E, "selector_loss", lambda adv, logp, m: torch.sqrt((logp * 0).abs()).sum())
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, max_steps=1, generator_update="none")
+    sel = snapshot(trainer.model)
+    trainer.train()
+    assert not changed(sel, trainer.model)
+    assert trainer.state.log_history[0]["guard/skipped_nonfinite_grad"] == 1.0
