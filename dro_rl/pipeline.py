@@ -53,7 +53,7 @@ def load_ranked(
     if rows and all(not r["passages"] for r in rows):
         if not corpus:
             raise ValueError(f"{path} has no candidate passages: give a corpus to retrieve them from")
-        cache = os.path.join(cache_dir, f"{name}.retrieval-cache.json") if cache_dir else None
+        cache = os.path.join(cache_dir, f"{name}.retrieval-cache.json") if cache_dir else None  # beside outputs
         key = f"{retriever_name}:{corpus}"
         return name, retrieve_candidates(rows, load_corpus(corpus), retriever, top_n, cache, key)
     return name, retrieval_order(rows, retriever)

@@ -78,8 +78,8 @@ class TrainScriptArguments:
     warmup_batch_size: int = field(default=64, metadata={"help": "Batch size of both warm-ups."})
 
 
-def load_rows(args: TrainScriptArguments, seed: int, retriever) -> tuple[list[dict], list[dict]]:
-    """Training and evaluation rows, candidates in first-stage retrieval order."""
+def load_rows(args: TrainScriptArguments, seed: int, retriever, cache_dir: str) -> tuple[list[dict], list[dict]]:
+    """Training and evaluation rows, candidates in first-stage retrieval order (corpus hits cached in cache_dir)."""
     if args.dataset == "demo":
         world = WorldConfig(
             num_people=args.demo_num_people, num_candidates=args.demo_num_candidates,
@@ -90,8 +90,8 @@ def load_rows(args: TrainScriptArguments, seed: int, retriever) -> tuple[list[di
         print(f"retrieval: ranking the candidates of {len(train) + len(evals)} demo questions", flush=True)
         return retrieval_order(train, retriever), retrieval_order(evals, retriever)
     ranked = lambda spec, limit=None: load_ranked(  # noqa: E731
-        spec, retriever, args.corpus, args.top_n, os.path.dirname(os.path.abspath(spec.split(":")[-1])),
-        limit=limit, retriever_name=f"{args.retriever}:{args.retriever_model}",
+        spec, retriever, args.corpus, args.top_n, cache_dir, limit=limit,
+        retriever_name=f"{args.retriever}:{args.retriever_model}",
     )[1]
     return ranked(args.dataset), ranked(args.eval_dataset, args.demo_num_eval) if args.eval_dataset else []
 
@@ -143,7 +143,7 @@ def main(script_args: TrainScriptArguments, training_args: DROConfig, model_args
 
     # 1. Data, in first-stage retrieval order.
     retriever = make_retriever(script_args.retriever, script_args.retriever_model)
-    train_rows, eval_rows = load_rows(script_args, training_args.seed, retriever)
+    train_rows, eval_rows = load_rows(script_args, training_args.seed, retriever, training_args.output_dir)
 
     # 2. Models and the shared prompt definitions.
     selector, tok, generator, gtok = build_models(script_args, training_args, model_args, train_rows + eval_rows)

@@ -67,3 +67,22 @@ def test_train_rl_runs_on_real_hotpotqa_with_tiny_models(tmp_path):
     assert report["num_eval_questions"] == 3
     assert 0.0 <= report["support_recall_at_k"]["after"] <= 1.0
     assert (tmp_path / "generator" / "model.safetensors").exists()
+
+
+@needs_shared
+def test_train_rl_retrieves_question_only_data_from_a_corpus(tmp_path):
+    from train_rl import main as train_main
+    from train_rl import make_parser as train_parser
+
+    toy = SHARED / "flashrag_toy"
+    report = train_main(*train_parser().parse_args_and_config(args=[
+        "--config", str(ROOT / "configs" / "demo.yaml"), "--output_dir", str(tmp_path),
+        "--dataset", f"flashrag:{toy / 'test.jsonl'}", "--eval_dataset", f"flashrag:{toy / 'test.jsonl'}",
+        "--corpus", str(toy / "sample_data.jsonl"), "--top_n", "4", "--demo_num_eval", "4", "--retriever", "bm25",
+        "--model_name_or_path", "tiny:minilm", "--max_steps", "1", "--num_generations", "2",
+        "--per_device_train_batch_size", "4", "--generator_warmup_steps", "1", "--max_passage_tokens", "24",
+        "--generator_max_passage_tokens", "24", "--repeat_ids", "false", "--disable_tqdm", "true",
+    ]))
+    assert report["num_eval_questions"] == 4 and report["support_recall_at_k"]["after"] is None  # no gold labels
+    assert 0.0 <= report["answer_em"]["dro"] <= 1.0
+    assert (tmp_path / "test.retrieval-cache.json").exists()  # cached beside the outputs, not the read-only data
