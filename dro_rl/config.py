@@ -46,6 +46,12 @@ class DROConfig(GRPOConfig):
         metadata={"help": "Wrap selector and generator prompts in the tokenizer's chat template when it has one."},
     )
 
+    share_prompt_forward: bool = field(
+        default=False,
+        metadata={"help": "In the loss, run each question's prompt once and only the m completions per sample "
+                  "(same values and gradients as the per-row forward; ignored under gradient checkpointing)."},
+    )
+
     # ---- Weights and advantages ---------------------------------------------------------------------------------
     estimator: Literal["dro", "dro_baseline", "reinforce", "rloo", "grpo"] = field(
         default="dro",

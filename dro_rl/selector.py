@@ -359,6 +359,50 @@ def ranking_logprobs(
     return (per_token * completion_mask).sum(-1)
 
 
+def ranking_logprobs_shared(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Same result as :func:`ranking_logprobs`, computing each distinct prompt once.  [B]
+
+    Rows with equal ``group`` share a prompt (the m samples of a question). The prompt forward runs once per group
+    with its KV cache kept in the autograd graph; the cache is indexed out to the rows and only the completion tokens
+    run per row, so the N-passage prompt costs one forward and one backward per question instead of m. Not for
+    gradient checkpointing, which re-runs forwards without a cache.
+    """
+    _, first, inverse = _groups(group)
+    out = model(
+        input_ids=prompt_ids[first], attention_mask=prompt_mask[first], position_ids=positions(prompt_mask[first]),
+        use_cache=True, logits_to_keep=1,
+    )
+    cache = out.cache
+    cache.batch_select_indices(inverse)
+    first_logits = out.logits[inverse]  # [B, 1, V]: predicts the first completion token
+    mask = torch.cat([prompt_mask, completion_mask], 1)
+    length = prompt_ids.shape[1]
+    rest = model(
+        input_ids=completion_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=positions(mask)[:, length:-1],
+        cache=cache, use_cache=True,
+    ).logits  # [B, C - 1, V]
+    logits = torch.cat([first_logits, rest], 1)
+    per_token = constrained_logprobs(logits, completion_ids, allowed, temperature)  # [B, C]
+    return (per_token * completion_mask).sum(-1)
+
+
+def _groups(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct groups, a row index of each, each row's position among the distinct groups)."""
+    uniq, inverse = torch.unique(group, return_inverse=True)
+    first = torch.full((len(uniq),), -1, dtype=torch.long, device=group.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(group), device=group.device), reduce="amax", include_self=True)
+    return uniq, first, inverse
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Lenient parsing of free-form rankings (evaluation of unconstrained models)
 # ----------------------------------------------------------------------------------------------------------------

@@ -47,6 +47,7 @@ from .selector import (
     left_pad,
     parse_ranking,
     ranking_logprobs,
+    ranking_logprobs_shared,
     right_pad,
     sample_rankings,
 )
@@ -254,6 +255,7 @@ class DROTrainer(GRPOTrainer):
             "completion_ids": samples.completion_ids,
             "completion_mask": samples.completion_mask,
             "allowed": samples.allowed,
+            "group": torch.arange(len(questions), device=device).repeat_interleave(m),  # rows sharing a prompt
             "advantages": adv.reshape(-1).detach(),
             "gen_coef": gen_coef.reshape(-1).detach(),
             "gen_prompt_ids": g_ids,
@@ -290,10 +292,13 @@ class DROTrainer(GRPOTrainer):
         args, m, mode = self.args, self.num_generations, "train" if self.model.training else "eval"
         loss = torch.zeros((), device=self.accelerator.device)
         if not args.freeze_selector:
-            logp = ranking_logprobs(
-                model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
-                inputs["completion_mask"], inputs["allowed"], self.temperature,
-            )  # [B], the constrained distribution that sampled
+            completion = (inputs["completion_ids"], inputs["completion_mask"], inputs["allowed"], self.temperature)
+            if args.share_prompt_forward and not args.gradient_checkpointing:
+                logp = ranking_logprobs_shared(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["group"],
+                                               *completion)
+            else:
+                logp = ranking_logprobs(model, inputs["prompt_ids"], inputs["prompt_mask"], *completion)
+            # logp: [B], under the constrained distribution that sampled
             select = E.selector_loss(inputs["advantages"], logp, m)
             self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
             loss = loss + select

@@ -86,3 +86,12 @@ def test_train_rl_retrieves_question_only_data_from_a_corpus(tmp_path):
     assert report["num_eval_questions"] == 4 and report["support_recall_at_k"]["after"] is None  # no gold labels
     assert 0.0 <= report["answer_em"]["dro"] <= 1.0
     assert (tmp_path / "test.retrieval-cache.json").exists()  # cached beside the outputs, not the read-only data
+
+
+def test_bench_paths_compute_the_same_step_loss():
+    from bench import BenchArguments, make_batch, step
+
+    rows, tok, selector, generator, k, m = make_batch(BenchArguments(questions=2, passage_words=12))
+    naive, _ = step(rows, tok, selector, generator, k, m, shared=False, seed=5)
+    ours, _ = step(rows, tok, selector, generator, k, m, shared=True, seed=5)
+    assert abs(naive - ours) < 1e-5 * max(1.0, abs(naive))

@@ -142,3 +142,27 @@ def test_lenient_parser_repairs_like_rank_llm(text, expected):
 
 def test_lenient_parser_fills_from_the_given_fallback():
     assert parse_ranking("[2]", n=5, k=3, fallback=[4, 1, 0]) == ([1, 4, 0], False)
+
+
+def test_shared_prompt_forward_equals_the_per_row_forward(bpe_tok):
+    """Fast path vs plain loop: same log-probabilities and same gradients, with rows of a group scattered."""
+    from dro_rl.selector import ranking_logprobs_shared
+
+    model = make_model(bpe_tok, seed=8)
+    grammar = IdGrammar(bpe_tok, 12)
+    prompt = SelectorPrompt(3, 16, use_chat_template=False)
+    prompts = [prompt(bpe_tok, "q one", passages(12)), prompt(bpe_tok, "another, longer question", passages(7))]
+    out = sample(model, bpe_tok, grammar, prompts, [12, 7], 3, m=4)
+    order = torch.randperm(8, generator=torch.Generator().manual_seed(3))  # as after GRPO's shuffle
+    p_ids, p_mask = left_pad([p for p in prompts for _ in range(4)], bpe_tok.pad_token_id)
+    args = [x[order] for x in (p_ids, p_mask)]
+    group = torch.arange(2).repeat_interleave(4)[order]
+    rest = [x[order] for x in (out.completion_ids, out.completion_mask, out.allowed)]
+
+    plain = ranking_logprobs(model, *args, *rest, 0.7)
+    grads_plain = torch.autograd.grad(plain.sum(), list(model.parameters()))
+    shared = ranking_logprobs_shared(model, *args, group, *rest, 0.7)
+    grads_shared = torch.autograd.grad(shared.sum(), list(model.parameters()))
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads_shared, grads_plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

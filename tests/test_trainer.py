@@ -190,3 +190,16 @@ def test_a_nonfinite_gradient_drops_the_update_and_is_reported(tmp_path, demo_ro
     trainer.train()
     assert not changed(sel, trainer.model)
     assert trainer.state.log_history[0]["guard/skipped_nonfinite_grad"] == 1.0
+
+
+def test_shared_prompt_forward_trains_like_the_per_row_forward(tmp_path, demo_rows, word_tok):
+    """Same first-step loss; every parameter trains. (Later steps may drift: Adam's first updates are ±lr for any
+    gradient, so float-level differences in near-zero gradients move those weights apart.)"""
+    plain = make_trainer(tmp_path / "a", demo_rows, word_tok, max_steps=1)
+    plain.train()  # each trainer seeds the global RNG in __init__: build and train one after the other
+    shared = make_trainer(tmp_path / "b", demo_rows, word_tok, max_steps=1, share_prompt_forward=True)
+    before = snapshot(shared.model)
+    shared.train()
+    first = [t.state.log_history[0]["selector/loss"] for t in (plain, shared)]
+    assert first[0] == pytest.approx(first[1], abs=1e-6)
+    assert changed(before, shared.model) == set(before)
