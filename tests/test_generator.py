@@ -31,7 +31,7 @@ def test_answer_target_ends_with_eos(word_tok, demo_rows):
     assert ids[-1] == word_tok.eos_token_id and word_tok.decode(ids[:-1]).strip() == answer
 
 
-def test_greedy_answers_are_deterministic_and_stop_at_eos(word_tok, demo_rows):
+def test_greedy_answers_are_deterministic_and_bounded(word_tok, demo_rows):
     model = make_model(word_tok, seed=6)
     prompt = GeneratorPrompt(use_chat_template=False)
     prompts = [prompt(word_tok, r["question"], r["passages"]) for r in demo_rows[:4]]

@@ -97,13 +97,19 @@ def test_sampling_frequencies_match_constrained_probabilities(word_tok):
     assert chi2 < 20.5  # chi-square, 5 degrees of freedom, p = 0.001
 
 
-def test_greedy_picks_the_most_likely_ranking(word_tok):
+def test_greedy_takes_the_constrained_argmax_at_every_token(word_tok):
+    from dro_rl.selector import allowed_mask, positions
+
     model = make_model(word_tok, seed=4)
     grammar = IdGrammar(word_tok, 4)
-    prompt = SelectorPrompt(2, 16, use_chat_template=False)(word_tok, "q ?", passages(4))
-    greedy = sample_rankings(model, grammar, [prompt], [4], 2, 1, greedy=True, pad_token_id=0)
-    sampled = sample(model, word_tok, grammar, [prompt], [4], 2, m=64)
-    assert greedy.logps[0] >= sampled.logps.max() - 1e-5 or greedy.picks[0] in sampled.picks
+    prompt = SelectorPrompt(3, 16, use_chat_template=False)(word_tok, "q ?", passages(4))
+    greedy = sample_rankings(model, grammar, [prompt], [4], 3, 1, greedy=True, pad_token_id=0)
+    ids = torch.cat([torch.tensor([prompt]), greedy.completion_ids], 1)
+    with torch.no_grad():
+        logits = model(input_ids=ids, position_ids=positions(torch.ones_like(ids))).logits[0, len(prompt) - 1 : -1]
+    masked = logits.masked_fill(~allowed_mask(greedy.allowed, logits.shape[-1])[0], float("-inf"))
+    assert masked.argmax(-1).tolist() == greedy.completion_ids[0].tolist()
+    assert len(set(greedy.picks[0])) == 3
 
 
 def test_prompt_keeps_every_candidate_within_its_token_budget(bpe_tok):
