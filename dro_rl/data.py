@@ -335,17 +335,12 @@ def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "tra
     A row with fewer than K candidates, an empty question or answer list, or a passage without text raises a
     DataError naming the row and field — or, with ``on_error="skip"``, is dropped and counted.
     """
-    stats, keep = LoadStats(name), []
-    for i, row in enumerate(dataset):
-        try:
-            make_row(f"{name} row {i}", row.get("id", i), row.get("question"), row.get("answers"),
-                     row.get("passages"), row.get("gold"), min_passages=k)
-            keep.append(i)
-            stats.kept += 1
-        except DataError as err:
-            if on_error == "raise":
-                raise
-            stats.skipped.append(str(err))
-    if stats.skipped:
-        dataset = dataset.select(keep)
-    return dataset, stats
+
+    def check(where: str, row: dict) -> int:
+        make_row(where, row.get("id"), row.get("question"), row.get("answers"), row.get("passages"), row.get("gold"),
+                 min_passages=k)
+        return row["__index__"]
+
+    records = ((f"{name} row {i}", {**row, "__index__": i}) for i, row in enumerate(dataset))
+    keep, stats = convert(records, check, name, on_error)
+    return (dataset.select(keep) if stats.skipped else dataset), stats

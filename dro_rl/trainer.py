@@ -33,7 +33,7 @@ from rewards import get_reward
 from . import estimators as E
 from .config import DROConfig
 from .data import check_dataset
-from .evaluation import support_recall
+from .evaluation import score_picks, select_greedy, support_recall
 from .generator import (
     GeneratorPrompt,
     batch_answer_logprobs,
@@ -321,8 +321,6 @@ class DROTrainer(GRPOTrainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """Support recall@K and answer EM/F1 of greedy selection + greedy answers (replaces GRPO's eval loss)."""
-        from .evaluation import score_picks, select_greedy
-
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
         if data is None:
             raise ValueError("evaluate() needs an eval_dataset")

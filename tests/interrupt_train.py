@@ -1,17 +1,15 @@
-"""A small DRO run for tests/test_interrupt.py: `run OUT STEPS [kill_at] [resume]` (a real process, real SIGKILL)."""
+"""A small DRO run for tests/test_interrupt.py: `OUT STEPS [kill_at] [resume]` (a real process, a real SIGKILL)."""
 
-import hashlib
 import json
 import os
 import signal
 import sys
 
 import torch
-from datasets import Dataset
+from tiny_run import digest, tiny_config, tiny_task
 from transformers import TrainerCallback
 
-from dro_rl import DROConfig, DROTrainer
-from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
+from dro_rl import DROTrainer
 
 
 class KillAt(TrainerCallback):
@@ -23,30 +21,13 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: as if the machine had died
 
 
-def digest(model) -> str:
-    h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
-        h.update(name.encode() + p.detach().numpy().tobytes())
-    return h.hexdigest()
-
-
 def main(out: str, steps: int, kill_at: int = 0, resume: bool = False) -> None:
     torch.set_num_threads(1)
-    rows = make_split(WorldConfig(num_people=30, num_candidates=4, seed=3), 32, 1)
-    tok = demo_tokenizer(rows, 4, 2)
-    args = DROConfig(
-        output_dir=out, max_steps=steps, per_device_train_batch_size=8, num_generations=4, num_docs_selected=2,
-        learning_rate=1e-2, generator_learning_rate=1e-2, max_passage_tokens=8, generator_max_passage_tokens=8,
-        use_chat_template=False, repeat_ids=True, use_cpu=True, bf16=False, gradient_checkpointing=False,
-        report_to="none", logging_steps=1, save_strategy="steps", save_steps=2, seed=0, disable_tqdm=True,
-        lr_scheduler_type="linear",
-    )
-    data = Dataset.from_list([{k: r[k] for k in ("question", "answers", "passages", "gold")} for r in rows])
+    data, tok, selector, generator = tiny_task()
+    args = tiny_config(out, max_steps=steps, save_strategy="steps", save_steps=2, lr_scheduler_type="linear")
     trainer = DROTrainer(
-        model=tiny_llama(len(tok), 32, 2, 4, 0, tok.pad_token_id, tok.eos_token_id),
-        generator=tiny_llama(len(tok), 32, 2, 4, 1, tok.pad_token_id, tok.eos_token_id),
-        args=args, train_dataset=data, processing_class=tok, generator_processing_class=tok,
-        callbacks=[KillAt(kill_at)] if kill_at else None,
+        model=selector, generator=generator, args=args, train_dataset=data, processing_class=tok,
+        generator_processing_class=tok, callbacks=[KillAt(kill_at)] if kill_at else None,
     )
     trainer.train(resume_from_checkpoint=True if resume else None)
     logs = [{k: v for k, v in h.items() if k != "step_time"} for h in trainer.state.log_history if "selector/loss" in h]

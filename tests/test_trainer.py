@@ -5,25 +5,17 @@ import torch
 from conftest import make_model
 from datasets import Dataset
 from peft import LoraConfig
+from tiny_run import as_dataset, tiny_config
 
-from dro_rl import DROConfig, DROTrainer
+from dro_rl import DROTrainer
 
 
 def tiny_args(tmp_path, **overrides):
-    """A few steps of DRO on CPU with a learning rate large enough to move every parameter."""
-    values = dict(
-        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=8, num_generations=4,
-        num_docs_selected=2, learning_rate=1e-2, generator_learning_rate=1e-2, max_passage_tokens=8,
-        generator_max_passage_tokens=8, use_chat_template=False, repeat_ids=True, use_cpu=True, bf16=False,
-        gradient_checkpointing=False, report_to="none", logging_steps=1, save_strategy="no", seed=0,
-        disable_tqdm=True, lr_scheduler_type="constant", max_grad_norm=1.0,
-    )
-    values.update(overrides)
-    return DROConfig(**values)
+    return tiny_config(str(tmp_path / "out"), **overrides)
 
 
 def make_trainer(tmp_path, demo_rows, word_tok, seed=0, **overrides):
-    data = Dataset.from_list([{k: r[k] for k in ("question", "answers", "passages", "gold")} for r in demo_rows])
+    data = as_dataset(demo_rows)
     return DROTrainer(
         model=make_model(word_tok, seed=seed), generator=make_model(word_tok, seed=seed + 100),
         args=tiny_args(tmp_path, **overrides), train_dataset=data, processing_class=word_tok,
@@ -87,7 +79,7 @@ def test_frozen_selector_does_not_change(tmp_path, demo_rows, word_tok):
 
 def test_lora_adapters_train_and_bases_stay_frozen(tmp_path, demo_rows, word_tok):
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    data = Dataset.from_list([{k: r[k] for k in ("question", "answers", "passages", "gold")} for r in demo_rows])
+    data = as_dataset(demo_rows)
     trainer = DROTrainer(
         model=make_model(word_tok), generator=make_model(word_tok, seed=7), args=tiny_args(tmp_path),
         train_dataset=data, processing_class=word_tok, generator_processing_class=word_tok,
@@ -120,7 +112,7 @@ def test_checkpoint_holds_both_models_and_resume_restores_them(tmp_path, demo_ro
 
 
 def test_evaluation_runs_the_greedy_pipeline_during_training(tmp_path, demo_rows, word_tok):
-    data = Dataset.from_list([{k: r[k] for k in ("question", "answers", "passages", "gold")} for r in demo_rows])
+    data = as_dataset(demo_rows)
     trainer = DROTrainer(
         model=make_model(word_tok), generator=make_model(word_tok, seed=1),
         args=tiny_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8),
