@@ -47,6 +47,19 @@ def generator_sft_rows(tokenizer, prompt: GeneratorPrompt, rows: Sequence[dict],
     return out
 
 
+def warmup_config(output_dir: str, steps: int, batch_size: int, learning_rate: float, dro, **overrides) -> SFTConfig:
+    """The warm-up SFT settings used before DRO: constant lr after 20 warm-up steps, no saving, and the device,
+    precision and seed of the DRO run ``dro`` (a DROConfig)."""
+    values = dict(
+        output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=20, logging_steps=max(1, steps // 6),
+        save_strategy="no", report_to="none", bf16=dro.bf16, use_cpu=dro.use_cpu,
+        gradient_checkpointing=dro.gradient_checkpointing, weight_decay=0.0, seed=dro.seed, max_length=None,
+    )
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
 def run_sft(model, tokenizer, rows: list[dict], args: SFTConfig) -> SFTTrainer:
     """Completion-only SFT on pre-tokenised rows; returns the trainer (its log_history holds the curve)."""
     longest = max(len(r["input_ids"]) for r in rows)

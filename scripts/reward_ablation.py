@@ -88,13 +88,12 @@ def grid_jobs(args: AblationArguments) -> list[dict]:
 
 def prepare(args: AblationArguments, seed: int) -> str:
     """Build and save one world: rows in retrieval order, tokenizer, warmed-up generator. Returns its folder."""
-    from trl import SFTConfig
 
     from dro_rl import DROConfig
     from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
     from dro_rl.pipeline import make_retriever, retrieval_order
     from dro_rl.trainer import prompts_from_config
-    from dro_rl.warmup import generator_sft_rows, run_sft
+    from dro_rl.warmup import generator_sft_rows, run_sft, warmup_config
 
     folder = os.path.join(args.output_dir, f"task-seed{seed}")
     if os.path.exists(os.path.join(folder, "rows.json")):
@@ -109,12 +108,9 @@ def prepare(args: AblationArguments, seed: int) -> str:
     dro = DROConfig(output_dir=folder, **cfg)
     _, gprompt = prompts_from_config(dro)
     steps = 30 if args.quick else 300
-    run_sft(generator, tok, generator_sft_rows(tok, gprompt, train, dro.num_docs_selected, seed), SFTConfig(
-        output_dir=os.path.join(folder, "sft"), max_steps=steps, per_device_train_batch_size=64, learning_rate=3e-3,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=20, save_strategy="no", report_to="none", bf16=False,
-        use_cpu=True, gradient_checkpointing=False, weight_decay=0.0, seed=seed, max_length=None, disable_tqdm=True,
-        logging_steps=steps,
-    ))
+    sft = warmup_config(os.path.join(folder, "sft"), steps, 64, 3e-3, dro, seed=seed, disable_tqdm=True,
+                        logging_steps=steps)
+    run_sft(generator, tok, generator_sft_rows(tok, gprompt, train, dro.num_docs_selected, seed), sft)
     generator.save_pretrained(os.path.join(folder, "generator"))
     tok.save_pretrained(os.path.join(folder, "generator"))
     with open(os.path.join(folder, "rows.json"), "w") as f:

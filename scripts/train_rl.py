@@ -22,7 +22,6 @@ import torch
 from datasets import Dataset
 from trl import (
     ModelConfig,
-    SFTConfig,
     TrlParser,
     get_peft_config,
     get_quantization_config,
@@ -41,6 +40,7 @@ from dro_rl.warmup import (
     run_sft,
     selector_sft_rows,
     selector_targets,
+    warmup_config,
 )
 
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "demo.yaml")
@@ -121,13 +121,10 @@ def build_models(args: TrainScriptArguments, dro: DROConfig, model_args: ModelCo
 
 def warm_up(args, dro, selector, tok, generator, gtok, train_rows, grammar, sprompt, gprompt):
     """Generator SFT on gold + retrieved passages; optional selector SFT imitating the retriever."""
-    sft = lambda steps, out: SFTConfig(  # noqa: E731
-        output_dir=os.path.join(dro.output_dir, out), max_steps=steps, per_device_train_batch_size=args.warmup_batch_size,
-        learning_rate=args.warmup_learning_rate, lr_scheduler_type="constant_with_warmup", warmup_steps=20,
-        logging_steps=max(1, steps // 6), save_strategy="no", report_to="none", bf16=dro.bf16, use_cpu=dro.use_cpu,
-        gradient_checkpointing=dro.gradient_checkpointing, completion_only_loss=True, weight_decay=0.0,
-        seed=dro.seed, max_length=None,
-    )
+    def sft(steps: int, out: str):
+        return warmup_config(os.path.join(dro.output_dir, out), steps, args.warmup_batch_size,
+                             args.warmup_learning_rate, dro)
+
     if args.generator_warmup_steps > 0:
         print(f"warm-up: generator SFT, {args.generator_warmup_steps} steps", flush=True)
         rows = generator_sft_rows(gtok, gprompt, train_rows, dro.num_docs_selected, dro.seed)
