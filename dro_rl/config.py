@@ -80,6 +80,12 @@ class DROConfig(GRPOConfig):
     generator_model_name_or_path: str | None = field(
         default=None, metadata={"help": "Generator model name or path (when not passed to the trainer as a model)."}
     )
+    share_base_model: bool = field(
+        default=False,
+        metadata={"help": "Selector and generator are two LoRA adapters (`selector`, `generator`) on one frozen base "
+                  "model (the selector's), which halves base-model memory (QLoRA on one GPU). Needs use_peft / a "
+                  "peft_config; gradient checkpointing stays correct (non-reentrant). Not with DeepSpeed or FSDP."},
+    )
     generator_update: Literal["weighted", "uniform", "best", "none"] = field(
         default="weighted",
         metadata={

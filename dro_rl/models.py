@@ -8,8 +8,12 @@ Hub; ``tiny:<path>`` does the same with any local tokenizer.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 
-from transformers import AutoTokenizer
+import torch
+from peft import PeftConfig, PeftModel, get_peft_model
+from transformers import AutoTokenizer, PreTrainedModel
 
 from .demo import tiny_llama
 from .retrieval import DEFAULT_DENSE_MODEL, dense_model_path
@@ -45,3 +49,72 @@ def load_model(
 
     tok = load_tokenizer(name_or_path, init_kwargs.get("trust_remote_code", False))
     return create_model_from_path(name_or_path, **init_kwargs), tok
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# One frozen base, two LoRA adapters: the selector and the generator share the base model's memory
+# ---------------------------------------------------------------------------------------------------------------------
+
+SELECTOR, GENERATOR = "selector", "generator"
+
+
+def shared_base_model(base: PreTrainedModel, selector_lora: PeftConfig, generator_lora: PeftConfig) -> PeftModel:
+    """``base`` (e.g. 4-bit) wrapped once with two trainable adapters named ``selector`` and ``generator``.
+
+    ``save_pretrained(folder)`` writes them to ``folder/selector`` and ``folder/generator``, the layout of a DRO
+    checkpoint with separate models.
+    """
+    model = get_peft_model(base, selector_lora, adapter_name=SELECTOR)
+    model.add_adapter(GENERATOR, generator_lora)
+    model.set_requires_grad([SELECTOR, GENERATOR], True)  # add_adapter leaves the inactive adapter frozen
+    return model
+
+
+def _activate(model: PeftModel, name: str) -> None:
+    # PEFT's set_adapter also freezes every inactive adapter; both adapters train, so their flags are put back.
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    model.set_adapter(name)
+    for p, requires_grad in flags:
+        p.requires_grad_(requires_grad)
+
+
+@contextmanager
+def use_adapter(model: PeftModel, name: str) -> Iterator[None]:
+    """Run the block with adapter ``name`` active, then restore the previous one; trainability is untouched."""
+    previous = model.active_adapter
+    if previous != name:
+        _activate(model, name)
+    try:
+        yield
+    finally:
+        if previous != name:
+            _activate(model, previous)
+
+
+def enable_adapter_checkpointing(model: PeftModel, checkpointing_kwargs: dict | None) -> None:
+    """Gradient checkpointing that recomputes each layer with the adapter that was active at its forward.
+
+    Plain checkpointing recomputes during backward with whichever adapter is active *then*: with a loss summed over
+    both adapters, one adapter's layers would be recomputed through the other's weights and the gradients would be
+    silently wrong (tests/test_shared_base.py shows both). torch's ``context_fn`` restores the adapter around each
+    recomputation; it needs non-reentrant checkpointing.
+    """
+    kwargs = dict(checkpointing_kwargs or {})
+    if kwargs.get("use_reentrant"):
+        raise ValueError("share_base_model needs non-reentrant gradient checkpointing (use_reentrant: false)")
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+
+    def context_fn():
+        return nullcontext(), use_adapter(model, model.active_adapter)
+
+    model.get_base_model().activation_checkpointing_enable(
+        {**kwargs, "use_reentrant": False, "context_fn": context_fn}, every_n_layers=every_n_layers, offload=offload
+    )
+
+
+def cast_adapters_to_bf16(model: PeftModel) -> None:
+    """QLoRA keeps the trainable adapter weights in bf16 (TRL does this for the selector; this, for the generator)."""
+    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+        for p in model.parameters():
+            if p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)

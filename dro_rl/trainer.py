@@ -10,6 +10,9 @@ Overridden, and why:
 - ``create_optimizer`` / ``_clip_grad_norm``: the generator's own param group (own learning rate) and clipping;
 - ``save_model`` / ``_load_from_checkpoint``: ``selector/`` and ``generator/`` in every checkpoint, both restored.
 
+With ``share_base_model`` the two models are two LoRA adapters on one base (``dro_rl.models``): ``self.generator`` is
+then ``self.model`` itself and ``_role`` activates the right adapter around every forward.
+
 Reused from GRPO unchanged: the RepeatSampler that groups the m samples of a question, the generation buffer and its
 split over gradient-accumulation steps, the reward-function protocol and its cross-process gather, metric logging.
 """
@@ -17,10 +20,12 @@ split over gradient-accumulation steps, the reward-function protocol and its cro
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from accelerate.logging import get_logger
+from accelerate.utils import DistributedType
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
@@ -40,7 +45,15 @@ from .generator import (
     generate_answers,
     target_logprobs,
 )
-from .models import load_model
+from .models import (
+    GENERATOR,
+    SELECTOR,
+    cast_adapters_to_bf16,
+    enable_adapter_checkpointing,
+    load_model,
+    shared_base_model,
+    use_adapter,
+)
 from .selector import (
     IdGrammar,
     SelectorPrompt,
@@ -105,6 +118,17 @@ class DROTrainer(GRPOTrainer):
         for stats in self.data_stats:
             if stats.skipped:
                 logger.warning(stats.summary())
+        if args.share_base_model:
+            if generator is not None and generator is not model:
+                raise ValueError("share_base_model: the generator is an adapter on the selector's base; "
+                                 "do not pass `generator=`")
+            model, generator = self._shared_model(model, args, peft_config, generator_peft_config, quantization_config)
+            # The generator's forward bypasses the DDP wrapper; its adapter's gradients still arrive in the same
+            # backward, which DDP accepts only if it does not also mark them unused after the selector's forward.
+            if args.ddp_find_unused_parameters:
+                raise ValueError("share_base_model needs ddp_find_unused_parameters: false")
+            args.ddp_find_unused_parameters = False
+            peft_config, generator_processing_class = None, generator_processing_class or processing_class
         super().__init__(
             model=model,
             reward_funcs=[get_reward(name) for name in args.reward_funcs],
@@ -117,29 +141,40 @@ class DROTrainer(GRPOTrainer):
             peft_config=peft_config,
         )
         self.reward_func_names = list(args.reward_funcs)
+        if args.share_base_model:
+            self._init_shared_generator(generator_processing_class)
+        else:
+            self._init_generator(generator, generator_processing_class, generator_peft_config, quantization_config)
+        if self.generator_processing_class.pad_token_id is None:
+            self.generator_processing_class.pad_token = self.generator_processing_class.eos_token
+        self.add_callback(_ZeroGeneratorGrads(self.generator))
 
+        datasets = [d for d in (train_dataset, eval_dataset) if d is not None and not isinstance(d, dict)]
+        max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
+        self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
+        self.selector_prompt, self.generator_prompt = prompts_from_config(args)
+
+    def _init_generator(self, generator, generator_processing_class, generator_peft_config, quantization_config):
+        """The generator as a second model: loaded if named, LoRA-wrapped if asked, DDP-wrapped when trainable."""
+        args = self.args
         generator = generator if generator is not None else args.generator_model_name_or_path
         if generator is None:
             raise ValueError("DROTrainer needs a generator: pass `generator=` or set `generator_model_name_or_path`")
         if isinstance(generator, str):
-            init_kwargs = dict(args.model_init_kwargs or {}, trust_remote_code=args.trust_remote_code)
-            if quantization_config is not None:
-                init_kwargs["quantization_config"] = quantization_config
-            generator, loaded_tokenizer = load_model(generator, seed=args.seed + 1, **init_kwargs)
+            generator, loaded_tokenizer = load_by_name(generator, args, quantization_config, seed=args.seed + 1)
             generator_processing_class = generator_processing_class or loaded_tokenizer
         if generator_processing_class is None:
             raise ValueError("pass `generator_processing_class` with a generator model instance")
-        if generator_processing_class.pad_token_id is None:
-            generator_processing_class.pad_token = generator_processing_class.eos_token
         if generator_peft_config is not None:
             generator = get_peft_model(generator, generator_peft_config)
+            cast_adapters_to_bf16(generator)
         if args.generator_update == "none":
             generator.requires_grad_(False)
         elif args.gradient_checkpointing:
             generator.gradient_checkpointing_enable(args.gradient_checkpointing_kwargs)
             if isinstance(generator, PeftModel):
                 generator.enable_input_require_grads()
-        if args.freeze_selector:
+        if args.freeze_selector:  # (a shared base freezes the selector's adapter instead)
             self.model.requires_grad_(False)
         if args.disable_dropout:
             disable_dropout_in_model(generator)
@@ -148,20 +183,57 @@ class DROTrainer(GRPOTrainer):
             self.generator = self.accelerator.prepare_model(generator)
         else:  # a frozen generator needs no wrapper (DDP refuses a module without trainable parameters)
             self.generator = generator.to(self.accelerator.device)
-        self.add_callback(_ZeroGeneratorGrads(self.generator))
 
-        datasets = [d for d in (train_dataset, eval_dataset) if d is not None and not isinstance(d, dict)]
-        max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
-        self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
-        self.selector_prompt, self.generator_prompt = prompts_from_config(args)
+    @staticmethod
+    def _shared_model(model, args: DROConfig, peft_config, generator_peft_config, quantization_config):
+        """(model, model): one base with a `selector` and a `generator` LoRA adapter."""
+        if isinstance(model, PeftModel):
+            if not {SELECTOR, GENERATOR} <= set(model.peft_config):
+                raise ValueError(f"share_base_model needs adapters named {SELECTOR!r} and {GENERATOR!r}, "
+                                 f"found {sorted(model.peft_config)}")
+            return model, model
+        if peft_config is None:
+            raise ValueError("share_base_model needs a LoRA config (use_peft: true, or `peft_config=`)")
+        if isinstance(model, str):
+            model, _ = load_by_name(model, args, quantization_config, seed=args.seed)
+        model = shared_base_model(model, peft_config, generator_peft_config or peft_config)
+        return model, model
+
+    def _init_shared_generator(self, generator_processing_class):
+        """The generator is the `generator` adapter of ``self.model``: same module, same DDP wrapper."""
+        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            raise ValueError("share_base_model is not supported with DeepSpeed or FSDP; use separate base models")
+        self.generator = self.model
+        self.generator_processing_class = generator_processing_class
+        frozen = [name for name, off in ((SELECTOR, self.args.freeze_selector),
+                                         (GENERATOR, self.args.generator_update == "none")) if off]
+        if frozen:
+            self.model.set_requires_grad(frozen, False)
+
+    def _role(self, name: str) -> AbstractContextManager:
+        """Activate the selector's or the generator's adapter when they share one base; otherwise nothing to do."""
+        if not self.args.share_base_model:
+            return nullcontext()
+        return use_adapter(self.accelerator.unwrap_model(self.model), name)
+
+    def _generator_parameters(self) -> list[torch.nn.Parameter]:
+        """The generator's trainable parameters (with a shared base: its adapter's, inside ``self.model``)."""
+        if self.args.share_base_model:
+            return [p for n, p in self.generator.named_parameters() if f".{GENERATOR}." in n and p.requires_grad]
+        return [p for p in self.generator.parameters() if p.requires_grad]
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimizer and clipping: the generator is a second trainable model
     # ------------------------------------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
+        params = self._generator_parameters()
         optimizer = super().create_optimizer(model)
-        params = [p for p in self.generator.parameters() if p.requires_grad]
+        if self.args.share_base_model:  # the selector's groups hold every trainable parameter of the shared module
+            ids = {id(p) for p in params}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
         if params:
             optimizer.add_param_group(
                 {"params": params, "lr": self.args.generator_learning_rate, "weight_decay": self.args.weight_decay}
@@ -169,8 +241,13 @@ class DROTrainer(GRPOTrainer):
         return optimizer
 
     def _clip_grad_norm(self, model):
-        norm = super()._clip_grad_norm(model)
-        params = [p for p in self.generator.parameters() if p.grad is not None]
+        params = [p for p in self._generator_parameters() if p.grad is not None]
+        if self.args.share_base_model:  # one module holds both adapters: clip each model's gradients on its own
+            ids = {id(p) for p in params}
+            selector_params = [p for p in model.parameters() if id(p) not in ids]
+            norm = self.accelerator.clip_grad_norm_(selector_params, self.args.max_grad_norm)
+        else:
+            norm = super()._clip_grad_norm(model)
         gen_norm = self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm) if params else None
         if gen_norm is not None:
             self._metrics["train"]["generator/grad_norm"].append(float(gen_norm))
@@ -195,7 +272,7 @@ class DROTrainer(GRPOTrainer):
 
         # 1. Sample m valid rankings per question from the current selector (the E-step proposal).
         prompts = [self.selector_prompt(tok, r["question"], r["passages"]) for r in questions]
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped:
+        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped, self._role(SELECTOR):
             samples = sample_rankings(
                 unwrapped, self.grammar, prompts, [len(r["passages"]) for r in questions], args.num_docs_selected,
                 m, temperature=self.temperature, pad_token_id=tok.pad_token_id,
@@ -207,10 +284,11 @@ class DROTrainer(GRPOTrainer):
             for r, picks in zip(inputs, samples.picks)
         ]
         targets = [self.generator_prompt.target(gtok, r["answers"][0]) for r in inputs]
-        answer_logp = batch_answer_logprobs(
-            self.accelerator.unwrap_model(self.generator), gen_prompts, targets, gtok.pad_token_id,
-            args.generator_batch_size,
-        )  # [B]
+        with self._role(GENERATOR):
+            answer_logp = batch_answer_logprobs(
+                self.accelerator.unwrap_model(self.generator), gen_prompts, targets, gtok.pad_token_id,
+                args.generator_batch_size,
+            )  # [B]
         n_tokens = torch.tensor([len(t) for t in targets], device=device, dtype=torch.float32)
 
         # 3. Rewards through TRL's reward protocol (gathered over processes), combined with reward_weights.
@@ -220,10 +298,11 @@ class DROTrainer(GRPOTrainer):
             for r, lp, t, p in zip(inputs, answer_logp.tolist(), targets, samples.picks)
         ]
         if any(getattr(f, "needs_generated_answer", False) for f in self.reward_funcs):
-            generated = generate_answers(
-                self.accelerator.unwrap_model(self.generator), gtok, gen_prompts, args.max_answer_tokens,
-                args.generator_batch_size,
-            )
+            with self._role(GENERATOR):
+                generated = generate_answers(
+                    self.accelerator.unwrap_model(self.generator), gtok, gen_prompts, args.max_answer_tokens,
+                    args.generator_batch_size,
+                )
             for row, answer in zip(reward_rows, generated):
                 row["generated_answer"] = answer
         rewards_per_func = self._calculate_rewards(
@@ -291,22 +370,27 @@ class DROTrainer(GRPOTrainer):
     def _compute_loss(self, model, inputs):
         args, m, mode = self.args, self.num_generations, "train" if self.model.training else "eval"
         loss = torch.zeros((), device=self.accelerator.device)
+        if args.share_base_model and args.gradient_checkpointing:
+            # Installed before every loss: Trainer.train() and generation re-enable plain checkpointing.
+            enable_adapter_checkpointing(self.accelerator.unwrap_model(model), args.activation_checkpointing_kwargs)
         if not args.freeze_selector:
             completion = (inputs["completion_ids"], inputs["completion_mask"], inputs["allowed"], self.temperature)
-            if args.share_prompt_forward and not args.gradient_checkpointing:
-                logp = ranking_logprobs_shared(model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["group"],
-                                               *completion)
-            else:
-                logp = ranking_logprobs(model, inputs["prompt_ids"], inputs["prompt_mask"], *completion)
+            with self._role(SELECTOR):
+                if args.share_prompt_forward and not args.gradient_checkpointing:
+                    logp = ranking_logprobs_shared(model, inputs["prompt_ids"], inputs["prompt_mask"],
+                                                   inputs["group"], *completion)
+                else:
+                    logp = ranking_logprobs(model, inputs["prompt_ids"], inputs["prompt_mask"], *completion)
             # logp: [B], under the constrained distribution that sampled
             select = E.selector_loss(inputs["advantages"], logp, m)
             self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
             loss = loss + select
         if args.generator_update != "none":
-            answer_logp = target_logprobs(
-                self.generator, inputs["gen_prompt_ids"], inputs["gen_prompt_mask"], inputs["gen_target_ids"],
-                inputs["gen_target_mask"],
-            ).sum(-1)  # [B]
+            with self._role(GENERATOR):
+                answer_logp = target_logprobs(
+                    self.generator, inputs["gen_prompt_ids"], inputs["gen_prompt_mask"], inputs["gen_target_ids"],
+                    inputs["gen_target_mask"],
+                ).sum(-1)  # [B]
             generate = E.generator_loss(inputs["gen_coef"], answer_logp, m)
             self._metrics[mode]["generator/loss"].append(self.accelerator.gather(generate.detach()).mean().item())
             loss = loss + args.generator_loss_coef * generate
@@ -327,8 +411,10 @@ class DROTrainer(GRPOTrainer):
         rows = [dict(r) for r in data]
         selector = self.accelerator.unwrap_model(self.model)
         generator = self.accelerator.unwrap_model(self.generator)
-        picks = select_greedy(selector, self.processing_class, self.grammar, self.selector_prompt, rows)
-        scores = score_picks(rows, picks, generator, self.generator_processing_class, self.generator_prompt)
+        with self._role(SELECTOR):
+            picks = select_greedy(selector, self.processing_class, self.grammar, self.selector_prompt, rows)
+        with self._role(GENERATOR):
+            scores = score_picks(rows, picks, generator, self.generator_processing_class, self.generator_prompt)
         metrics = {
             f"{metric_key_prefix}_{key}": value
             for key, value in scores.items()
@@ -344,6 +430,14 @@ class DROTrainer(GRPOTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         output_dir = output_dir or self.args.output_dir
+        if self.args.share_base_model:  # PEFT writes each named adapter to its own folder: selector/, generator/
+            if self.args.should_save:
+                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, safe_serialization=True)
+                self.processing_class.save_pretrained(os.path.join(output_dir, SELECTOR))
+                self.generator_processing_class.save_pretrained(os.path.join(output_dir, GENERATOR))
+            if self.args.push_to_hub and not _internal_call:
+                self.push_to_hub(commit_message="End of training", blocking=True)
+            return
         super().save_model(os.path.join(output_dir, "selector"), _internal_call)
         if self.args.should_save:
             path = os.path.join(output_dir, "generator")
@@ -367,8 +461,21 @@ class DROTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if self.args.share_base_model:
+            for name in (SELECTOR, GENERATOR):
+                load_weights(self.accelerator.unwrap_model(self.model), os.path.join(resume_from_checkpoint, name),
+                             adapter_name=name)
+            return
         super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, "selector"), model)
-        load_generator_weights(self.accelerator.unwrap_model(self.generator), resume_from_checkpoint)
+        load_weights(self.accelerator.unwrap_model(self.generator), os.path.join(resume_from_checkpoint, "generator"))
+
+
+def load_by_name(name: str, args: DROConfig, quantization_config, seed: int):
+    """(model, tokenizer) for a Hub name, local path or ``tiny:``, with the config's init kwargs and quantization."""
+    init_kwargs = dict(args.model_init_kwargs or {}, trust_remote_code=args.trust_remote_code)
+    if quantization_config is not None:
+        init_kwargs["quantization_config"] = quantization_config
+    return load_model(name, seed=seed, **init_kwargs)
 
 
 def prompts_from_config(args: DROConfig) -> tuple[SelectorPrompt, GeneratorPrompt]:
@@ -396,14 +503,16 @@ def last_complete_checkpoint(output_dir: str) -> str | None:
     return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
-def load_generator_weights(generator: torch.nn.Module, checkpoint: str) -> None:
-    """Restore the generator saved under ``checkpoint/generator`` (a LoRA adapter or full weights)."""
-    path = os.path.join(checkpoint, "generator")
-    if isinstance(generator, PeftModel):
-        set_peft_model_state_dict(generator, load_file(os.path.join(path, "adapter_model.safetensors")))
+def load_weights(model: torch.nn.Module, path: str, adapter_name: str = "default") -> None:
+    """Restore a model saved in folder ``path``: a LoRA adapter (into ``adapter_name``) or full weights."""
+    if isinstance(model, PeftModel):
+        state = load_file(os.path.join(path, "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(model, state, adapter_name=adapter_name)
+        if result.unexpected_keys:
+            raise RuntimeError(f"adapter checkpoint {path} does not match: unexpected={result.unexpected_keys}")
         return
     state = load_file(os.path.join(path, "model.safetensors"))
-    missing, unexpected = generator.load_state_dict(state, strict=False)
-    tied = set(getattr(generator, "_tied_weights_keys", None) or [])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
     if unexpected or [k for k in missing if k not in tied]:
-        raise RuntimeError(f"generator checkpoint {path} does not match: missing={missing} unexpected={unexpected}")
+        raise RuntimeError(f"checkpoint {path} does not match: missing={missing} unexpected={unexpected}")

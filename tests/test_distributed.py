@@ -12,10 +12,11 @@ HERE = Path(__file__).resolve().parent
 
 
 @pytest.mark.slow
-def test_two_processes_keep_selector_and_generator_in_sync(tmp_path):
+@pytest.mark.parametrize("mode", ["separate", "shared"])
+def test_two_processes_keep_selector_and_generator_in_sync(tmp_path, mode):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
-           str(HERE / "dist_train.py"), str(tmp_path)]
+           str(HERE / "dist_train.py"), str(tmp_path), mode]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
