@@ -3,13 +3,16 @@
 ``tiny:minilm`` builds a randomly initialised 2-layer Llama over the WordPiece tokenizer shipped with the
 embedded all-MiniLM-L6-v2 (30k tokens, handles real English text), so every stage can run on real data without the
 Hub; ``tiny:<path>`` does the same with any local tokenizer.
+
+``share_base_model`` puts the selector and the generator on one frozen base as two named LoRA adapters; the helpers
+at the end switch between them without freezing either and keep gradient checkpointing correct.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
@@ -89,6 +92,13 @@ def use_adapter(model: PeftModel, name: str) -> Iterator[None]:
     finally:
         if previous != name:
             _activate(model, previous)
+
+
+def as_role(model: torch.nn.Module, name: str) -> AbstractContextManager:
+    """Adapter ``name`` active while ``model`` plays that role, if ``model`` is a shared base; else nothing to do."""
+    if isinstance(model, PeftModel) and {SELECTOR, GENERATOR} <= set(model.peft_config):
+        return use_adapter(model, name)
+    return nullcontext()
 
 
 def enable_adapter_checkpointing(model: PeftModel, checkpointing_kwargs: dict | None) -> None:

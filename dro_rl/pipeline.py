@@ -8,6 +8,7 @@ from typing import Sequence
 from .data import load
 from .evaluation import baseline_picks, score_picks, select_greedy
 from .generator import GeneratorPrompt
+from .models import GENERATOR, SELECTOR, as_role
 from .retrieval import (
     BM25Retriever,
     DenseRetriever,
@@ -65,13 +66,16 @@ def compare(
 ) -> dict[str, dict]:
     """Support recall@K and answer EM/F1 for random, retrieval-order, selector and oracle picks, greedily decoded."""
     k = selector_prompt.k
+    with as_role(selector, SELECTOR):  # a shared base plays each role with its own adapter
+        selected = select_greedy(selector, tokenizer, grammar, selector_prompt, rows, progress=True)
     picks = {
         "random": baseline_picks(rows, k, "random", seed),
         "retrieval": baseline_picks(rows, k, "retrieval"),
-        "selector": select_greedy(selector, tokenizer, grammar, selector_prompt, rows, progress=True),
+        "selector": selected,
         "oracle": baseline_picks(rows, k, "oracle"),
     }
-    return {
-        name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt)}
-        for name, p in picks.items()
-    }
+    with as_role(generator, GENERATOR):
+        return {
+            name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt)}
+            for name, p in picks.items()
+        }

@@ -48,11 +48,11 @@ from .generator import (
 from .models import (
     GENERATOR,
     SELECTOR,
+    as_role,
     cast_adapters_to_bf16,
     enable_adapter_checkpointing,
     load_model,
     shared_base_model,
-    use_adapter,
 )
 from .selector import (
     IdGrammar,
@@ -145,6 +145,11 @@ class DROTrainer(GRPOTrainer):
             self._init_shared_generator(generator_processing_class)
         else:
             self._init_generator(generator, generator_processing_class, generator_peft_config, quantization_config)
+        if self.accelerator.device.type == "cpu" and any(
+            getattr(m, "is_loaded_in_4bit", False) for m in (self.model, self.generator)
+        ):  # bitsandbytes 0.50 on CPU: the first eval-mode forward (evaluate()) converts 4-bit layers for inference
+            raise ValueError("4-bit (QLoRA) training needs a GPU: on CPU, bitsandbytes switches 4-bit layers to an "
+                             "inference-only layout at their first evaluation, and gradients stop flowing through them")
         if self.generator_processing_class.pad_token_id is None:
             self.generator_processing_class.pad_token = self.generator_processing_class.eos_token
         self.add_callback(_ZeroGeneratorGrads(self.generator))
@@ -212,9 +217,7 @@ class DROTrainer(GRPOTrainer):
 
     def _role(self, name: str) -> AbstractContextManager:
         """Activate the selector's or the generator's adapter when they share one base; otherwise nothing to do."""
-        if not self.args.share_base_model:
-            return nullcontext()
-        return use_adapter(self.accelerator.unwrap_model(self.model), name)
+        return as_role(self.accelerator.unwrap_model(self.model), name) if self.args.share_base_model else nullcontext()
 
     def _generator_parameters(self) -> list[torch.nn.Parameter]:
         """The generator's trainable parameters (with a shared base: its adapter's, inside ``self.model``)."""

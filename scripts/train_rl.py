@@ -97,12 +97,20 @@ def load_rows(args: TrainScriptArguments, seed: int, retriever, cache_dir: str) 
 
 
 def build_models(args: TrainScriptArguments, dro: DROConfig, model_args: ModelConfig, rows: list[dict]):
-    """(selector, tokenizer, generator, generator tokenizer): the demo's tiny models, or by name (dro_rl.models)."""
+    """(selector, tokenizer, generator, generator tokenizer): the demo's tiny models, or by name (dro_rl.models).
+
+    With ``share_base_model`` the generator is None: the trainer puts both adapters on the selector's base.
+    """
+    if dro.share_base_model and (args.generator_warmup_steps or args.selector_warmup_steps):
+        raise ValueError("share_base_model trains two adapters on one base: warm up with scripts/warmup_sft.py first "
+                         "and set generator_warmup_steps / selector_warmup_steps to 0")
     if model_args.model_name_or_path is None:
         n = max(len(r["passages"]) for r in rows)
         tok = demo_tokenizer(rows, n, dro.num_docs_selected)
         shape = dict(hidden=args.demo_hidden_size, layers=args.demo_num_layers, heads=4)
         selector = tiny_llama(len(tok), seed=dro.seed, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, **shape)
+        if dro.share_base_model:
+            return selector, tok, None, tok
         generator = tiny_llama(len(tok), seed=dro.seed + 1, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id, **shape)
         return selector, tok, generator, tok
     init = dict(dro.model_init_kwargs or {}, dtype=model_args.dtype, revision=model_args.model_revision,
@@ -113,7 +121,12 @@ def build_models(args: TrainScriptArguments, dro: DROConfig, model_args: ModelCo
     if quantization is not None:
         init["quantization_config"] = quantization
     size = dict(hidden_size=args.demo_hidden_size, num_layers=args.demo_num_layers)
+    if dro.share_base_model and dro.generator_model_name_or_path not in (None, model_args.model_name_or_path):
+        raise ValueError(f"share_base_model: the generator is an adapter on {model_args.model_name_or_path}, not "
+                         f"{dro.generator_model_name_or_path}")
     selector, tok = load_model(model_args.model_name_or_path, dro.seed, **size, **init)
+    if dro.share_base_model:
+        return selector, tok, None, tok
     gen_name = dro.generator_model_name_or_path or model_args.model_name_or_path
     generator, gtok = load_model(gen_name, dro.seed + 1, **size, **init)
     return selector, tok, generator, gtok
@@ -150,7 +163,7 @@ def main(script_args: TrainScriptArguments, training_args: DROConfig, model_args
     # 3. Warm-up, then the "before" evaluation.
     warm_up(script_args, training_args, selector, tok, generator, gtok, train_rows, grammar, sprompt, gprompt)
     evaluate = lambda sel, gen: compare(eval_rows, sel, tok, grammar, sprompt, gen, gtok, gprompt)  # noqa: E731
-    before = evaluate(selector, generator) if eval_rows else {}
+    before = evaluate(selector, generator or selector) if eval_rows else {}  # a shared base starts as both
 
     # 4. DRO.
     peft_config = get_peft_config(model_args)

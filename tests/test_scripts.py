@@ -89,9 +89,11 @@ def test_train_rl_retrieves_question_only_data_from_a_corpus(tmp_path):
 
 
 def test_bench_paths_compute_the_same_step_loss():
-    from bench import BenchArguments, make_batch, step
+    from bench import PRESETS, BenchArguments, build_models, demo_tokenizer, make_rows, step
 
-    rows, tok, selector, generator, k, m = make_batch(BenchArguments(questions=2, passage_words=12))
-    naive, _ = step(rows, tok, selector, generator, k, m, shared=False, seed=5)
-    ours, _ = step(rows, tok, selector, generator, k, m, shared=True, seed=5)
+    rows = make_rows(2, 12)
+    tok = demo_tokenizer(rows, 20, 5)
+    models = build_models(PRESETS["cpu-tiny"], tok, BenchArguments(), False, "cpu")
+    naive = step(rows, tok, models, "naive", False, 5)
+    ours = step(rows, tok, models, "ours", False, 5)
     assert abs(naive - ours) < 1e-5 * max(1.0, abs(naive))

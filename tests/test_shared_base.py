@@ -1,7 +1,6 @@
 """One frozen base with two LoRA adapters (selector, generator): correct gradients under checkpointing, and training
 that matches two separate copies of the base step for step."""
 
-import copy
 import os
 
 import pytest
@@ -98,7 +97,7 @@ def train_pair(tmp_path, demo_rows, word_tok, shared: bool, **overrides):
     else:
         models = {}
         for key, name in (("model", SELECTOR), ("generator", GENERATOR)):
-            models[key] = get_peft_model(copy.deepcopy(start.get_base_model()), lora())
+            models[key] = get_peft_model(make_model(word_tok), lora())  # the same base weights, seed 0
             set_peft_model_state_dict(models[key], adapter_state(start, name))
     trainer = DROTrainer(**models, args=args, train_dataset=as_dataset(demo_rows), processing_class=word_tok,
                          generator_processing_class=word_tok)
