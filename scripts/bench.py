@@ -264,12 +264,13 @@ def step(rows, tok, models: Models, path: str, checkpointing: bool, seed: int, o
 
 class LiveTensors(TorchDispatchMode):
     """Peak bytes of tensor storages created inside the block and still alive: the CPU stand-in for the CUDA
-    allocator's peak (no caching, no fragmentation). torch's MemTracker would do, but it needs every parameter to
-    require grad, which a frozen 4-bit base does not."""
+    allocator's peak (no caching, no fragmentation). Storages in ``known`` (weights, optimizer state) already exist:
+    views of them are not new memory. torch's MemTracker would do, but it needs every parameter to require grad,
+    which a frozen 4-bit base does not."""
 
-    def __init__(self):
+    def __init__(self, known: set[int] = frozenset()):
         super().__init__()
-        self.live, self.peak, self.refs = 0, 0, {}
+        self.live, self.peak, self.refs, self.known = 0, 0, {}, known
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -277,7 +278,7 @@ class LiveTensors(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type == "cpu":
                 storage = t.untyped_storage()
                 key = storage.data_ptr()
-                if key and key not in self.refs:
+                if key and key not in self.refs and key not in self.known:
                     self.refs[key] = weakref.ref(storage, partial(self._free, key, storage.nbytes()))
                     self.live += storage.nbytes()
                     self.peak = max(self.peak, self.live)
@@ -297,7 +298,7 @@ def peak_memory(run, device: str, models: Models, optimizer) -> tuple[float, flo
         torch.cuda.synchronize()
         return result, torch.cuda.max_memory_allocated() / 2**30
     held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in resident_tensors(models, optimizer)}
-    with LiveTensors() as tracker:
+    with LiveTensors(set(held)) as tracker:
         result = run()
     return result, (sum(held.values()) + tracker.peak) / 2**30
 

@@ -23,6 +23,11 @@ def test_live_tensor_peak_counts_what_is_alive():
     assert tracker.peak == pytest.approx(3 * 2**20, rel=1e-3)
     assert view.data_ptr() == kept.data_ptr()
 
+    weight = torch.zeros(1 << 18)
+    with bench.LiveTensors({weight.untyped_storage().data_ptr()}) as tracker:
+        transposed = weight.view(512, 512).t()  # a view of a tensor that already existed: no new memory
+    assert tracker.peak == 0 and transposed.shape == (512, 512)
+
 
 def test_qlora_paths_run_and_the_shared_base_needs_less_memory():
     import bitsandbytes as bnb
