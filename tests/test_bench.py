@@ -65,3 +65,13 @@ def test_trainer_refuses_4bit_training_on_cpu(tmp_path, demo_rows, word_tok):
     with pytest.raises(ValueError, match="needs a GPU"):
         DROTrainer(model=base, args=tiny_config(str(tmp_path), share_base_model=True), peft_config=lora,
                    train_dataset=as_dataset(demo_rows), processing_class=word_tok)
+
+
+def test_gpu_check_script_parses_and_names_the_presets():
+    import subprocess
+
+    script = Path(bench.__file__).with_name("gpu_check.sh")
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for preset in ("llama3-8b-qlora", "llama3-3b-selector"):
+        assert preset in text and preset in bench.PRESETS
