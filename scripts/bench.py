@@ -17,8 +17,9 @@ Generator scoring and loss are the same code everywhere; each timed step ends wi
 
 GPU presets build models of the real shape from a config with random weights (nothing is downloaded) and quantise
 their decoder layers in memory with bitsandbytes NF4, as ``load_in_4bit`` does. Passages are ``passage_words``
-word-level tokens (130 ≈ the Llama-3 token count of a 100-word passage). Peak memory: the CUDA allocator's peak over
-the timed steps; on CPU, the peak of live tensors tracked by torch's MemTracker over one more step.
+word-level tokens (130 ≈ the Llama-3 token count of a 100-word passage). Peak memory, over one more step per path:
+the CUDA allocator's peak on a GPU; on CPU, the peak of live tensor storages (``LiveTensors``) plus the resident
+weights and optimizer state.
 """
 
 from __future__ import annotations
@@ -169,13 +170,16 @@ class Models:
     def role(self, name: str) -> AbstractContextManager:
         return as_role(self.selector, name)
 
+    def modules(self) -> list[torch.nn.Module]:
+        """The distinct models: one with a shared base, two otherwise."""
+        return list({id(m): m for m in (self.selector, self.generator)}.values())
+
     def trainable(self) -> list[torch.nn.Parameter]:
-        params = {id(p): p for m in (self.selector, self.generator) for p in m.parameters() if p.requires_grad}
-        return list(params.values())
+        return [p for m in self.modules() for p in m.parameters() if p.requires_grad]
 
     def checkpointing(self, on: bool) -> None:
         """Gradient checkpointing on for the loss, off for the E-step (as TRL's unwrap_model_for_generation does)."""
-        for model in {id(m): m for m in (self.selector, self.generator)}.values():
+        for model in self.modules():
             base = model.get_base_model()
             if not on:
                 base.activation_checkpointing_disable()
@@ -198,7 +202,7 @@ def build_models(preset: Preset, tok, args: BenchArguments, shared: bool, device
         if preset.qlora:
             selector, generator = get_peft_model(selector, LORA), get_peft_model(generator, LORA)
         models = Models(selector, generator, False)
-    for model in {id(m): m for m in (models.selector, models.generator)}.values():
+    for model in models.modules():
         if preset.qlora:
             cast_adapters_to_bf16(model)
         if preset.checkpointing:
@@ -306,7 +310,7 @@ def peak_memory(run, device: str, models: Models, optimizer) -> tuple[float, flo
 def resident_tensors(models: Models, optimizer) -> list[torch.Tensor]:
     """Weights, buffers, 4-bit quantisation statistics and optimizer state: what stays between steps."""
     tensors = []
-    for m in {id(m): m for m in (models.selector, models.generator)}.values():
+    for m in models.modules():
         tensors += [*m.parameters(), *m.buffers()]
         for p in m.parameters():
             state = getattr(p, "quant_state", None)
@@ -358,8 +362,7 @@ def time_paths(rows, tok, preset: Preset, args: BenchArguments, shared: bool, na
                tokens: int) -> dict[str, dict]:
     """Loss check, interleaved timed steps and one peak-memory step per path, on one set of models."""
     models = build_models(preset, tok, args, shared, device)
-    unique = {id(m): m for m in (models.selector, models.generator)}.values()
-    weights = sum(p.numel() * p.element_size() for m in unique for p in m.parameters()) / 2**30
+    weights = sum(p.numel() * p.element_size() for m in models.modules() for p in m.parameters()) / 2**30
     optimizer = torch.optim.AdamW(models.trainable(), lr=1e-5)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
     # Same weights and seed before any update: every path must give the same loss (one path alone: nothing to check).
