@@ -365,7 +365,8 @@ def time_paths(rows, tok, preset: Preset, args: BenchArguments, shared: bool, na
     weights = sum(p.numel() * p.element_size() for m in models.modules() for p in m.parameters()) / 2**30
     optimizer = torch.optim.AdamW(models.trainable(), lr=1e-5)
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
-    # Same weights and seed before any update: every path must give the same loss (one path alone: nothing to check).
+    # Same weights and seed before any update: every path must give the same loss. The step doubles as warm-up; with
+    # one path and no timed steps it is skipped, and the memory step (same seed) gives the loss.
     figures = {n: {"weights_gib": weights} for n in names}
     if len(names) > 1 or args.repeats:
         for n in names:
