@@ -8,14 +8,16 @@ from typing import Literal
 from trl import GRPOConfig
 
 from .estimators import ESTIMATORS, GENERATOR_UPDATES
+from .pipeline_config import PipelineConfig
 
 
 @dataclass
-class DROConfig(GRPOConfig):
+class DROConfig(GRPOConfig, PipelineConfig):
     """Training arguments of :class:`~dro_rl.DROTrainer`.
 
-    ``num_generations`` is m, the number of rankings sampled per question, and ``per_device_train_batch_size`` counts
-    sampled rankings (rows), not questions, as in GRPO. ``temperature`` is the selector's sampling temperature; the
+    The pipeline's settings (K, passage budgets, prompt caps, retriever; :class:`PipelineConfig`) come first and are
+    saved with every checkpoint as ``pipeline.json``. ``num_generations`` is m, the number of rankings sampled per
+    question, and ``per_device_train_batch_size`` counts sampled rankings (rows), not questions, as in GRPO. ``temperature`` is the selector's sampling temperature; the
     same temperature scales the logits of the selector's log-probability in the loss, so the loss scores the
     distribution that sampled.
     """
@@ -23,28 +25,6 @@ class DROConfig(GRPOConfig):
     # Parent defaults changed, with the reason.
     learning_rate: float = field(default=1e-5, metadata={"help": "Selector learning rate (paper: 1e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (paper: 0.01)."})
-
-    # ---- E-step: the selector's list-wise sampling --------------------------------------------------------------
-    num_docs_selected: int = field(default=5, metadata={"help": "K, the passages the selector picks (paper: 5)."})
-    max_passage_tokens: int = field(
-        default=128,
-        metadata={"help": "Token budget of each candidate in the selector prompt, so all N candidates always fit."},
-    )
-    max_prompt_length: int | None = field(
-        default=None,
-        metadata={"help": "Cap on the selector prompt in tokens; the per-passage budget shrinks to fit all N."},
-    )
-    generator_max_prompt_length: int | None = field(
-        default=None, metadata={"help": "Cap on the generator prompt in tokens; passages shrink to fit all K."}
-    )
-    repeat_ids: bool = field(
-        default=False,
-        metadata={"help": "Also write each passage's id after it (`[3] text [3]`); helps small models bind ids."},
-    )
-    use_chat_template: bool = field(
-        default=True,
-        metadata={"help": "Wrap selector and generator prompts in the tokenizer's chat template when it has one."},
-    )
 
     share_prompt_forward: bool = field(
         default=False,
@@ -97,12 +77,6 @@ class DROConfig(GRPOConfig):
         default=None, metadata={"help": "Generator learning rate; defaults to `learning_rate`."}
     )
     generator_loss_coef: float = field(default=1.0, metadata={"help": "Multiplier of L_generate in the total loss."})
-    generator_max_passage_tokens: int = field(
-        default=128, metadata={"help": "Token budget of each selected passage in the generator prompt."}
-    )
-    max_answer_tokens: int = field(
-        default=32, metadata={"help": "Longest greedy answer, generated only for the answer_em / answer_f1 rewards."}
-    )
     generator_batch_size: int = field(
         default=64, metadata={"help": "Rows per chunk when scoring answers without gradients."}
     )
@@ -137,8 +111,7 @@ class DROConfig(GRPOConfig):
             raise ValueError(f"importance_logits={self.importance_logits!r} is not one of ('sum', 'mean')")
         if self.estimator == "grpo" and self.scale_rewards not in ("group", "none", True, False):
             raise ValueError(f"estimator='grpo' supports scale_rewards 'group' or 'none', not {self.scale_rewards!r}")
-        if self.num_docs_selected < 1:
-            raise ValueError(f"num_docs_selected must be >= 1, got {self.num_docs_selected}")
+        self.check_pipeline()
         if self.freeze_selector and self.generator_update == "none":
             raise ValueError("freeze_selector=True with generator_update='none' leaves nothing to train")
         local_rows = self.per_device_train_batch_size * self.steps_per_generation

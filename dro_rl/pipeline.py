@@ -20,16 +20,23 @@ from .selector import IdGrammar, SelectorPrompt, passage_text
 
 
 def make_retriever(kind: str, model_name_or_path: str):
-    """``dense`` (sentence-transformers) or ``bm25``."""
+    """``dense`` (sentence-transformers), ``bm25``, or None for ``none`` (keep the data file's order)."""
     if kind == "dense":
         return DenseRetriever(model_name_or_path)
     if kind == "bm25":
         return BM25Retriever()
-    raise ValueError(f"unknown retriever {kind!r}: use 'dense' or 'bm25'")
+    if kind == "none":
+        return None
+    raise ValueError(f"unknown retriever {kind!r}: use 'dense', 'bm25' or 'none'")
 
 
 def retrieval_order(rows: Sequence[dict], retriever) -> list[dict]:
-    """Rows with candidates sorted by the first-stage retriever (the order the selector sees as [1]..[N])."""
+    """Rows with candidates sorted by the first-stage retriever (the order the selector sees as [1]..[N]).
+
+    With no retriever (``retriever: none``) the rows keep the order their file gives.
+    """
+    if retriever is None:
+        return [dict(row) for row in rows]
     rankings = rank_candidates(
         retriever, [r["question"] for r in rows], [[passage_text(p) for p in r["passages"]] for r in rows]
     )
@@ -54,6 +61,9 @@ def load_ranked(
     if rows and all(not r["passages"] for r in rows):
         if not corpus:
             raise ValueError(f"{path} has no candidate passages: give a corpus to retrieve them from")
+        if retriever is None:
+            raise ValueError(f"{path} has no candidate passages and retriever is 'none': choose 'dense' or 'bm25' "
+                             "to search the corpus")
         cache = os.path.join(cache_dir, f"{name}.retrieval-cache.json") if cache_dir else None  # beside outputs
         key = f"{retriever_name}:{corpus}"
         return name, retrieve_candidates(rows, load_corpus(corpus), retriever, top_n, cache, key)

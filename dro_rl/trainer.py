@@ -40,7 +40,6 @@ from .config import DROConfig
 from .data import check_dataset
 from .evaluation import score_picks, select_greedy, support_recall
 from .generator import (
-    GeneratorPrompt,
     batch_answer_logprobs,
     generate_answers,
     target_logprobs,
@@ -56,7 +55,6 @@ from .models import (
 )
 from .selector import (
     IdGrammar,
-    SelectorPrompt,
     left_pad,
     parse_ranking,
     ranking_logprobs,
@@ -157,7 +155,7 @@ class DROTrainer(GRPOTrainer):
         datasets = [d for d in (train_dataset, eval_dataset) if d is not None and not isinstance(d, dict)]
         max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
         self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
-        self.selector_prompt, self.generator_prompt = prompts_from_config(args)
+        self.selector_prompt, self.generator_prompt = args.selector_prompt(), args.generator_prompt()
 
     def _init_generator(self, generator, generator_processing_class, generator_peft_config, quantization_config):
         """The generator as a second model: loaded if named, LoRA-wrapped if asked, DDP-wrapped when trainable."""
@@ -417,7 +415,8 @@ class DROTrainer(GRPOTrainer):
         with self._role(SELECTOR):
             picks = select_greedy(selector, self.processing_class, self.grammar, self.selector_prompt, rows)
         with self._role(GENERATOR):
-            scores = score_picks(rows, picks, generator, self.generator_processing_class, self.generator_prompt)
+            scores = score_picks(rows, picks, generator, self.generator_processing_class, self.generator_prompt,
+                                 self.args.max_answer_tokens)
         metrics = {
             f"{metric_key_prefix}_{key}": value
             for key, value in scores.items()
@@ -479,15 +478,6 @@ def load_by_name(name: str, args: DROConfig, quantization_config, seed: int):
     if quantization_config is not None:
         init_kwargs["quantization_config"] = quantization_config
     return load_model(name, seed=seed, **init_kwargs)
-
-
-def prompts_from_config(args: DROConfig) -> tuple[SelectorPrompt, GeneratorPrompt]:
-    """The selector and generator prompt definitions a DROConfig describes."""
-    return (
-        SelectorPrompt(args.num_docs_selected, args.max_passage_tokens, args.use_chat_template, args.repeat_ids,
-                       args.max_prompt_length),
-        GeneratorPrompt(args.generator_max_passage_tokens, args.use_chat_template, args.generator_max_prompt_length),
-    )
 
 
 COMPLETE_MARKER = "checkpoint_complete"

@@ -21,11 +21,10 @@ from typing import Literal
 from trl import TrlParser
 
 from dro_rl.evaluation import baseline_picks, score_picks, select_greedy
-from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_model
 from dro_rl.pipeline import load_ranked, make_retriever
-from dro_rl.retrieval import DEFAULT_DENSE_MODEL
-from dro_rl.selector import IdGrammar, SelectorPrompt
+from dro_rl.pipeline_config import PipelineConfig
+from dro_rl.selector import IdGrammar
 
 METRICS = ["support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1", "answer_sub_em"]
 
@@ -37,40 +36,32 @@ class EvaluateArguments:
     generator: str = field(metadata={"help": "Generator model (path, name, or tiny:<tokenizer>)."})
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions and metrics go."})
     corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
-    top_n: int = field(default=20, metadata={"help": "Candidates retrieved per question from the corpus."})
-    retriever: Literal["dense", "bm25"] = field(default="dense", metadata={"help": "First-stage retriever."})
-    retriever_model: str = field(default=DEFAULT_DENSE_MODEL, metadata={"help": "sentence-transformers model."})
-    num_docs_selected: int = field(default=5, metadata={"help": "K."})
-    max_passage_tokens: int = field(default=128, metadata={"help": "Selector per-passage token budget."})
-    generator_max_passage_tokens: int = field(default=128, metadata={"help": "Generator per-passage budget."})
-    use_chat_template: bool = field(default=True, metadata={"help": "Use the tokenizers' chat templates if any."})
-    repeat_ids: bool = field(default=False, metadata={"help": "Selector prompt writes ids after passages too."})
-    max_new_tokens: int = field(default=32, metadata={"help": "Longest generated answer."})
     limit: int | None = field(default=None, metadata={"help": "At most this many questions per dataset."})
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
 
 
-def main(args: EvaluateArguments) -> dict:
+def main(args: EvaluateArguments, pipeline: PipelineConfig) -> dict:
+    pipeline.check_pipeline()
     os.makedirs(args.output_dir, exist_ok=True)
-    retriever = make_retriever(args.retriever, args.retriever_model)
+    retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
     selector, tok = load_model(args.selector, seed=0)
     generator, gtok = load_model(args.generator, seed=1)
-    sprompt = SelectorPrompt(args.num_docs_selected, args.max_passage_tokens, args.use_chat_template, args.repeat_ids)
-    gprompt = GeneratorPrompt(args.generator_max_passage_tokens, args.use_chat_template)
+    sprompt, gprompt = pipeline.selector_prompt(), pipeline.generator_prompt()
+    k = pipeline.num_docs_selected
     results: dict[str, dict] = {}
     for spec in args.datasets:
-        name, rows = load_ranked(spec, retriever, args.corpus, args.top_n, args.output_dir, args.on_error, args.limit,
-                                 f"{args.retriever}:{args.retriever_model}")
+        name, rows = load_ranked(spec, retriever, args.corpus, pipeline.top_n, args.output_dir, args.on_error,
+                                 args.limit, f"{pipeline.retriever}:{pipeline.retriever_model}")
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
         picks = {
-            "retrieval": baseline_picks(rows, args.num_docs_selected, "retrieval"),
+            "retrieval": baseline_picks(rows, k, "retrieval"),
             "selector": select_greedy(selector, tok, grammar, sprompt, rows, progress=True),
         }
         if any(r["gold"] for r in rows):
-            picks["oracle"] = baseline_picks(rows, args.num_docs_selected, "oracle")
+            picks["oracle"] = baseline_picks(rows, k, "oracle")
         results[name] = {}
         for strategy, chosen in picks.items():
-            scores = score_picks(rows, chosen, generator, gtok, gprompt, args.max_new_tokens)
+            scores = score_picks(rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens)
             results[name][strategy] = {k: scores.get(k) for k in METRICS}
             path = os.path.join(args.output_dir, f"{name}.{strategy}.predictions.jsonl")
             with open(path, "w", encoding="utf-8") as f:
@@ -81,7 +72,7 @@ def main(args: EvaluateArguments) -> dict:
         results[name]["n"] = len(rows)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
         json.dump(results, f, indent=2)
-    table = markdown_table(results, args.num_docs_selected)
+    table = markdown_table(results, k)
     with open(os.path.join(args.output_dir, "metrics.md"), "w") as f:
         f.write(table + "\n")
     print("\n" + table, flush=True)
@@ -100,7 +91,7 @@ def markdown_table(results: dict, k: int) -> str:
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((EvaluateArguments,))
+    return TrlParser((EvaluateArguments, PipelineConfig))
 
 
 if __name__ == "__main__":

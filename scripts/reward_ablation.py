@@ -92,7 +92,6 @@ def prepare(args: AblationArguments, seed: int) -> str:
     from dro_rl import DROConfig
     from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
     from dro_rl.pipeline import make_retriever, retrieval_order
-    from dro_rl.trainer import prompts_from_config
     from dro_rl.warmup import generator_sft_rows, run_sft, warmup_config
 
     folder = os.path.join(args.output_dir, f"task-seed{seed}")
@@ -106,7 +105,7 @@ def prepare(args: AblationArguments, seed: int) -> str:
     tok = demo_tokenizer(train + evals, world.num_candidates, cfg["num_docs_selected"])
     generator = tiny_llama(len(tok), 64, 2, 4, seed + 1, tok.pad_token_id, tok.eos_token_id)
     dro = DROConfig(output_dir=folder, **cfg)
-    _, gprompt = prompts_from_config(dro)
+    gprompt = dro.generator_prompt()
     steps = 30 if args.quick else 300
     sft = warmup_config(os.path.join(folder, "sft"), steps, 64, 3e-3, dro, seed=seed, disable_tqdm=True,
                         logging_steps=steps)
@@ -176,12 +175,11 @@ def gradient_variance(args: AblationArguments, folder: str, seed: int) -> list[d
     from dro_rl.demo import tiny_llama
     from dro_rl.generator import batch_answer_logprobs
     from dro_rl.selector import IdGrammar, left_pad, ranking_logprobs, sample_rankings
-    from dro_rl.trainer import prompts_from_config
 
     torch.set_num_threads(1)
     rows, tok, generator = load_task(folder)
     dro = DROConfig(output_dir=folder, **base_config())
-    sprompt, gprompt = prompts_from_config(dro)
+    sprompt, gprompt = dro.selector_prompt(), dro.generator_prompt()
     questions = rows["eval"][:8]
     selector = tiny_llama(len(tok), 64, 2, 4, seed, tok.pad_token_id, tok.eos_token_id)
     grammar = IdGrammar(tok, max(len(r["passages"]) for r in questions))

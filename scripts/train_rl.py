@@ -16,7 +16,6 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Literal
 
 import torch
 from datasets import Dataset
@@ -32,9 +31,7 @@ from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from dro_rl.models import load_model
 from dro_rl.pipeline import compare, load_ranked, make_retriever, retrieval_order
 from dro_rl.report import write_report
-from dro_rl.retrieval import DEFAULT_DENSE_MODEL
 from dro_rl.selector import IdGrammar
-from dro_rl.trainer import prompts_from_config
 from dro_rl.warmup import (
     generator_sft_rows,
     run_sft,
@@ -55,11 +52,6 @@ class TrainScriptArguments:
     )
     eval_dataset: str | None = field(default=None, metadata={"help": "`[format:]path` of evaluation rows."})
     corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
-    top_n: int = field(default=20, metadata={"help": "Candidates retrieved per question from the corpus (N)."})
-    retriever: Literal["dense", "bm25"] = field(default="dense", metadata={"help": "First-stage retriever."})
-    retriever_model: str = field(
-        default=DEFAULT_DENSE_MODEL, metadata={"help": "sentence-transformers model name or path (dense only)."}
-    )
     demo_num_train: int = field(default=2000, metadata={"help": "Demo: training questions."})
     demo_num_eval: int = field(default=300, metadata={"help": "Demo and JSONL: evaluation questions (at most)."})
     demo_num_candidates: int = field(default=8, metadata={"help": "Demo: N, candidates per question."})
@@ -78,20 +70,20 @@ class TrainScriptArguments:
     warmup_batch_size: int = field(default=64, metadata={"help": "Batch size of both warm-ups."})
 
 
-def load_rows(args: TrainScriptArguments, seed: int, retriever, cache_dir: str) -> tuple[list[dict], list[dict]]:
+def load_rows(args: TrainScriptArguments, dro: DROConfig, retriever) -> tuple[list[dict], list[dict]]:
     """Training and evaluation rows, candidates in first-stage retrieval order (corpus hits cached in cache_dir)."""
     if args.dataset == "demo":
         world = WorldConfig(
             num_people=args.demo_num_people, num_candidates=args.demo_num_candidates,
             two_hop_fraction=args.demo_two_hop_fraction, own_home_distractor=args.demo_own_home_distractor,
-            seed=seed,
+            seed=dro.seed,
         )
         train, evals = make_split(world, args.demo_num_train, 1), make_split(world, args.demo_num_eval, 2)
         print(f"retrieval: ranking the candidates of {len(train) + len(evals)} demo questions", flush=True)
         return retrieval_order(train, retriever), retrieval_order(evals, retriever)
     ranked = lambda spec, limit=None: load_ranked(  # noqa: E731
-        spec, retriever, args.corpus, args.top_n, cache_dir, limit=limit,
-        retriever_name=f"{args.retriever}:{args.retriever_model}",
+        spec, retriever, args.corpus, dro.top_n, dro.output_dir, limit=limit,
+        retriever_name=f"{dro.retriever}:{dro.retriever_model}",
     )[1]
     return ranked(args.dataset), ranked(args.eval_dataset, args.demo_num_eval) if args.eval_dataset else []
 
@@ -152,12 +144,12 @@ def main(script_args: TrainScriptArguments, training_args: DROConfig, model_args
     torch.manual_seed(training_args.seed)
 
     # 1. Data, in first-stage retrieval order.
-    retriever = make_retriever(script_args.retriever, script_args.retriever_model)
-    train_rows, eval_rows = load_rows(script_args, training_args.seed, retriever, training_args.output_dir)
+    retriever = make_retriever(training_args.retriever, training_args.retriever_model)
+    train_rows, eval_rows = load_rows(script_args, training_args, retriever)
 
     # 2. Models and the shared prompt definitions.
     selector, tok, generator, gtok = build_models(script_args, training_args, model_args, train_rows + eval_rows)
-    sprompt, gprompt = prompts_from_config(training_args)
+    sprompt, gprompt = training_args.selector_prompt(), training_args.generator_prompt()
     grammar = IdGrammar(tok, max(len(r["passages"]) for r in train_rows + eval_rows))
 
     # 3. Warm-up, then the "before" evaluation.

@@ -21,9 +21,9 @@ from typing import Literal
 from trl import SFTConfig, TrlParser
 
 from dro_rl.data import load
-from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_model
-from dro_rl.selector import IdGrammar, SelectorPrompt
+from dro_rl.pipeline_config import PipelineConfig
+from dro_rl.selector import IdGrammar
 from dro_rl.warmup import (
     generator_sft_rows,
     run_sft,
@@ -44,40 +44,35 @@ class WarmupArguments:
     shuffle_candidates: bool = field(
         default=True, metadata={"help": "Present the selector's candidates shuffled (the target follows them)."}
     )
-    num_docs_selected: int = field(default=5, metadata={"help": "K."})
-    max_passage_tokens: int = field(default=128, metadata={"help": "Per-passage token budget."})
-    use_chat_template: bool = field(default=True, metadata={"help": "Use the tokenizer's chat template if any."})
-    repeat_ids: bool = field(default=False, metadata={"help": "Write each id after its passage too."})
     limit: int | None = field(default=None, metadata={"help": "Use at most this many rows."})
 
 
-def main(args: WarmupArguments, sft_args: SFTConfig):
+def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
     rows, stats = load(args.data, "canonical", limit=args.limit)
     print(stats.summary(), flush=True)
     model, tok = load_model(args.model, seed=sft_args.seed)
     if args.role == "generator":
         examples = generator_sft_rows(
-            tok, GeneratorPrompt(args.max_passage_tokens, args.use_chat_template), rows, args.num_docs_selected,
-            sft_args.seed,
+            tok, pipeline.generator_prompt(), rows, pipeline.num_docs_selected, sft_args.seed,
         )
     else:
         teacher = None
         if args.teacher_rankings:
             with open(args.teacher_rankings) as f:
                 teacher = {r["id"]: [str(x) for x in r["ranking"]] for r in map(json.loads, f) if r}
-        prompt = SelectorPrompt(args.num_docs_selected, args.max_passage_tokens, args.use_chat_template,
-                                args.repeat_ids)
+        prompt = pipeline.selector_prompt()
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
         presented, rankings = selector_targets(rows, args.target, sft_args.seed, args.shuffle_candidates, teacher)
         examples = selector_sft_rows(tok, grammar, prompt, presented, rankings)
     trainer = run_sft(model, tok, examples, sft_args)
     trainer.save_model(sft_args.output_dir)
+    pipeline.save_pipeline(sft_args.output_dir)  # the prompts it was warmed up on, for DRO and evaluation to match
     print(f"saved the warmed-up {args.role} to {sft_args.output_dir}", flush=True)
     return trainer
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((WarmupArguments, SFTConfig))
+    return TrlParser((WarmupArguments, SFTConfig, PipelineConfig))
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from warmup_sft import make_parser as warmup_parser  # noqa: E402
 
 from dro_rl.data import load, write_jsonl  # noqa: E402
 from dro_rl.pipeline import make_retriever, retrieval_order  # noqa: E402
+from dro_rl.pipeline_config import PipelineConfig  # noqa: E402
 
 HOTPOT = SHARED / "hotpotqa_dev300" / "hotpotqa_distractor_dev300.jsonl"
 
@@ -38,11 +39,13 @@ def test_warmup_then_evaluate_on_hotpotqa(tmp_path):
         assert trainer.state.global_step == 2
         assert (tmp_path / role / "model.safetensors").exists()
 
+        assert PipelineConfig.load_pipeline(str(tmp_path / role)).max_passage_tokens == 24
+
     results = evaluate_main(EvaluateArguments(
         datasets=[f"hotpotqa:{HOTPOT}"], selector=str(tmp_path / "selector"), generator=str(tmp_path / "generator"),
-        output_dir=str(tmp_path / "eval"), retriever="bm25", num_docs_selected=2, max_passage_tokens=24,
-        generator_max_passage_tokens=24, max_new_tokens=3, limit=6, use_chat_template=False,
-    ))
+        output_dir=str(tmp_path / "eval"), limit=6,
+    ), PipelineConfig(retriever="bm25", num_docs_selected=2, max_passage_tokens=24, generator_max_passage_tokens=24,
+                      max_answer_tokens=3, use_chat_template=False))
     table = results["hotpotqa_distractor_dev300"]
     assert set(table) == {"retrieval", "selector", "oracle", "n"} and table["n"] == 6
     assert table["oracle"]["support_recall_at_k"] == 1.0
