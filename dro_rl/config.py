@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, Literal
 
+from transformers.integrations import get_available_reporting_integrations
 from trl import GRPOConfig
 
 from .estimators import ESTIMATORS, GENERATOR_UPDATES
@@ -87,12 +91,33 @@ class DROConfig(GRPOConfig, PipelineConfig):
                   "without text): stop with an error naming row and field, or skip it and report the count."},
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start a new run in an output_dir that holds an earlier run: the earlier run's checkpoints, "
+                  "models and reports are removed first. Without it such an output_dir is refused."},
+    )
+
     # ---- Freezing ----------------------------------------------------------------------------------------------
     freeze_selector: bool = field(
         default=False, metadata={"help": "Keep sampling from the selector but do not train it (paper's ablation)."}
     )
 
     def __post_init__(self):
+        # Before the parent's own processing, which fails obscurely on some of these (num_generations = 0 divides by
+        # zero inside TRL) or silently on others (a YAML float where an int belongs, a string where a list belongs).
+        check_field_types(self)
+        refuse_unused_grpo_settings(self)
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations (m) must be >= 1, got {self.num_generations}")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 (the selector samples from softmax(logits / "
+                             f"T)), got {self.temperature}")
+        for name in ("learning_rate", "generator_learning_rate", "generator_loss_coef"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.generator_batch_size < 1:
+            raise ValueError(f"generator_batch_size must be >= 1, got {self.generator_batch_size}")
         # GRPO refuses m = 1 (its group baseline needs two samples); DRO's `dro` estimator and the generator update
         # are well defined with one sample per question, so m = 1 is allowed here and the parent checks run with 2.
         single = self.num_generations == 1
@@ -122,3 +147,80 @@ class DROConfig(GRPOConfig, PipelineConfig):
             )
         if self.generator_learning_rate is None:
             self.generator_learning_rate = self.learning_rate
+        check_report_to(self.report_to)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings checked when the config is built, so a wrong value stops a run in its first second
+# ---------------------------------------------------------------------------------------------------------------------
+
+# GRPO settings DRO does not implement: the constrained sampler draws from softmax(logits / T) over the id grammar
+# (no top-p/top-k/min-p/repetition penalty, no vLLM), the loss is DRO's (no clipping, KL, entropy or GRPO loss types),
+# and each generation batch is used once (num_iterations > 1 would reuse stale samples without correction).
+UNUSED_GRPO_SETTINGS: tuple[str, ...] = (
+    "top_p", "top_k", "min_p", "repetition_penalty", "generation_kwargs", "chat_template_kwargs",
+    "cache_implementation", "max_completion_length", "use_vllm", "beta", "num_iterations", "epsilon", "delta",
+    "epsilon_high", "importance_sampling_level", "multi_objective_aggregation", "loss_type",
+    "mask_truncated_completions", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
+    "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
+    "entropy_coef_delta", "entropy_target", "max_tool_calling_iterations", "off_policy_mask_threshold",
+    "use_bias_correction_kl", "use_transformers_continuous_batching", "transformers_continuous_batching_config",
+    "use_transformers_paged", "num_generations_eval", "router_aux_loss_coef", "pad_to_multiple_of",
+    "log_completions_hub_repo",
+)
+_UNUSED_PREFIXES = ("vllm_", "sapo_", "vespo_")
+
+
+def unused_grpo_setting(name: str) -> bool:
+    """True for an inherited GRPOConfig field that DROTrainer does not use (refused unless left at its default)."""
+    return name in UNUSED_GRPO_SETTINGS or name.startswith(_UNUSED_PREFIXES)
+
+
+def _default(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def refuse_unused_grpo_settings(config: GRPOConfig) -> None:
+    """A non-default value of a GRPO setting DRO does not implement is an error, never silently ignored."""
+    for f in fields(GRPOConfig):
+        if unused_grpo_setting(f.name) and getattr(config, f.name) != _default(f):
+            raise ValueError(
+                f"{f.name}={getattr(config, f.name)!r}: DRO does not use this GRPO setting (the selector samples "
+                f"K ids from softmax(logits / temperature) under the id grammar, and the loss is DRO's); leave it at "
+                f"its default {_default(f)!r}"
+            )
+
+
+def _accepts(hint: Any, kind: type) -> bool:
+    args = typing.get_args(hint) if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else (
+        hint,)
+    return any(a is kind or typing.get_origin(a) is kind for a in args)
+
+
+def check_field_types(config: Any) -> None:
+    """Catch what YAML lets through untyped: a float or string where an int belongs, a non-boolean for a flag, a
+    string for a list (``reward_funcs: log_likelihood`` would be read one character at a time)."""
+    hints = typing.get_type_hints(type(config))
+    for f in fields(config):
+        hint, value = hints.get(f.name), getattr(config, f.name)
+        if value is None or hint is None or value == _default(f):
+            continue
+        if _accepts(hint, int) and not _accepts(hint, float) and not _accepts(hint, str):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{f.name} must be an integer, got {value!r} ({type(value).__name__})")
+        elif hint is bool and not isinstance(value, bool):
+            raise ValueError(f"{f.name} must be true or false, got {value!r} ({type(value).__name__})")
+        elif _accepts(hint, list) and not _accepts(hint, str) and isinstance(value, str):
+            raise ValueError(f"{f.name} must be a list (YAML: `{f.name}: [{value}]`), got the string {value!r}")
+
+
+def check_report_to(report_to: list[str] | str | None) -> None:
+    """Every ``report_to`` backend must be importable now, not when the Trainer starts after retrieval and warm-up."""
+    wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = set(get_available_reporting_integrations())
+    missing = [name for name in wanted if name not in ("none", "all") and name not in available]
+    if missing:
+        raise ValueError(
+            f"report_to={missing} is not installed here: install it (`pip install 'dro-rl[{missing[0]}]'` for "
+            f"tensorboard or wandb) or use report_to: none"
+        )

@@ -72,7 +72,7 @@ def load_ranked(
 
 def compare(
     rows: Sequence[dict], selector, tokenizer, grammar: IdGrammar, selector_prompt: SelectorPrompt, generator,
-    generator_tokenizer, generator_prompt: GeneratorPrompt, seed: int = 0,
+    generator_tokenizer, generator_prompt: GeneratorPrompt, seed: int = 0, max_new_tokens: int = 32,
 ) -> dict[str, dict]:
     """Support recall@K and answer EM/F1 for random, retrieval-order, selector and oracle picks, greedily decoded."""
     k = selector_prompt.k
@@ -86,6 +86,7 @@ def compare(
     }
     with as_role(generator, GENERATOR):
         return {
-            name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt)}
+            name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt,
+                                             max_new_tokens)}
             for name, p in picks.items()
         }

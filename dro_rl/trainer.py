@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
@@ -53,6 +53,15 @@ from .models import (
     load_model,
     shared_base_model,
 )
+from .resume import (
+    COMPLETE_MARKER,
+    RUN_FILE,
+    check_same_run,
+    claim_output_dir,
+    resolve_checkpoint,
+    run_record,
+    write_run_record,
+)
 from .selector import (
     IdGrammar,
     left_pad,
@@ -64,6 +73,9 @@ from .selector import (
 )
 
 logger = get_logger(__name__)
+
+# What DROTrainer itself writes into output_dir (the recipe adds data, warm-up and reports beside them).
+TRAINER_ARTEFACTS = ("selector", "generator", RUN_FILE, "trainer_state.json")
 
 
 class _ZeroGeneratorGrads(TrainerCallback):
@@ -325,6 +337,8 @@ class DROTrainer(GRPOTrainer):
             for c, r, p in zip(completions, inputs, samples.picks)
         ]
         self._log_estep_metrics(mode, samples, answer_logp, weights, rewards_per_func, rewards_global, valid, inputs)
+        if args.log_completions:
+            self._log_samples(inputs, completions, rewards_per_func, adv, weights)
 
         p_ids, p_mask = left_pad([p for p in prompts for _ in range(m)], tok.pad_token_id, device)
         g_ids, g_mask = left_pad(gen_prompts, gtok.pad_token_id, device)
@@ -343,6 +357,17 @@ class DROTrainer(GRPOTrainer):
             "gen_target_ids": y_ids,
             "gen_target_mask": y_mask,
         }
+
+    def _log_samples(self, inputs, completions, rewards_per_func, adv, weights) -> None:
+        """``log_completions``: GRPO's sample table, in DRO's terms — the question, the sampled ranking, its rewards
+        (log p(y | x, d_z) by default), advantage and importance weight w̃ — printed at each logging step."""
+        self._logs["prompt"].extend(gather_object([r["question"] for r in inputs]))
+        self._logs["completion"].extend(gather_object(completions))
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        gather = self.accelerator.gather
+        self._logs["advantages"].extend(gather(adv.reshape(-1)).tolist())
+        self._logs["extra"]["weight"].extend(gather(weights.reshape(-1)).tolist())
 
     def _log_estep_metrics(self, mode, samples, answer_logp, weights, rewards_per_func, rewards_global, valid, inputs):
         metrics, m, gathered = self._metrics[mode], self.num_generations, self.accelerator.gather
@@ -451,16 +476,27 @@ class DROTrainer(GRPOTrainer):
         # Written last: a checkpoint without it was interrupted while saving and is never resumed from.
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            write_run_record(self._run_record(), folder)
             with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
                 f.write(f"{self.state.global_step}\n")
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
-        """``resume_from_checkpoint=True`` resumes from the newest *complete* checkpoint in ``output_dir``."""
-        if resume_from_checkpoint is True:
-            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
-            if resume_from_checkpoint is None:
-                raise ValueError(f"no complete checkpoint to resume from in {self.args.output_dir}")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        """Train, or resume: ``True`` resumes from the newest complete, readable checkpoint in ``output_dir``.
+
+        A resumed checkpoint must come from the same run (``dro_rl.resume``: settings, models and training rows);
+        a new run refuses an ``output_dir`` holding an earlier run's checkpoints unless ``overwrite_output_dir``.
+        """
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir, logger.warning)
+        if checkpoint is not None:
+            check_same_run(checkpoint, self._run_record())
+        else:
+            claim_output_dir(self.args.output_dir, False, self.args.overwrite_output_dir, TRAINER_ARTEFACTS,
+                             logger.warning)
+        return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    def _run_record(self) -> dict:
+        unwrap = self.accelerator.unwrap_model
+        return run_record(self.args, unwrap(self.model), unwrap(self.generator), self.train_dataset)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.args.share_base_model:
@@ -478,22 +514,6 @@ def load_by_name(name: str, args: DROConfig, quantization_config, seed: int):
     if quantization_config is not None:
         init_kwargs["quantization_config"] = quantization_config
     return load_model(name, seed=seed, **init_kwargs)
-
-
-COMPLETE_MARKER = "checkpoint_complete"
-
-
-def last_complete_checkpoint(output_dir: str) -> str | None:
-    """The highest-numbered ``checkpoint-N`` folder whose save finished, or None."""
-    if not os.path.isdir(output_dir):
-        return None
-    steps = [
-        int(name.split("-")[1])
-        for name in os.listdir(output_dir)
-        if name.startswith("checkpoint-") and name.split("-")[1].isdigit()
-        and os.path.exists(os.path.join(output_dir, name, COMPLETE_MARKER))
-    ]
-    return os.path.join(output_dir, f"checkpoint-{max(steps)}") if steps else None
 
 
 def load_weights(model: torch.nn.Module, path: str, adapter_name: str = "default") -> None:

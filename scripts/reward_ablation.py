@@ -60,12 +60,17 @@ class AblationArguments:
 
 
 def base_config() -> dict:
-    """The demo recipe's DRO settings (configs/demo.yaml), without the script-only keys."""
+    """The demo recipe's DRO settings (configs/demo.yaml), without the recipe's own keys (data, warm-up)."""
+    from dataclasses import fields
+
     import yaml
+
+    from dro_rl.recipe import RecipeArguments
 
     with open(DEMO_CONFIG) as f:
         cfg = yaml.safe_load(f)
-    return {k: v for k, v in cfg.items() if k not in ("dataset", "output_dir")}
+    recipe_keys = {f.name for f in fields(RecipeArguments)}
+    return {k: v for k, v in cfg.items() if k not in recipe_keys and k != "output_dir"}
 
 
 def grid_jobs(args: AblationArguments) -> list[dict]:

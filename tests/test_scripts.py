@@ -62,7 +62,8 @@ def test_train_rl_runs_on_real_hotpotqa_with_tiny_models(tmp_path):
 
     report = train_main(*train_parser().parse_args_and_config(args=[
         "--config", str(ROOT / "configs" / "demo.yaml"), "--output_dir", str(tmp_path),
-        "--dataset", f"hotpotqa:{HOTPOT}", "--eval_dataset", f"hotpotqa:{HOTPOT}", "--demo_num_eval", "3",
+        "--dataset", f"hotpotqa:{HOTPOT}", "--eval_dataset", f"hotpotqa:{HOTPOT}", "--max_eval_questions", "3",
+        "--max_train_questions", "8",
         "--retriever", "bm25", "--model_name_or_path", "tiny:minilm", "--max_steps", "1", "--num_generations", "2",
         "--per_device_train_batch_size", "4", "--generator_warmup_steps", "1", "--max_prompt_length", "300",
         "--generator_max_prompt_length", "150", "--repeat_ids", "false", "--disable_tqdm", "true",
@@ -81,7 +82,7 @@ def test_train_rl_retrieves_question_only_data_from_a_corpus(tmp_path):
     report = train_main(*train_parser().parse_args_and_config(args=[
         "--config", str(ROOT / "configs" / "demo.yaml"), "--output_dir", str(tmp_path),
         "--dataset", f"flashrag:{toy / 'test.jsonl'}", "--eval_dataset", f"flashrag:{toy / 'test.jsonl'}",
-        "--corpus", str(toy / "sample_data.jsonl"), "--top_n", "4", "--demo_num_eval", "4", "--retriever", "bm25",
+        "--corpus", str(toy / "sample_data.jsonl"), "--top_n", "4", "--max_eval_questions", "4", "--retriever", "bm25",
         "--model_name_or_path", "tiny:minilm", "--max_steps", "1", "--num_generations", "2",
         "--per_device_train_batch_size", "4", "--generator_warmup_steps", "1", "--max_passage_tokens", "24",
         "--generator_max_passage_tokens", "24", "--repeat_ids", "false", "--disable_tqdm", "true",

@@ -1,0 +1,37 @@
+"""``DROParser``: TRL's parser (YAML ``--config`` plus flags, strict) with a ``--help`` that puts DRO first.
+
+DROConfig inherits some two hundred fields from GRPOConfig and TrainingArguments. ``--help`` lists DRO's own fields
+and the pipeline's first, then the inherited ones, and marks the inherited GRPO settings DRO does not use (they are
+refused unless left at their defaults; see ``dro_rl.config.UNUSED_GRPO_SETTINGS``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import get_type_hints
+
+from trl import GRPOConfig, TrlParser
+
+from .config import DROConfig, unused_grpo_setting
+
+NOT_USED = "[not used by DRO: refused unless left at its default] "
+
+
+class DROParser(TrlParser):
+    def _add_dataclass_arguments(self, dtype) -> None:
+        if not (isinstance(dtype, type) and issubclass(dtype, DROConfig)):
+            return super()._add_dataclass_arguments(dtype)
+        hints = get_type_hints(dtype)
+        inherited = {f.name for f in dataclasses.fields(GRPOConfig)}
+        own = self.add_argument_group("DRO settings (DROConfig, with the pipeline's PipelineConfig)")
+        rest = self.add_argument_group("Inherited from GRPOConfig and TrainingArguments")
+        fields = [f for f in dataclasses.fields(dtype) if f.init]
+        for group, chosen in ((own, [f for f in fields if f.name not in inherited]),
+                              (rest, [f for f in fields if f.name in inherited])):
+            for f in chosen:
+                f = copy.copy(f)
+                f.type = hints[f.name]
+                if unused_grpo_setting(f.name):
+                    f.metadata = {**f.metadata, "help": NOT_USED + f.metadata.get("help", "")}
+                self._parse_dataclass_field(group, f)

