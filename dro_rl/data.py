@@ -382,6 +382,8 @@ def _converter(format: str, mapping: dict[str, str] | None) -> Callable[[str, di
 
 
 def _refuse_fmt(function: str, kwargs: dict) -> None:
+    """``format`` is the one public name (as in the README and ``--format``); the old ``fmt=`` gets an error saying
+    so instead of a bare TypeError."""
     if "fmt" in kwargs:
         raise TypeError(f"{function}() takes the format as format=, not fmt=")
 

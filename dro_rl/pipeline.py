@@ -61,7 +61,11 @@ def describe_order(retriever, retriever_name: str = "") -> str:
     """The candidate order that gets scored, in words, for the log."""
     if retriever is None:
         return "in the file's own order (retriever: none)"
-    name = retriever_name or getattr(retriever, "settings", {}).get("retriever", type(retriever).__name__)
+    settings = getattr(retriever, "settings", None)
+    if settings:
+        name = settings["retriever"] + (f" ({settings['model']})" if "model" in settings else "")
+    else:
+        name = retriever_name or type(retriever).__name__
     return f"re-ranked by the first-stage retriever {name} (retriever: none keeps the file's order)"
 
 
@@ -115,6 +119,6 @@ def compare(
     }
     with as_role(generator, GENERATOR):
         return {
-            name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt)}
+            name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt, progress=True)}
             for name, p in picks.items()
         }

@@ -87,7 +87,8 @@ class BM25Retriever:
         from rank_bm25 import BM25Okapi
 
         out = []
-        rows = tqdm(zip(questions, candidates), total=len(questions), desc="bm25", disable=not show_progress(self.progress))
+        shown = show_progress(self.progress)
+        rows = tqdm(zip(questions, candidates), total=len(questions), desc="bm25", disable=not shown)
         for question, cands in rows:
             bm25 = BM25Okapi([_words(c) or [""] for c in cands])
             out.append(np.asarray(bm25.get_scores(_words(question)), dtype=np.float64))

@@ -236,3 +236,35 @@ def test_an_empty_corpus_is_an_error_naming_the_file(tmp_path):
     path.write_text("")
     with pytest.raises(ValueError, match=rf"{path}: the corpus has no passages"):
         load_corpus(str(path))
+
+
+def test_evaluate_and_train_score_the_files_own_order_with_retriever_none(tmp_path, capsys):
+    from evaluate import EvaluateArguments
+    from evaluate import main as evaluate_main
+    from train_rl import load_rows
+    from train_rl import make_parser as train_parser
+
+    from dro_rl.pipeline import make_retriever
+    from dro_rl.pipeline_config import PipelineConfig
+
+    # the file puts the gold passage first; BM25 would put it last (it shares no word with the question)
+    row = {"question": "capital of France", "answers": ["Paris"],
+           "passages": [{"text": "The Eiffel tower city.", "gold": True}, {"text": "capital of France? Rome."},
+                        {"text": "France capital of wine."}]}
+    path = write_rows(tmp_path, [{**row, "id": f"r{i}"} for i in range(3)])
+    results = evaluate_main(
+        EvaluateArguments(datasets=[path], selector="tiny:minilm", generator="tiny:minilm",
+                          output_dir=str(tmp_path / "eval")),
+        PipelineConfig(retriever="none", num_docs_selected=1, max_passage_tokens=16, generator_max_passage_tokens=16,
+                       max_answer_tokens=2, use_chat_template=False),
+    )
+    assert results["mixed"]["retrieval"]["support_recall_at_k"] == 1.0
+    assert isinstance(results["mixed"]["selector"]["empty_predictions"], int)  # reported in metrics.json
+    assert "scored in the file's own order (retriever: none)" in capsys.readouterr().out
+    script_args, dro, _ = train_parser().parse_args_and_config(
+        args=["--config", str(ROOT / "configs" / "demo.yaml"), "--dataset", path, "--eval_dataset", path,
+              "--retriever", "none", "--output_dir", str(tmp_path / "t")]
+    )
+    train, evals = load_rows(script_args, dro, make_retriever(dro.retriever, dro.retriever_model))
+    assert all(r["gold"] == [True, False, False] for r in train + evals)
+    assert capsys.readouterr().out.count("file's own order") == 2
