@@ -22,6 +22,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal
 
+from .evaluation import normalize_answer
+
 OnError = Literal["raise", "skip"]
 
 
@@ -62,6 +64,9 @@ def _string(value: Any, where: str, name: str, allow_empty: bool = False) -> str
 
 
 def _answers(value: Any, where: str, name: str) -> list[str]:
+    """Gold answers. At least one must keep a word after answer normalisation (punctuation and articles removed):
+    a row whose only answers are ``"."`` or ``"the"`` would credit every prediction that normalises to nothing. Such
+    an answer beside real ones (NQ-open's ``"A+"`` next to ``"AB+"``) is kept and never matches (see evaluation)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not value:
@@ -69,7 +74,19 @@ def _answers(value: Any, where: str, name: str) -> list[str]:
     answers = [a for a in value if isinstance(a, str) and a.strip()]
     if len(answers) != len(value):
         _fail(where, name, "must hold only non-empty strings")
+    if not any(normalize_answer(a) for a in answers):
+        _fail(where, name, f"holds only {answers!r}, empty after answer normalisation (punctuation and articles "
+              "removed): no prediction can be scored against it (on_error='skip' drops such rows)")
     return answers
+
+
+def _label(value: Any, where: str, name: str) -> bool:
+    """A gold flag: JSON true/false (or 0/1). A string such as ``"false"`` is refused: ``bool("false")`` is True."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    _fail(where, name, f"must be true or false, not {value!r} ({type(value).__name__})")
 
 
 def make_row(
@@ -100,7 +117,7 @@ def make_row(
         out_passages.append({"id": pid, "title": str(p.get("title") or ""), "text": text})
     if len(out_passages) < min_passages:
         _fail(where, "passages", f"has {len(out_passages)} candidates, fewer than the {min_passages} needed")
-    gold = list(gold or [])
+    gold = [_label(g, where, f"gold[{j}]") for j, g in enumerate(gold or [])]
     if gold and len(gold) != len(out_passages):
         _fail(where, "gold", f"has {len(gold)} flags for {len(out_passages)} passages")
     return {
@@ -108,7 +125,7 @@ def make_row(
         "question": question,
         "answers": answers,
         "passages": out_passages,
-        "gold": [bool(g) for g in gold] if any(gold) else [],
+        "gold": gold if any(gold) else [],
         "metadata": metadata or {},
     }
 
@@ -119,11 +136,14 @@ def make_row(
 
 
 def iter_records(path: str) -> Iterator[tuple[str, Any]]:
-    """(where, record) for each JSONL line, or each element of a JSON array file; where = ``path:line``."""
+    """(where, record) for each JSONL line, each element of a JSON array file, or each row of a pandas column-wise
+    file (``DataFrame.to_json()``: ``{"question": {"0": ..., "1": ...}, ...}``); where = ``path:line``."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"data file not found: {path}")
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
+        f.seek(0)
+        first_line = f.readline()
     if head.startswith(b"["):
         with open(path, encoding="utf-8") as f:
             try:
@@ -133,6 +153,11 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
         for i, record in enumerate(records):
             yield f"{path}:record {i}", record
         return
+    if head.startswith(b"{"):
+        columns = _column_wise(path, first_line)
+        if columns is not None:
+            yield from columns
+            return
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
@@ -146,10 +171,53 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
                 yield where, DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})")
 
 
+def _is_column_wise(document: Any) -> bool:
+    """pandas' default ``to_json()`` layout: field -> {row index -> value}. A canonical row has a string question."""
+    return isinstance(document, dict) and isinstance(document.get("question"), dict) and all(
+        isinstance(column, dict) for column in document.values()
+    )
+
+
+def _column_wise(path: str, first_line: bytes) -> list[tuple[str, dict]] | None:
+    """The rows of a file holding one column-wise JSON object, or None for JSONL.
+
+    The whole file is parsed only when its first line is such an object (pandas writes one line) or is no JSON at
+    all (the object may be pretty-printed over many lines). One JSON object that is not column-wise is an error
+    that says how to re-save it.
+    """
+    try:
+        first = json.loads(first_line.decode("utf-8"))
+        if not _is_column_wise(first):
+            return None
+        document = first
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        try:
+            with open(path, encoding="utf-8") as f:
+                document = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None  # JSONL with a bad line: named line by line
+        if not _is_column_wise(document):
+            keys = sorted(document)[:8] if isinstance(document, dict) else type(document).__name__
+            raise DataError(
+                f"{path}: one JSON object (keys {keys}) spread over several lines, not one row per line: re-save it "
+                "as JSONL (pandas: df.to_json(path, orient='records', lines=True)) or as a JSON array of rows"
+            )
+    index = list(document["question"])
+    for name, column in document.items():
+        if list(column) != index:
+            raise DataError(f"{path}: column-wise JSON whose column {name!r} has other row indices than 'question'")
+    return [(f"{path}:row {i}", {name: column[i] for name, column in document.items() if column[i] is not None})
+            for i in index]
+
+
 def convert(
     records: Iterable[tuple[str, Any]], to_row: Callable[[str, dict], dict], source: str, on_error: OnError = "raise"
 ) -> tuple[list[dict], LoadStats]:
-    """Apply ``to_row`` to each record; raise on the first bad one, or skip and count it."""
+    """Apply ``to_row`` to each record; raise on the first bad one, or skip and count it.
+
+    No rows at all is an error too — an empty file, or one whose every row was skipped — so that nothing downstream
+    writes an empty output or fails on an empty list far from the cause.
+    """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     rows, stats = [], LoadStats(source)
@@ -165,6 +233,10 @@ def convert(
             if on_error == "raise":
                 raise
             stats.skipped.append(str(err))
+    if not stats.seen:
+        raise DataError(f"{source}: no rows: the input is empty")
+    if not rows:
+        raise DataError(f"{source}: no rows left: all {stats.seen} rows were skipped\n{stats.summary()}")
     return rows, stats
 
 
@@ -177,8 +249,23 @@ def _canonical(where: str, r: dict) -> dict:
     passages = r.get("passages")
     if passages is not None and not isinstance(passages, list):
         _fail(where, "passages", "must be a list")
-    gold = [bool(p.get("gold", False)) if isinstance(p, dict) else False for p in passages or []]
-    return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"))
+    gold = [_label(p.get("gold", False), where, f"passages[{j}].gold") if isinstance(p, dict) else False
+            for j, p in enumerate(passages or [])]
+    try:
+        return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"))
+    except DataError as err:
+        hint = _format_hint(r)
+        raise DataError(f"{err}; {hint}" if hint else str(err)) from None
+
+
+def _format_hint(r: dict) -> str | None:
+    """A hint for a raw source row read as canonical (the fields that give its format away)."""
+    for fmt, fields in (("musique", ("paragraphs",)), ("hotpotqa", ("context", "supporting_facts")),
+                        ("flashrag", ("golden_answers",)), ("nq_open", ("answer",))):
+        if all(f in r for f in fields) and "answers" not in r and "passages" not in r:
+            also = " or '2wikimultihopqa'" if fmt == "hotpotqa" else ""
+            return f"this row looks like format '{fmt}'{also}: read it with --format {fmt} (format='{fmt}')"
+    return None
 
 
 def _hotpot_pairs(where: str, r: dict) -> tuple[list[tuple[str, list[str]]], set[str]]:
@@ -205,13 +292,18 @@ def _hotpot_pairs(where: str, r: dict) -> tuple[list[tuple[str, list[str]]], set
     return pairs, gold_titles
 
 
-def _hotpot(where: str, r: dict, answer_key: str = "answer", id_key: str = "id") -> dict:
+def _hotpot(where: str, r: dict) -> dict:
+    """HotpotQA and 2WikiMultihopQA (the same row layout; the id is ``_id`` or ``id``)."""
     pairs, gold_titles = _hotpot_pairs(where, r)
+    missing = sorted(gold_titles - {t for t, _ in pairs})
+    if missing:  # the gold passage is absent: the row would silently lose a label
+        _fail(where, "supporting_facts", f"names {missing[0]!r}, a title not among the context's "
+              f"{[t for t, _ in pairs]}")
     passages = [{"id": str(j), "title": t, "text": " ".join(s).strip()} for j, (t, s) in enumerate(pairs)]
     gold = [t in gold_titles for t, _ in pairs]
-    qid = r.get(id_key, r.get("_id"))
+    qid = r["_id"] if r.get("_id") is not None else r.get("id")
     meta = {k: r[k] for k in ("type", "level") if k in r}
-    return make_row(where, qid, r.get("question"), r.get(answer_key), passages, gold, meta, answers_field=answer_key)
+    return make_row(where, qid, r.get("question"), r.get("answer"), passages, gold, meta, answers_field="answer")
 
 
 def _musique(where: str, r: dict) -> dict:
@@ -223,13 +315,9 @@ def _musique(where: str, r: dict) -> dict:
         if not isinstance(p, dict) or not isinstance(p.get("paragraph_text"), str):
             _fail(where, f"paragraphs[{j}].paragraph_text", "must be a string")
         passages.append({"id": str(p.get("idx", j)), "title": p.get("title") or "", "text": p["paragraph_text"]})
-        gold.append(bool(p.get("is_supporting", False)))
+        gold.append(_label(p.get("is_supporting", False), where, f"paragraphs[{j}].is_supporting"))
     answers = [r.get("answer")] + list(r.get("answer_aliases") or [])
     return make_row(where, r.get("id"), r.get("question"), answers, passages, gold, answers_field="answer")
-
-
-def _two_wiki(where: str, r: dict) -> dict:
-    return _hotpot(where, r, id_key="_id")
 
 
 def _qa_only(answer_key: str) -> Callable[[str, dict], dict]:
@@ -256,13 +344,15 @@ def _mapped(mapping: dict[str, str]) -> Callable[[str, dict], dict]:
         if not isinstance(raw, list):
             _fail(where, mapping.get("passages", "passages"), "must be a list")
         passages, gold = [], []
-        for p in raw:
+        gold_key = mapping.get("gold", "gold")
+        for j, p in enumerate(raw):
             if isinstance(p, dict):
                 passages.append({
                     "id": p.get(mapping.get("passage_id", "id")), "title": p.get(mapping.get("title", "title")),
                     "text": p.get(mapping.get("text", "text")),
                 })
-                gold.append(bool(p.get(mapping.get("gold", "gold"), False)))
+                gold.append(_label(p.get(gold_key, False), where, f"{mapping.get('passages', 'passages')}[{j}]."
+                                   f"{gold_key}"))
             else:
                 passages.append(p)
                 gold.append(False)
@@ -277,23 +367,36 @@ FORMATS: dict[str, Callable[[str, dict], dict]] = {
     "canonical": _canonical,
     "hotpotqa": _hotpot,
     "musique": _musique,
-    "2wikimultihopqa": _two_wiki,
+    "2wikimultihopqa": _hotpot,
     "flashrag": _qa_only("golden_answers"),
     "nq_open": _qa_only("answer"),
 }
 
 
+def _converter(format: str, mapping: dict[str, str] | None) -> Callable[[str, dict], dict]:
+    if format == "json":
+        return _mapped(mapping or {})
+    if format in FORMATS:
+        return FORMATS[format]
+    raise ValueError(f"unknown format {format!r}: use one of {sorted(FORMATS) + ['json']}")
+
+
+def _refuse_fmt(function: str, kwargs: dict) -> None:
+    """``format`` is the one public name (as in the README and ``--format``); the old ``fmt=`` gets an error saying
+    so instead of a bare TypeError."""
+    if "fmt" in kwargs:
+        raise TypeError(f"{function}() takes the format as format=, not fmt=")
+
+
 def load(
-    path: str, fmt: str = "canonical", on_error: OnError = "raise", mapping: dict[str, str] | None = None,
-    limit: int | None = None,
+    path: str, format: str = "canonical", on_error: OnError = "raise", mapping: dict[str, str] | None = None,
+    limit: int | None = None, **unexpected,
 ) -> tuple[list[dict], LoadStats]:
     """Rows of a file in one of ``FORMATS`` (or ``json`` with a field ``mapping``), and what was kept/skipped."""
-    if fmt == "json":
-        to_row = _mapped(mapping or {})
-    elif fmt in FORMATS:
-        to_row = FORMATS[fmt]
-    else:
-        raise ValueError(f"unknown format {fmt!r}: use one of {sorted(FORMATS) + ['json']}")
+    _refuse_fmt("load", unexpected)
+    if unexpected:
+        raise TypeError(f"load() got unexpected keyword arguments {sorted(unexpected)}")
+    to_row = _converter(format, mapping)
     records = iter_records(path)
     if limit is not None:
         records = (rec for i, rec in zip(range(limit), records))
@@ -301,15 +404,16 @@ def load(
 
 
 def load_hf(
-    name: str, split: str, fmt: str = "canonical", on_error: OnError = "raise",
+    name: str, split: str, format: str = "canonical", on_error: OnError = "raise",
     mapping: dict[str, str] | None = None, **load_kwargs,
 ) -> tuple[list[dict], LoadStats]:
     """A Hugging Face dataset (a Hub name needs the Hub; ``"json"`` + ``data_files=`` works offline), converted with
     the same row checks as the files. ``load_kwargs`` go to ``datasets.load_dataset`` (``name=`` config, ...)."""
     from datasets import load_dataset
 
+    _refuse_fmt("load_hf", load_kwargs)
+    to_row = _converter(format, mapping)
     data = load_dataset(name, split=split, **load_kwargs)
-    to_row = _mapped(mapping or {}) if fmt == "json" else FORMATS[fmt]
     return convert(((f"{name}[{split}]:{i}", dict(r)) for i, r in enumerate(data)), to_row, name, on_error)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import re
 import string
+import warnings
 from collections import Counter
 from typing import Sequence
 
@@ -16,7 +17,12 @@ from .selector import IdGrammar, SelectorPrompt, sample_rankings
 
 # ---------------------------------------------------------------------------------------------------------------
 # Answer metrics: SQuAD/KILT normalisation, max over gold answers, HotpotQA's yes/no rule for F1
+#
+# A gold answer that normalises to nothing (NQ-open's "A+" loses its article) never matches: otherwise every empty
+# prediction would score EM 1. Rows whose golds all normalise to nothing are refused when loading (dro_rl.data).
 # ---------------------------------------------------------------------------------------------------------------
+
+YES_NO = ("yes", "no")
 
 
 def normalize_answer(text: str) -> str:
@@ -27,9 +33,14 @@ def normalize_answer(text: str) -> str:
     return " ".join(text.split())
 
 
+def _normalised_golds(golds: Sequence[str]) -> list[str]:
+    return [n for n in map(normalize_answer, golds) if n]
+
+
 def exact_match(prediction: str, golds: Sequence[str]) -> float:
     """1.0 when the normalised prediction equals any normalised gold answer."""
-    return float(any(normalize_answer(prediction) == normalize_answer(g) for g in golds))
+    pred = normalize_answer(prediction)
+    return float(any(pred == g for g in _normalised_golds(golds)))
 
 
 def _f1(prediction: str, gold: str) -> float:
@@ -50,16 +61,40 @@ def f1_score(prediction: str, golds: Sequence[str]) -> float:
     return max((_f1(prediction, g) for g in golds), default=0.0)
 
 
+def _commits_to(prediction: str, word: str) -> bool:
+    """Whether a prediction answers a yes/no question with ``word``: its normalised form is that word, or it opens
+    with the word followed by punctuation (``"No, it is not."``), and the other word occurs nowhere in it."""
+    words = normalize_answer(prediction).split()
+    other = "no" if word == "yes" else "yes"
+    if other in words:
+        return False
+    opening = re.match(r"\s*(\w+)\s*[,.;:!]", prediction.lower())
+    return words == [word] or (opening is not None and opening.group(1) == word)
+
+
 def sub_exact_match(prediction: str, golds: Sequence[str]) -> float:
-    """1.0 when a normalised gold answer occurs inside the normalised prediction."""
+    """1.0 when a normalised gold answer occurs, as whole words, inside the normalised prediction.
+
+    A yes/no gold is matched differently, since "no idea" contains "no" and "yes, no" contains both: the prediction
+    must commit to the word (:func:`_commits_to`).
+    """
     pred = f" {normalize_answer(prediction)} "
-    return float(any(f" {normalize_answer(g)} " in pred for g in golds if normalize_answer(g)))
+    return float(any(
+        _commits_to(prediction, g) if g in YES_NO else f" {g} " in pred for g in _normalised_golds(golds)
+    ))
 
 
-def answer_recall(passages: Sequence[dict], golds: Sequence[str]) -> float:
-    """1.0 when a gold answer string occurs in the selected passages (the paper's selector recall)."""
+def answer_recall(passages: Sequence[dict], golds: Sequence[str]) -> float | None:
+    """1.0 when a gold answer string occurs in the selected passages (the paper's selector recall).
+
+    None (undefined) when no gold can be searched for: "yes" and "no" occur in passages by chance and say nothing
+    about whether they support the answer, so yes/no golds are left out, and a row with only those has no recall.
+    """
+    searchable = [g for g in _normalised_golds(golds) if g not in YES_NO]
+    if not searchable:
+        return None
     text = f" {normalize_answer(' '.join(p.get('title', '') + ' ' + p.get('text', '') for p in passages))} "
-    return float(any(f" {normalize_answer(g)} " in text for g in golds if normalize_answer(g)))
+    return float(any(f" {g} " in text for g in searchable))
 
 
 def support_recall(picks: Sequence[int], gold: Sequence[bool]) -> float | None:
@@ -116,16 +151,22 @@ def baseline_picks(rows: Sequence[dict], k: int, kind: str, seed: int = 0) -> li
 
 def score_picks(
     rows: Sequence[dict], picks: Sequence[Sequence[int]], generator=None, generator_tokenizer=None,
-    prompt: GeneratorPrompt | None = None, max_new_tokens: int = 16, batch_size: int = 64,
+    prompt: GeneratorPrompt | None = None, max_new_tokens: int = 16, batch_size: int = 64, progress: bool = False,
 ) -> dict:
-    """Support and answer recall@K of the picks and, with a generator, EM / F1 / sub-EM of its greedy answers."""
+    """Support and answer recall@K of the picks and, with a generator, EM / F1 / sub-EM of its greedy answers.
+
+    ``answer_recall_at_k`` averages over the rows where it is defined; ``answer_recall_undefined`` counts the others
+    (yes/no questions). ``empty_predictions`` counts answers that are empty after normalisation (a generator that
+    stops at once): they score 0 on every metric, and a warning says how many there were.
+    """
     recalls = [support_recall(p, r.get("gold")) for p, r in zip(picks, rows)]
     recalls = [x for x in recalls if x is not None]
+    found = [answer_recall([r["passages"][i] for i in p], r["answers"]) for p, r in zip(picks, rows)]
+    defined = [x for x in found if x is not None]
     result: dict = {
         "support_recall_at_k": sum(recalls) / len(recalls) if recalls else None,
-        "answer_recall_at_k": sum(
-            answer_recall([r["passages"][i] for i in p], r["answers"]) for p, r in zip(picks, rows)
-        ) / max(1, len(rows)),
+        "answer_recall_at_k": sum(defined) / len(defined) if defined else None,
+        "answer_recall_undefined": len(found) - len(defined),
         "n": len(rows),
     }
     if generator is not None:
@@ -133,11 +174,19 @@ def score_picks(
         prompts = [prompt(generator_tokenizer, r["question"], [r["passages"][i] for i in p]) for r, p in zip(rows, picks)]
         was_training = generator.training
         generator.eval()
+        answers: list[str] = []
         with torch.no_grad():
-            answers = generate_answers(generator, generator_tokenizer, prompts, max_new_tokens, batch_size)
+            for s in tqdm(range(0, len(prompts), batch_size), desc="answer", disable=not progress):
+                answers += generate_answers(generator, generator_tokenizer, prompts[s : s + batch_size],
+                                            max_new_tokens, batch_size)
         generator.train(was_training)
         result["answer_em"] = sum(exact_match(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
         result["answer_f1"] = sum(f1_score(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
         result["answer_sub_em"] = sum(sub_exact_match(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
+        result["empty_predictions"] = sum(not normalize_answer(a) for a in answers)
+        if result["empty_predictions"]:
+            warnings.warn(f"{result['empty_predictions']} of {len(answers)} greedy answers are empty after "
+                          "normalisation (the generator stopped at once, or wrote only punctuation and articles); "
+                          "they score 0", stacklevel=2)
         result["predictions"] = answers
     return result

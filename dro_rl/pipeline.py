@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .data import load
+from .data import DataError, load
 from .evaluation import baseline_picks, score_picks, select_greedy
 from .generator import GeneratorPrompt
 from .models import GENERATOR, SELECTOR, as_role
@@ -19,12 +19,15 @@ from .retrieval import (
 from .selector import IdGrammar, SelectorPrompt, passage_text
 
 
-def make_retriever(kind: str, model_name_or_path: str):
-    """``dense`` (sentence-transformers), ``bm25``, or None for ``none`` (keep the data file's order)."""
+def make_retriever(kind: str, model_name_or_path: str, progress: bool | None = None):
+    """``dense`` (sentence-transformers), ``bm25``, or None for ``none`` (keep the data file's order).
+
+    ``progress``: progress bars while encoding and searching (default: when stderr is a terminal).
+    """
     if kind == "dense":
-        return DenseRetriever(model_name_or_path)
+        return DenseRetriever(model_name_or_path, progress=progress)
     if kind == "bm25":
-        return BM25Retriever()
+        return BM25Retriever(progress=progress)
     if kind == "none":
         return None
     raise ValueError(f"unknown retriever {kind!r}: use 'dense', 'bm25' or 'none'")
@@ -33,8 +36,13 @@ def make_retriever(kind: str, model_name_or_path: str):
 def retrieval_order(rows: Sequence[dict], retriever) -> list[dict]:
     """Rows with candidates sorted by the first-stage retriever (the order the selector sees as [1]..[N]).
 
-    With no retriever (``retriever: none``) the rows keep the order their file gives.
+    With no retriever (``retriever: none``) the rows keep the order their file gives. A row without candidates is
+    an error: it has nothing to rank (retrieve its candidates from a corpus first).
     """
+    empty = [i for i, r in enumerate(rows) if not r["passages"]]
+    if empty:
+        raise DataError(f"{len(empty)} of {len(rows)} rows have no candidate passages (the first: row {empty[0]}, "
+                        f"id {rows[empty[0]].get('id')!r}): give a corpus to retrieve them from")
     if retriever is None:
         return [dict(row) for row in rows]
     rankings = rank_candidates(
@@ -49,25 +57,50 @@ def retrieval_order(rows: Sequence[dict], retriever) -> list[dict]:
     return out
 
 
+def describe_order(retriever, retriever_name: str = "") -> str:
+    """The candidate order that gets scored, in words, for the log."""
+    if retriever is None:
+        return "in the file's own order (retriever: none)"
+    settings = getattr(retriever, "settings", None)
+    if settings:
+        name = settings["retriever"] + (f" ({settings['model']})" if "model" in settings else "")
+    else:
+        name = retriever_name or type(retriever).__name__
+    return f"re-ranked by the first-stage retriever {name} (retriever: none keeps the file's order)"
+
+
 def load_ranked(
     spec: str, retriever, corpus: str | None = None, top_n: int = 20, cache_dir: str | None = None,
     on_error: str = "raise", limit: int | None = None, retriever_name: str = "",
 ) -> tuple[str, list[dict]]:
-    """(name, rows in retrieval order) for ``[format:]path``: own candidates re-ranked, or top-N from ``corpus``."""
+    """(name, rows in retrieval order) for ``[format:]path``.
+
+    Rows with their own candidates are re-ranked by ``retriever`` (or kept in the file's order with None); rows
+    without candidates retrieve their top-N from ``corpus`` — in one file, each row the way it needs. The log says
+    which order was scored.
+    """
     fmt, path = spec.split(":", 1) if ":" in spec and not os.path.exists(spec) else ("canonical", spec)
     rows, stats = load(path, fmt, on_error, limit=limit)
     print(stats.summary(), flush=True)
     name = os.path.splitext(os.path.basename(path))[0]
-    if rows and all(not r["passages"] for r in rows):
+    own = [r for r in rows if r["passages"]]
+    bare = [r for r in rows if not r["passages"]]
+    if bare:
         if not corpus:
-            raise ValueError(f"{path} has no candidate passages: give a corpus to retrieve them from")
+            raise DataError(f"{path}: {len(bare)} of {len(rows)} rows have no candidate passages (the first: id "
+                            f"{bare[0]['id']!r}): give a corpus to retrieve them from")
         if retriever is None:
-            raise ValueError(f"{path} has no candidate passages and retriever is 'none': choose 'dense' or 'bm25' "
-                             "to search the corpus")
+            raise ValueError(f"{path} has {len(bare)} rows without candidate passages and retriever is 'none': "
+                             "choose 'dense' or 'bm25' to search the corpus")
         cache = os.path.join(cache_dir, f"{name}.retrieval-cache.json") if cache_dir else None  # beside outputs
-        key = f"{retriever_name}:{corpus}"
-        return name, retrieve_candidates(rows, load_corpus(corpus), retriever, top_n, cache, key)
-    return name, retrieval_order(rows, retriever)
+        print(f"{name}: retrieving the top-{top_n} passages of {corpus} for {len(bare)} rows without candidates",
+              flush=True)
+        found = iter(retrieve_candidates(bare, load_corpus(corpus), retriever, top_n, cache))
+    if own:
+        print(f"{name}: {len(own)} rows' own candidates scored {describe_order(retriever, retriever_name)}",
+              flush=True)
+        ranked = iter(retrieval_order(own, retriever))
+    return name, [next(ranked) if r["passages"] else next(found) for r in rows]
 
 
 def compare(
@@ -87,6 +120,6 @@ def compare(
     with as_role(generator, GENERATOR):
         return {
             name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt,
-                                             max_new_tokens)}
+                                             max_new_tokens, progress=True)}
             for name, p in picks.items()
         }

