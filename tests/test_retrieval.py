@@ -241,11 +241,10 @@ def test_an_empty_corpus_is_an_error_naming_the_file(tmp_path):
 def test_evaluate_and_train_score_the_files_own_order_with_retriever_none(tmp_path, capsys):
     from evaluate import EvaluateArguments
     from evaluate import main as evaluate_main
-    from train_rl import load_rows
     from train_rl import make_parser as train_parser
 
-    from dro_rl.pipeline import make_retriever
     from dro_rl.pipeline_config import PipelineConfig
+    from dro_rl.recipe import data_stage
 
     # the file puts the gold passage first; BM25 would put it last (it shares no word with the question)
     row = {"question": "capital of France", "answers": ["Paris"],
@@ -265,6 +264,6 @@ def test_evaluate_and_train_score_the_files_own_order_with_retriever_none(tmp_pa
         args=["--config", str(ROOT / "configs" / "demo.yaml"), "--dataset", path, "--eval_dataset", path,
               "--retriever", "none", "--output_dir", str(tmp_path / "t")]
     )
-    train, evals = load_rows(script_args, dro, make_retriever(dro.retriever, dro.retriever_model))
+    train, evals = data_stage(script_args, dro)
     assert all(r["gold"] == [True, False, False] for r in train + evals)
     assert capsys.readouterr().out.count("file's own order") == 2
