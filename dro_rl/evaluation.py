@@ -8,6 +8,7 @@ import string
 from collections import Counter
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -118,16 +119,17 @@ def score_picks(
     rows: Sequence[dict], picks: Sequence[Sequence[int]], generator=None, generator_tokenizer=None,
     prompt: GeneratorPrompt | None = None, max_new_tokens: int = 16, batch_size: int = 64,
 ) -> dict:
-    """Support and answer recall@K of the picks and, with a generator, EM / F1 / sub-EM of its greedy answers."""
-    recalls = [support_recall(p, r.get("gold")) for p, r in zip(picks, rows)]
-    recalls = [x for x in recalls if x is not None]
-    result: dict = {
-        "support_recall_at_k": sum(recalls) / len(recalls) if recalls else None,
-        "answer_recall_at_k": sum(
-            answer_recall([r["passages"][i] for i in p], r["answers"]) for p, r in zip(picks, rows)
-        ) / max(1, len(rows)),
-        "n": len(rows),
+    """Support and answer recall@K of the picks and, with a generator, EM / F1 / sub-EM of its greedy answers.
+
+    Each metric is the mean of ``per_question[metric]``, one value per row (None: support recall of a row without
+    gold labels, left out of the mean), kept so that intervals and paired comparisons can be drawn over questions
+    (``bootstrap_interval``).
+    """
+    per_question: dict[str, list[float | None]] = {
+        "support_recall_at_k": [support_recall(p, r.get("gold")) for p, r in zip(picks, rows)],
+        "answer_recall_at_k": [answer_recall([r["passages"][i] for i in p], r["answers"]) for p, r in zip(picks, rows)],
     }
+    answers = None
     if generator is not None:
         prompt = prompt or GeneratorPrompt()
         prompts = [prompt(generator_tokenizer, r["question"], [r["passages"][i] for i in p]) for r, p in zip(rows, picks)]
@@ -136,8 +138,31 @@ def score_picks(
         with torch.no_grad():
             answers = generate_answers(generator, generator_tokenizer, prompts, max_new_tokens, batch_size)
         generator.train(was_training)
-        result["answer_em"] = sum(exact_match(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
-        result["answer_f1"] = sum(f1_score(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
-        result["answer_sub_em"] = sum(sub_exact_match(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
+        for name, metric in (("answer_em", exact_match), ("answer_f1", f1_score), ("answer_sub_em", sub_exact_match)):
+            per_question[name] = [metric(a, r["answers"]) for a, r in zip(answers, rows)]
+    result: dict = {name: _mean(v) for name, v in per_question.items()}
+    result.update(n=len(rows), per_question=per_question)
+    if answers is not None:
         result["predictions"] = answers
     return result
+
+
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval of the mean of per-question ``values``: questions resampled with replacement.
+
+    None entries (rows the metric does not apply to) are left out; None when nothing is left. For a paired
+    comparison of two systems on the same questions, pass the per-question differences.
+    """
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if not len(x):
+        return None
+    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None

