@@ -37,7 +37,7 @@ from .data import load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .models import load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, retrieval_order
-from .report import write_report
+from .report import build_report, write_report
 from .resume import check_writable, claim_output_dir, resolve_checkpoint, run_defining_settings
 from .selector import IdGrammar
 from .trainer import DROTrainer
@@ -383,35 +383,6 @@ def dro_stage(dro: DROConfig, model_args: ModelConfig, selector, tok, generator,
 # ---------------------------------------------------------------------------------------------------------------------
 # 6. The report
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def build_report(before: dict, after: dict, wall: float, config: dict) -> dict:
-    """The figures of a run: selection quality before/after DRO and the reference strategies."""
-    get = lambda res, name, key: res.get(name, {}).get(key)  # noqa: E731
-    return {
-        "support_recall_at_k": {
-            "random": get(after, "random", "support_recall_at_k"),
-            "retrieval": get(after, "retrieval", "support_recall_at_k"),
-            "before": get(before, "selector", "support_recall_at_k"),
-            "after": get(after, "selector", "support_recall_at_k"),
-            "oracle": get(after, "oracle", "support_recall_at_k"),
-        },
-        # All with the final generator, except `before` (warm-up selector and warm-up generator) and
-        # `retrieval_order_before_dro` (retrieval top-K read by the warm-up generator).
-        **{
-            metric: {
-                "retrieval_order": get(after, "retrieval", metric),
-                "dro": get(after, "selector", metric),
-                "oracle": get(after, "oracle", metric),
-                "before": get(before, "selector", metric),
-                "retrieval_order_before_dro": get(before, "retrieval", metric),
-            }
-            for metric in ("answer_em", "answer_f1")
-        },
-        "wall_seconds": wall,
-        "num_eval_questions": get(after, "selector", "n"),
-        "config": config,
-    }
 
 
 def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> dict:

@@ -6,6 +6,8 @@ import json
 import os
 from typing import Any
 
+from .evaluation import bootstrap_interval
+
 CURVES = [
     ("selector/support_recall", "support recall@K of sampled picks"),
     ("generator/answer_logprob", "log p(y | x, d_z)"),
@@ -16,19 +18,72 @@ CURVES = [
 ]
 
 
+# The rows of a run's table: (label, evaluation, strategy). "before" is evaluated with the warm-up models, "after"
+# with the DRO pair; the pair the paper compares is "retrieval top-K, warm-up generator" vs "selector after DRO".
+ROWS = [
+    ("random", "after", "random"),
+    ("retrieval top-K, warm-up generator", "before", "retrieval"),
+    ("retrieval top-K, DRO generator", "after", "retrieval"),
+    ("selector before DRO", "before", "selector"),
+    ("selector after DRO", "after", "selector"),
+    ("oracle (gold passages), DRO generator", "after", "oracle"),
+]
+METRICS = ("support_recall_at_k", "answer_em", "answer_f1")
+# Paired differences over the same questions: (name, metric, (evaluation, strategy), minus (evaluation, strategy)).
+DIFFERENCES = [
+    ("selector_after_minus_retrieval", "support_recall_at_k", ("after", "selector"), ("after", "retrieval")),
+    ("dro_pair_minus_warmup_generator_on_retrieval", "answer_em", ("after", "selector"), ("before", "retrieval")),
+    ("dro_pair_minus_warmup_generator_on_retrieval", "answer_f1", ("after", "selector"), ("before", "retrieval")),
+]
+
+
+def build_report(before: dict, after: dict, wall: float, config: dict) -> dict:
+    """The figures of a run, each with its 95 % bootstrap interval over questions, and the paired differences that
+    say whether DRO helped (an interval excluding 0 is a difference larger than the resampling noise)."""
+    evaluations = {"before": before, "after": after}
+
+    def values(evaluation: str, strategy: str, metric: str) -> list | None:
+        return evaluations[evaluation].get(strategy, {}).get("per_question", {}).get(metric)
+
+    rows = {}
+    for label, evaluation, strategy in ROWS:
+        found = evaluations[evaluation].get(strategy, {})
+        rows[label] = {metric: {"mean": found.get(metric),
+                                "ci95": _interval(values(evaluation, strategy, metric) or [])}
+                       for metric in METRICS}
+    differences = {}
+    for name, metric, (ea, sa), (eb, sb) in DIFFERENCES:
+        a, b = values(ea, sa, metric), values(eb, sb, metric)
+        if a and b:
+            paired = [x - y for x, y in zip(a, b) if x is not None and y is not None]
+            differences.setdefault(name, {})[metric] = {"mean": sum(paired) / len(paired) if paired else None,
+                                                        "ci95": _interval(paired)}
+    return {
+        "rows": rows,
+        "differences": differences,
+        "num_eval_questions": after.get("selector", {}).get("n"),
+        "wall_seconds": wall,
+        "config": config,
+    }
+
+
+def _interval(values: list) -> list[float] | None:
+    """A JSON-shaped 95 % interval, so that report.json reads back equal to the report."""
+    found = bootstrap_interval(values)
+    return list(found) if found else None
+
+
 def format_table(report: dict) -> str:
-    """Markdown before/after table of support recall@K and answer EM/F1."""
-    recall, em, f1 = report["support_recall_at_k"], report["answer_em"], report["answer_f1"]
+    """Markdown table of support recall@K and answer EM/F1 with 95 % intervals, and the paired differences."""
+    def cell(entry: dict) -> str:
+        mean, ci = entry["mean"], entry["ci95"]
+        return "–" if mean is None else f"{mean:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+
     lines = ["| selection | support recall@K | answer EM | answer F1 |", "| --- | ---: | ---: | ---: |"]
-    rows = [
-        ("random", recall.get("random"), None, None),
-        ("retrieval order (top-K)", recall.get("retrieval"), em.get("retrieval_order"), f1.get("retrieval_order")),
-        ("selector before DRO", recall.get("before"), em.get("before"), f1.get("before")),
-        ("selector after DRO", recall.get("after"), em.get("dro"), f1.get("dro")),
-        ("oracle (gold passages)", recall.get("oracle"), em.get("oracle"), f1.get("oracle")),
-    ]
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    lines += [f"| {name} | {fmt(r)} | {fmt(e)} | {fmt(f)} |" for name, r, e, f in rows]
+    lines += [f"| {label} | " + " | ".join(cell(row[m]) for m in METRICS) + " |"
+              for label, row in report["rows"].items()]
+    for name, by_metric in report["differences"].items():
+        lines.append(f"\n{name.replace('_', ' ')}: " + ", ".join(f"{m} {cell(e)}" for m, e in by_metric.items()))
     return "\n".join(lines)
 
 

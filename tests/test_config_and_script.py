@@ -69,12 +69,17 @@ def test_main_runs_the_demo_end_to_end(tmp_path, capsys):
     )
     report = main(*args)
     saved = json.loads((tmp_path / "report.json").read_text())
-    for key in ("random", "retrieval", "before", "after", "oracle"):
-        assert 0.0 <= saved["support_recall_at_k"][key] <= 1.0
-    for metric in ("answer_em", "answer_f1"):
-        assert set(saved[metric]) >= {"retrieval_order", "dro", "oracle"}
+    for label, row in saved["rows"].items():
+        low, high = row["support_recall_at_k"]["ci95"]
+        assert 0.0 <= low <= row["support_recall_at_k"]["mean"] <= high <= 1.0, label
+    for label in ("retrieval top-K, warm-up generator", "selector after DRO", "oracle (gold passages), DRO generator"):
+        assert 0.0 <= saved["rows"][label]["answer_em"]["mean"] <= 1.0
+    gain = saved["differences"]["selector_after_minus_retrieval"]["support_recall_at_k"]
+    after, retrieval = (saved["rows"][k]["support_recall_at_k"]["mean"] for k in
+                        ("selector after DRO", "retrieval top-K, DRO generator"))
+    assert abs(gain["mean"] - (after - retrieval)) < 1e-9  # paired over the same questions
     assert saved["wall_seconds"] > 0 and saved["config"]["training"]["max_steps"] == 3
-    assert report["support_recall_at_k"] == saved["support_recall_at_k"]
+    assert report["rows"] == saved["rows"]
     assert os.path.getsize(tmp_path / "curves.png") > 10_000
     assert (tmp_path / "selector" / "model.safetensors").exists()
     assert (tmp_path / "generator" / "model.safetensors").exists()
@@ -89,7 +94,7 @@ def test_two_runs_with_the_same_seed_report_the_same_figures(tmp_path):
                   "--per_device_train_batch_size", "16", "--disable_tqdm", "true", "--retriever", "bm25"]
         )
         report = main(*args)
-        return report["support_recall_at_k"], report["answer_em"]
+        return report["rows"]
 
     assert run(tmp_path / "a") == run(tmp_path / "b")
 

