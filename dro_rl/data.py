@@ -82,10 +82,14 @@ def make_row(
     metadata: dict | None = None,
     answers_field: str = "answers",
     min_passages: int = 0,
+    answers_required: bool = True,
 ) -> dict:
-    """A checked canonical row. ``passages`` items need ``text`` (``title`` and ``id`` optional)."""
+    """A checked canonical row. ``passages`` items need ``text`` (``title`` and ``id`` optional).
+
+    ``answers_required=False`` (new questions to answer) accepts a missing ``answers`` as ``[]``.
+    """
     question = _string(question, where, "question")
-    answers = _answers(answers, where, answers_field)
+    answers = [] if answers is None and not answers_required else _answers(answers, where, answers_field)
     out_passages, seen_ids = [], set()
     for j, p in enumerate(passages or []):
         if isinstance(p, str):
@@ -173,12 +177,13 @@ def convert(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _canonical(where: str, r: dict) -> dict:
+def _canonical(where: str, r: dict, answers_required: bool = True) -> dict:
     passages = r.get("passages")
     if passages is not None and not isinstance(passages, list):
         _fail(where, "passages", "must be a list")
     gold = [bool(p.get("gold", False)) if isinstance(p, dict) else False for p in passages or []]
-    return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"))
+    return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"),
+                    answers_required=answers_required)
 
 
 def _hotpot_pairs(where: str, r: dict) -> tuple[list[tuple[str, list[str]]], set[str]]:
@@ -294,10 +299,17 @@ def load(
         to_row = FORMATS[fmt]
     else:
         raise ValueError(f"unknown format {fmt!r}: use one of {sorted(FORMATS) + ['json']}")
-    records = iter_records(path)
-    if limit is not None:
-        records = (rec for i, rec in zip(range(limit), records))
-    return convert(records, to_row, path, on_error)
+    return convert(_first(iter_records(path), limit), to_row, path, on_error)
+
+
+def load_questions(path: str, on_error: OnError = "raise", limit: int | None = None) -> tuple[list[dict], LoadStats]:
+    """Canonical rows of new questions: ``answers`` may be absent (``[]``), ``passages`` too (retrieve them)."""
+    to_row = lambda where, r: _canonical(where, r, answers_required=False)  # noqa: E731
+    return convert(_first(iter_records(path), limit), to_row, path, on_error)
+
+
+def _first(records: Iterator[tuple[str, Any]], limit: int | None) -> Iterator[tuple[str, Any]]:
+    return records if limit is None else (rec for _, rec in zip(range(limit), records))
 
 
 def load_hf(
