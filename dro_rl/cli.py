@@ -21,6 +21,8 @@ from argparse import ArgumentParser
 from pathlib import Path
 from typing import NamedTuple
 
+import yaml
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS, ACCELERATE_CONFIGS = ROOT / "scripts", ROOT / "configs" / "accelerate"
 
@@ -78,10 +80,16 @@ def launch(script: Path, args: list[str]) -> None:
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
     from trl.cli.commands.training import _subtract_subsequence
 
-    make_parser = runpy.run_path(str(script), run_name=f"dro_rl_{script.stem}")["make_parser"]  # not as __main__
-    *_, config_rest, cli_rest = make_parser().parse_args_and_config(
-        args, return_remaining_strings=True, separate_remaining_strings=True
-    )
+    parser = runpy.run_path(str(script), run_name=f"dro_rl_{script.stem}")["make_parser"]()  # not as __main__
+    # Only told apart here, not checked: the launched script parses and validates (and may add a default --config).
+    script_only, config_rest = list(args), []
+    if "--config" in script_only[:-1]:
+        at = script_only.index("--config")
+        with open(script_only[at + 1]) as f:
+            config = {k: v for k, v in (yaml.safe_load(f) or {}).items() if k != "env"}
+        config_rest = parser.set_defaults_with_config(**config)
+        del script_only[at: at + 2]
+    cli_rest = parser.parse_known_args(script_only)[1]
     launch_args = config_rest + cli_rest
     if "--accelerate_config" in launch_args[:-1]:  # a name of ours first, then TRL's names and file paths
         i = launch_args.index("--accelerate_config") + 1

@@ -70,10 +70,8 @@ class DROPipeline:
         both adapters), their tokenizers and ``pipeline.json``. A folder whose save did not finish is refused.
         ``model_init_kwargs`` go to ``from_pretrained`` of the models or bases (``dtype``, ``quantization_config``).
         """
-        if not os.path.isdir(path) and path.count("/") == 1 and not path.startswith((".", "~")):
-            from huggingface_hub import snapshot_download
-
-            path = snapshot_download(path)
+        if not os.path.isdir(path):
+            path = _download(path)
         check_complete(path)
         config = PipelineConfig.load_pipeline(path)
         selector, tok, generator, gtok = load_pair(os.path.join(path, SELECTOR), os.path.join(path, GENERATOR),
@@ -135,13 +133,20 @@ class DROPipeline:
 
     def predict_rows(self, rows: Sequence[dict], progress: bool | None = None) -> list[Prediction]:
         """Select and answer for rows whose candidates are already in first-stage retrieval order."""
+        if not rows:
+            return []
         k = self.config.num_docs_selected
         for i, row in enumerate(rows):
             if len(row["passages"]) < k:
                 raise ValueError(f"question {i} ({row['question']!r}) has {len(row['passages'])} candidate passages, "
                                  f"fewer than the K = {k} the selector picks")
         show = len(rows) >= PROGRESS_AT if progress is None else progress
-        grammar = IdGrammar(self.tokenizer, max(len(r["passages"]) for r in rows))
+        n = max(len(r["passages"]) for r in rows)
+        try:
+            grammar = IdGrammar(self.tokenizer, n)
+        except ValueError as err:  # e.g. the demo's word-level vocabulary holds only the ids it was trained with
+            raise ValueError(f"the selector's tokenizer cannot write the ids [1]..[{n}] of {n} candidates ({err}); "
+                             "give at most as many candidates as the run was trained with") from err
         with as_role(self.selector, SELECTOR):
             picks = select_greedy(self.selector, self.tokenizer, grammar, self.selector_prompt, rows,
                                   self.batch_size, progress=show)
@@ -157,6 +162,16 @@ class DROPipeline:
                        r["passages"])
             for r, p, a in zip(rows, picks, answers)
         ]
+
+
+def _download(repo_id: str) -> str:
+    """The local copy of a run pushed to the Hub (what the model card's quick start loads)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(repo_id)
+    except Exception as err:  # offline, unknown repo, malformed id: all mean "not a run we can read"
+        raise FileNotFoundError(f"{repo_id} is neither a local run folder nor a reachable Hub repo ({err})") from err
 
 
 def _passage(p, j: int) -> dict:

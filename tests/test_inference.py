@@ -94,3 +94,11 @@ def test_unusable_inputs_are_refused_with_the_question_named(runs):
         pipe("which city is home to p3 ?", passages=["p3 lives in c1"])
     with pytest.raises(ValueError, match="no candidate passages: pass passages=, or corpus="):
         pipe(["which city is home to p3 ?"])
+    # the word-level test vocabulary writes the ids [1]..[12] only: [13] and [14] would both be <unk>
+    with pytest.raises(ValueError, match=r"cannot write the ids \[1\]..\[14\] of 14 candidates"):
+        pipe("which city is home to p3 ?", passages=[f"p{i} lives in c1" for i in range(14)])
+
+
+def test_a_path_that_is_no_run_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no-such-run is neither a local run folder nor a reachable Hub repo"):
+        DROPipeline.from_pretrained(str(tmp_path / "no-such-run"))

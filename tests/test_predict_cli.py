@@ -105,3 +105,10 @@ def test_dro_rl_train_hands_launch_flags_to_accelerate_and_the_rest_to_the_scrip
     assert args.num_processes == 2 and args.config_file == str(ROOT / "configs" / "accelerate" / "ddp.yaml")
     assert args.training_script == str(ROOT / "scripts" / "train_rl.py")
     assert args.training_script_args == ["--config", str(ROOT / "configs" / "demo.yaml"), "--max_steps", "3"]
+
+
+def test_dro_rl_train_with_no_flags_launches_the_demo_like_the_script(monkeypatch):
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    cli.main(["train"])  # the script itself adds configs/demo.yaml; nothing here may refuse its defaults
+    assert launched[0].training_script_args == [] and launched[0].num_processes is None
