@@ -26,7 +26,7 @@ def ranked(rows):
     return retrieval_order(rows, BM25Retriever())
 
 
-def train_and_save(out, rows, tok, layout: str = "full", eval_rows=None, **overrides) -> DROTrainer:
+def train_and_save(out, rows, tok, layout: str = "full", eval_rows=None, save: bool = True, **overrides) -> DROTrainer:
     """Train one DRO step on ``rows`` (BM25-ordered) in ``layout`` and save the run into ``out``."""
     settings = dict(max_steps=1, retriever="bm25", top_n=4, max_answer_tokens=4, share_base_model=layout == "shared")
     args = tiny_config(str(out), **{**settings, **overrides})
@@ -48,18 +48,22 @@ def train_and_save(out, rows, tok, layout: str = "full", eval_rows=None, **overr
     trainer = DROTrainer(args=args, train_dataset=data, eval_dataset=eval_data, processing_class=tok,
                          generator_processing_class=tok, **models)
     trainer.train()
-    trainer.save_model()
+    if save:
+        trainer.save_model()
     return trainer
 
 
-def lazy_runs(tmp_path_factory, rows, tok, **kwargs):
-    """layout -> (run folder, trainer): each layout trained on ``rows`` and saved once, when first asked for."""
-    cache = {}
+_RUNS: dict = {}
+
+
+def lazy_runs(tmp_path_factory, demo_rows, tok):
+    """layout -> (run folder, trainer), trained on 16 demo questions (the other 8 held out for evaluation) and saved
+    once per test session, when first asked for; tests may add files but must not change the models."""
 
     def get(layout):
-        if layout not in cache:
+        if layout not in _RUNS:
             out = tmp_path_factory.mktemp(layout) / "run"
-            cache[layout] = out, train_and_save(out, rows, tok, layout, **kwargs)
-        return cache[layout]
+            _RUNS[layout] = out, train_and_save(out, demo_rows[:16], tok, layout, eval_rows=demo_rows[16:])
+        return _RUNS[layout]
 
     return get

@@ -16,7 +16,7 @@ from dro_rl.selector import IdGrammar
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_rows, word_tok):
-    return lazy_runs(tmp_path_factory, demo_rows[:16], word_tok)
+    return lazy_runs(tmp_path_factory, demo_rows, word_tok)
 
 
 @pytest.fixture(params=LAYOUTS)

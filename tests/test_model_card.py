@@ -15,7 +15,7 @@ from dro_rl import DROPipeline
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, demo_rows, word_tok):
-    return lazy_runs(tmp_path_factory, demo_rows[:16], word_tok, eval_rows=demo_rows[16:])
+    return lazy_runs(tmp_path_factory, demo_rows, word_tok)
 
 
 def test_the_card_describes_both_models_data_recipe_and_citations(runs):

@@ -46,6 +46,7 @@ def test_a_kill_during_the_final_save_never_leaves_a_mix_that_reads_as_complete(
     out = tmp_path / "run"
     train_and_save(out, demo_rows[:16], word_tok)
     first = fingerprint(out)
+    second = train_and_save(out, demo_rows[:16], word_tok, save=False, seed=5, learning_rate=5e-2)  # other weights
 
     # Killed while writing the new models (before the swap): the previous save is untouched and still complete.
     def killed(*args, **kwargs):
@@ -53,7 +54,7 @@ def test_a_kill_during_the_final_save_never_leaves_a_mix_that_reads_as_complete(
 
     monkeypatch.setattr("dro_rl.trainer.publish", killed)
     with pytest.raises(KeyboardInterrupt):
-        train_and_save(out, demo_rows[:16], word_tok, seed=5, learning_rate=5e-2)
+        second.save_model()
     monkeypatch.undo()
     assert fingerprint(out) == first and rf.is_complete(str(out))
     DROPipeline.from_pretrained(str(out))
@@ -69,7 +70,7 @@ def test_a_kill_during_the_final_save_never_leaves_a_mix_that_reads_as_complete(
 
     monkeypatch.setattr(rf.os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
-        train_and_save(out, demo_rows[:16], word_tok, seed=5, learning_rate=5e-2)
+        second.save_model()
     monkeypatch.undo()
     mixed = fingerprint(out) if (out / "selector").exists() else {}
     assert mixed.get("generator") != first["generator"]
@@ -81,7 +82,7 @@ def test_a_kill_during_the_final_save_never_leaves_a_mix_that_reads_as_complete(
             read()
 
     # The next save completes the folder again, with nothing left over from the interrupted one.
-    train_and_save(out, demo_rows[:16], word_tok, seed=5, learning_rate=5e-2)
+    second.save_model()
     assert rf.is_complete(str(out)) and fingerprint(out) != first
     assert not (out / rf.STAGING).exists() and not (out / rf.REPLACED).exists()
 
