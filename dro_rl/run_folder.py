@@ -26,11 +26,23 @@ from collections.abc import Collection, Iterable, Sequence
 import yaml
 from transformers import HfArgumentParser
 
+from .models import GENERATOR, SELECTOR
 from .pipeline_config import PipelineConfig
 
 COMPLETE_MARKER = "checkpoint_complete"
 STAGING, REPLACED = "_saving", "_replaced"  # leading "_": Trainer.push_to_hub does not upload them
 TRAINER_STATE = "trainer_state.json"
+SHARED_BASE = "base"
+
+
+def base_dir(role: str) -> str:
+    """Where the base of ``role``'s own LoRA adapter is saved when no name can rebuild it (``SHARED_BASE``: the one
+    base of both adapters; dro_rl.run_models.save_unnamed_base)."""
+    return f"{role}_base"
+
+
+# A save that does not write one of these drops the previous save's, so no unused base lingers beside new models.
+BASE_DIRS = (SHARED_BASE, base_dir(SELECTOR), base_dir(GENERATOR))
 # Files a run writes after its final save (the end-of-run report and curves): they describe the models of the save
 # they were written after, so a new save of other weights drops them rather than leave them beside the new models.
 RUN_RESULTS = ("report.json", "curves.png")
@@ -89,12 +101,13 @@ def publish(staging: str, folder: str, global_step: int, stale: Sequence[str] = 
     replaced = os.path.join(folder, REPLACED)
     shutil.rmtree(replaced, ignore_errors=True)
     os.makedirs(replaced)
-    for name in sorted(os.listdir(staging)):
+    written = sorted(os.listdir(staging))
+    for name in written:
         target = os.path.join(folder, name)
         if os.path.lexists(target):
             os.replace(target, os.path.join(replaced, name))
         os.replace(os.path.join(staging, name), target)
-    for name in stale:
+    for name in [*stale, *(d for d in BASE_DIRS if d not in written)]:
         if os.path.lexists(os.path.join(folder, name)):
             os.replace(os.path.join(folder, name), os.path.join(replaced, name))
     mark_complete(folder, global_step)

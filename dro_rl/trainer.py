@@ -61,8 +61,10 @@ from .models import (
 )
 from .run_folder import (
     COMPLETE_MARKER,
+    SHARED_BASE,
     STAGING,
     TRAINER_STATE,
+    base_dir,
     mark_complete,
     publish,
     stale_results,
@@ -465,9 +467,8 @@ class DROTrainer(GRPOTrainer):
         if self.args.should_save:
             self.state.save_to_json(os.path.join(staging, TRAINER_STATE))
             stale = stale_results(output_dir, self._created_at)
-            self._model_card(output_dir, report=None if stale else read_report(output_dir)).save(
-                os.path.join(staging, "README.md")
-            )
+            report = None if "report.json" in stale else read_report(output_dir)
+            self._model_card(output_dir, report=report).save(os.path.join(staging, "README.md"))
             publish(staging, output_dir, self.state.global_step, stale)
         if self.args.push_to_hub and not _internal_call:
             self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
@@ -480,7 +481,7 @@ class DROTrainer(GRPOTrainer):
                 model.save_pretrained(folder, safe_serialization=True)
                 self.processing_class.save_pretrained(os.path.join(folder, SELECTOR))
                 self.generator_processing_class.save_pretrained(os.path.join(folder, GENERATOR))
-                save_unnamed_base(model, self.processing_class, folder, "base", [SELECTOR, GENERATOR])
+                save_unnamed_base(model, self.processing_class, folder, SHARED_BASE, [SELECTOR, GENERATOR])
         else:
             super().save_model(os.path.join(folder, SELECTOR), _internal_call=True)  # gathers DeepSpeed/FSDP shards
             if self.args.should_save:
@@ -491,7 +492,7 @@ class DROTrainer(GRPOTrainer):
                 for role, model, tok in ((SELECTOR, self.accelerator.unwrap_model(self.model), self.processing_class),
                                          (GENERATOR, generator, self.generator_processing_class)):
                     if isinstance(model, PeftModel):
-                        save_unnamed_base(model, tok, folder, f"{role}_base", [role])
+                        save_unnamed_base(model, tok, folder, base_dir(role), [role])
         if self.args.should_save:
             self.args.save_pipeline(folder)
 
@@ -521,9 +522,8 @@ class DROTrainer(GRPOTrainer):
         selector = self.accelerator.unwrap_model(self.model)
         generator = self.accelerator.unwrap_model(self.generator)
         models = [
-            summarize(selector, SELECTOR, SELECTOR if shared else "default", "base" if shared else f"{SELECTOR}_base"),
-            summarize(generator, GENERATOR, GENERATOR if shared else "default",
-                      "base" if shared else f"{GENERATOR}_base"),
+            summarize(model, role, role if shared else "default", SHARED_BASE if shared else base_dir(role))
+            for role, model in ((SELECTOR, selector), (GENERATOR, generator))
         ]
         data = self.train_dataset
         dataset_name = dataset_name or (data.info.dataset_name if data is not None else None)

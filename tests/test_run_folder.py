@@ -87,14 +87,17 @@ def test_a_kill_during_the_final_save_never_leaves_a_mix_that_reads_as_complete(
     assert not (out / rf.STAGING).exists() and not (out / rf.REPLACED).exists()
 
 
-def test_a_previous_runs_report_does_not_survive_a_new_save(tmp_path, demo_rows, word_tok):
+def test_a_previous_runs_report_and_bases_do_not_survive_a_new_save(tmp_path, demo_rows, word_tok):
     out = tmp_path / "run"
-    out.mkdir()
+    train_and_save(out, demo_rows[:16], word_tok, "lora")  # LoRA on unnamed bases: selector_base/, generator_base/
     (out / "report.json").write_text(json.dumps({"answer_em": {"dro": 0.7}}))
     past = time.time() - 3600
     os.utime(out / "report.json", (past, past))
-    trainer = train_and_save(out, demo_rows[:16], word_tok)
-    assert not (out / "report.json").exists()  # it described the models this save replaced
+    trainer = train_and_save(out, demo_rows[:16], word_tok, "full")
+    # they described the models this save replaced
+    assert not (out / "report.json").exists() and not (out / "selector_base").exists()
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint_complete", "generator", "pipeline.json",
+                                                     "selector", "trainer_state.json"]
 
     (out / "report.json").write_text(json.dumps({"answer_em": {"dro": 0.5}}))  # this run's report
     trainer.save_model()  # e.g. push_to_hub saving again
