@@ -99,10 +99,14 @@ def make_row(
     metadata: dict | None = None,
     answers_field: str = "answers",
     min_passages: int = 0,
+    answers_required: bool = True,
 ) -> dict:
-    """A checked canonical row. ``passages`` items need ``text`` (``title`` and ``id`` optional)."""
+    """A checked canonical row. ``passages`` items need ``text`` (``title`` and ``id`` optional).
+
+    ``answers_required=False`` (new questions to answer) accepts a missing ``answers`` as ``[]``.
+    """
     question = _string(question, where, "question")
-    answers = _answers(answers, where, answers_field)
+    answers = [] if answers is None and not answers_required else _answers(answers, where, answers_field)
     out_passages, seen_ids = [], set()
     for j, p in enumerate(passages or []):
         if isinstance(p, str):
@@ -245,14 +249,15 @@ def convert(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _canonical(where: str, r: dict) -> dict:
+def _canonical(where: str, r: dict, answers_required: bool = True) -> dict:
     passages = r.get("passages")
     if passages is not None and not isinstance(passages, list):
         _fail(where, "passages", "must be a list")
     gold = [_label(p.get("gold", False), where, f"passages[{j}].gold") if isinstance(p, dict) else False
             for j, p in enumerate(passages or [])]
     try:
-        return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"))
+        return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"),
+                        answers_required=answers_required)
     except DataError as err:
         hint = _format_hint(r)
         raise DataError(f"{err}; {hint}" if hint else str(err)) from None
@@ -396,11 +401,17 @@ def load(
     _refuse_fmt("load", unexpected)
     if unexpected:
         raise TypeError(f"load() got unexpected keyword arguments {sorted(unexpected)}")
-    to_row = _converter(format, mapping)
-    records = iter_records(path)
-    if limit is not None:
-        records = (rec for i, rec in zip(range(limit), records))
-    return convert(records, to_row, path, on_error)
+    return convert(_first(iter_records(path), limit), _converter(format, mapping), path, on_error)
+
+
+def load_questions(path: str, on_error: OnError = "raise", limit: int | None = None) -> tuple[list[dict], LoadStats]:
+    """Canonical rows of new questions: ``answers`` may be absent (``[]``), ``passages`` too (retrieve them)."""
+    to_row = lambda where, r: _canonical(where, r, answers_required=False)  # noqa: E731
+    return convert(_first(iter_records(path), limit), to_row, path, on_error)
+
+
+def _first(records: Iterator[tuple[str, Any]], limit: int | None) -> Iterator[tuple[str, Any]]:
+    return records if limit is None else (rec for _, rec in zip(range(limit), records))
 
 
 def load_hf(

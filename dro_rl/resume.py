@@ -23,9 +23,9 @@ from peft import PeftModel
 from safetensors import safe_open
 
 from .pipeline_config import PipelineConfig
+from .run_folder import COMPLETE_MARKER
 
 RUN_FILE = "dro_run.json"
-COMPLETE_MARKER = "checkpoint_complete"
 
 # Inherited TrainingArguments/GRPOConfig fields that change what a step computes (DROConfig's own fields and the
 # pipeline's are all run-defining, except the few listed in EXECUTION_FIELDS).

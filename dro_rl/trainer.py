@@ -8,7 +8,10 @@ Overridden, and why:
 - ``_compute_loss``: the M-step, L_select + L_generate, replacing GRPO's clipped token-level loss (a DRO sample is
   scored under the constrained distribution that drew it, which GRPO's unconstrained log-probs are not);
 - ``create_optimizer`` / ``_clip_grad_norm``: the generator's own param group (own learning rate) and clipping;
-- ``save_model`` / ``_load_from_checkpoint``: ``selector/`` and ``generator/`` in every checkpoint, both restored.
+- ``save_model`` / ``_save_checkpoint`` / ``_load_from_checkpoint``: every save is a run folder (``dro_rl.run_folder``:
+  ``selector/``, ``generator/``, ``pipeline.json``, a completion marker; the final one also the log history and the
+  model card, swapped in atomically); resuming restores both models;
+- ``create_model_card``: a card for the selector/generator pair (``dro_rl.model_card``), used by ``push_to_hub``.
 
 With ``share_base_model`` the two models are two LoRA adapters on one base (``dro_rl.models``): ``self.generator`` is
 then ``self.model`` itself and ``_role`` activates the right adapter around every forward.
@@ -20,6 +23,8 @@ split over gradient-accumulation steps, the reward-function protocol and its cro
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -44,6 +49,7 @@ from .generator import (
     generate_answers,
     target_logprobs,
 )
+from .model_card import describe_data, read_report, recipe_settings, render, summarize
 from .models import (
     GENERATOR,
     SELECTOR,
@@ -54,7 +60,6 @@ from .models import (
     shared_base_model,
 )
 from .resume import (
-    COMPLETE_MARKER,
     RUN_FILE,
     check_same_run,
     claim_output_dir,
@@ -62,6 +67,18 @@ from .resume import (
     run_record,
     write_run_record,
 )
+from .run_folder import (
+    BASE_DIRS,
+    COMPLETE_MARKER,
+    SHARED_BASE,
+    STAGING,
+    TRAINER_STATE,
+    base_dir,
+    mark_complete,
+    publish,
+    stale_results,
+)
+from .run_models import save_unnamed_base
 from .selector import (
     IdGrammar,
     left_pad,
@@ -75,7 +92,7 @@ from .selector import (
 logger = get_logger(__name__)
 
 # What DROTrainer itself writes into output_dir (the recipe adds data, warm-up and reports beside them).
-TRAINER_ARTEFACTS = ("selector", "generator", RUN_FILE, "trainer_state.json")
+TRAINER_ARTEFACTS = ("selector", "generator", RUN_FILE, TRAINER_STATE, "pipeline.json", COMPLETE_MARKER, *BASE_DIRS)
 
 
 class _ZeroGeneratorGrads(TrainerCallback):
@@ -118,6 +135,8 @@ class DROTrainer(GRPOTrainer):
         callbacks: list[TrainerCallback] | None = None,
     ):
         args = args or DROConfig(output_dir="dro-output")
+        self._created_at = time.time()  # results files older than this belong to an earlier run (run_folder.py)
+        self._in_checkpoint = False
         self.data_stats = []
         if train_dataset is not None:
             train_dataset, stats = check_dataset(train_dataset, args.num_docs_selected, args.on_bad_row)
@@ -457,29 +476,95 @@ class DROTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save a run folder: both models and ``pipeline.json``, and for the final save also ``trainer_state.json``
+        and the model card, staged and swapped in with the completion marker written last (``dro_rl.run_folder``).
+
+        Inside ``_save_checkpoint`` the models go straight into the new ``checkpoint-N`` folder, whose marker is
+        written once the optimizer state is saved too.
+        """
         output_dir = output_dir or self.args.output_dir
+        if self._in_checkpoint:
+            self._save_models(output_dir)
+            return
+        staging = os.path.join(output_dir, STAGING)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # left by a save that was killed
+        self._save_models(staging)
+        if self.args.should_save:
+            self.state.save_to_json(os.path.join(staging, TRAINER_STATE))
+            stale = stale_results(output_dir, self._created_at)
+            report = None if "report.json" in stale else read_report(output_dir)
+            self._model_card(output_dir, report=report).save(os.path.join(staging, "README.md"))
+            publish(staging, output_dir, self.state.global_step, stale)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_models(self, folder: str) -> None:
+        """``selector/`` and ``generator/`` (weights or adapters, each with its tokenizer) and ``pipeline.json``."""
         if self.args.share_base_model:  # PEFT writes each named adapter to its own folder: selector/, generator/
             if self.args.should_save:
-                self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, safe_serialization=True)
-                self.processing_class.save_pretrained(os.path.join(output_dir, SELECTOR))
-                self.generator_processing_class.save_pretrained(os.path.join(output_dir, GENERATOR))
-            if self.args.push_to_hub and not _internal_call:
-                self.push_to_hub(commit_message="End of training", blocking=True)
-            return
-        super().save_model(os.path.join(output_dir, "selector"), _internal_call)
+                model = self.accelerator.unwrap_model(self.model)
+                model.save_pretrained(folder, safe_serialization=True)
+                self.processing_class.save_pretrained(os.path.join(folder, SELECTOR))
+                self.generator_processing_class.save_pretrained(os.path.join(folder, GENERATOR))
+                save_unnamed_base(model, self.processing_class, folder, SHARED_BASE, [SELECTOR, GENERATOR])
+        else:
+            super().save_model(os.path.join(folder, SELECTOR), _internal_call=True)  # gathers DeepSpeed/FSDP shards
+            if self.args.should_save:
+                path = os.path.join(folder, GENERATOR)
+                generator = self.accelerator.unwrap_model(self.generator)
+                generator.save_pretrained(path, safe_serialization=True)
+                self.generator_processing_class.save_pretrained(path)
+                for role, model, tok in ((SELECTOR, self.accelerator.unwrap_model(self.model), self.processing_class),
+                                         (GENERATOR, generator, self.generator_processing_class)):
+                    if isinstance(model, PeftModel):
+                        save_unnamed_base(model, tok, folder, base_dir(role), [role])
         if self.args.should_save:
-            path = os.path.join(output_dir, "generator")
-            self.accelerator.unwrap_model(self.generator).save_pretrained(path, safe_serialization=True)
-            self.generator_processing_class.save_pretrained(path)
+            self.args.save_pipeline(folder)
+            write_run_record(self._run_record(), folder)  # what a resume of this save must match
 
     def _save_checkpoint(self, model, trial) -> None:
-        super()._save_checkpoint(model, trial)
+        self._in_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._in_checkpoint = False
         # Written last: a checkpoint without it was interrupted while saving and is never resumed from.
         if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             write_run_record(self._run_record(), folder)
-            with open(os.path.join(folder, COMPLETE_MARKER), "w") as f:
-                f.write(f"{self.state.global_step}\n")
+            mark_complete(folder, self.state.global_step)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None) -> None:
+        """Write the run's card to ``output_dir/README.md`` (TRL's hook: called by checkpoints and ``push_to_hub``)."""
+        if self.is_world_process_zero():
+            card = self._model_card(self.args.output_dir, model_name, dataset_name, tags,
+                                    report=read_report(self.args.output_dir))
+            card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def _model_card(self, output_dir: str, model_name: str | None = None, dataset_name: str | None = None,
+                    tags: str | list[str] | None = None, report: dict | None = None):
+        """The card of this run: both models and their base, data, recipe, ``report`` (the run's report.json)."""
+        shared = self.args.share_base_model
+        selector = self.accelerator.unwrap_model(self.model)
+        generator = self.accelerator.unwrap_model(self.generator)
+        models = [
+            summarize(model, role, role if shared else "default", SHARED_BASE if shared else base_dir(role))
+            for role, model in ((SELECTOR, selector), (GENERATOR, generator))
+        ]
+        data = self.train_dataset
+        dataset_name = dataset_name or (data.info.dataset_name if data is not None else None)
+        skipped = len(self.data_stats[0].skipped) if data is not None and self.data_stats else 0
+        held_out = self.eval_dataset is not None and not isinstance(self.eval_dataset, dict)
+        rows = self.eval_dataset if held_out else data
+        return render(
+            model_name or os.path.basename(os.path.abspath(output_dir)), self.hub_model_id or output_dir, models,
+            shared, self.args, recipe_settings(self.args, self.state.global_step),
+            describe_data(dataset_name, len(data) if data is not None else 0, skipped),
+            rows[0] if rows else {"question": "your question", "passages": []}, report,
+            [tags] if isinstance(tags, str) else list(tags or []) + self._tag_names, dataset_name,
+        )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs):
         """Train, or resume: ``True`` resumes from the newest complete, readable checkpoint in ``output_dir``.

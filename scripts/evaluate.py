@@ -5,6 +5,12 @@
         --output_dir outputs/eval
     python scripts/evaluate.py --datasets flashrag:../shared/data/flashrag_toy/test.jsonl \
         --corpus ../shared/data/flashrag_toy/sample_data.jsonl --top_n 20 --selector ... --generator ...
+    python scripts/evaluate.py --run_dir outputs/demo --datasets dev.jsonl     # a DRO run folder: no prompt flags
+
+With `--run_dir` (a run or checkpoint folder), the selector and generator default to its `selector/` and
+`generator/` and every pipeline setting comes from its `pipeline.json`: a flag that contradicts a prompt setting
+(K, passage budgets, prompt caps, repeat_ids, chat template) is refused by name, and one that changes the retriever,
+top_n or answer length is honoured with a warning. A folder whose save did not finish is refused.
 
 Each `--datasets` entry is `[format:]path` (default format: canonical). Rows with their own candidates are re-ranked
 by the first-stage retriever (`--retriever none` keeps the file's order); question-only rows retrieve their top-N
@@ -19,8 +25,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,9 +37,11 @@ from peft import PeftModel
 from trl import TrlParser
 
 from dro_rl.evaluation import baseline_picks, bootstrap_interval, score_picks, select_greedy
-from dro_rl.models import load_model
+from dro_rl.models import GENERATOR, SELECTOR, as_role
 from dro_rl.pipeline import load_ranked, make_retriever
 from dro_rl.pipeline_config import PipelineConfig
+from dro_rl.run_folder import check_complete, given_settings, run_settings
+from dro_rl.run_models import load_pair
 from dro_rl.selector import IdGrammar
 
 METRICS = ["support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1", "answer_sub_em"]
@@ -43,8 +52,17 @@ STRATEGIES = ("closed_book", "retrieval", "selector", "oracle")
 @dataclass
 class EvaluateArguments:
     datasets: list[str] = field(metadata={"help": "`[format:]path` entries; formats as in dro_rl.data.FORMATS."})
-    selector: str = field(metadata={"help": "Selector model (path, name, or tiny:<tokenizer> for a smoke test)."})
-    generator: str = field(metadata={"help": "Generator model (path, name, or tiny:<tokenizer>)."})
+    run_dir: str | None = field(
+        default=None,
+        metadata={"help": "A DRO run or checkpoint folder: models from its selector/ and generator/, every pipeline "
+                  "setting from its pipeline.json."},
+    )
+    selector: str | None = field(
+        default=None, metadata={"help": "Selector model (folder, name, or tiny:<tokenizer>); default: run_dir's."}
+    )
+    generator: str | None = field(
+        default=None, metadata={"help": "Generator model (folder, name, or tiny:<tokenizer>); default: run_dir's."}
+    )
     output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions and metrics go."})
     corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
     limit: int | None = field(default=None, metadata={"help": "At most this many questions per dataset."})
@@ -57,15 +75,21 @@ class EvaluateArguments:
     )
 
 
-def main(args: EvaluateArguments, pipeline: PipelineConfig) -> dict:
+def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[str] = ()) -> dict:
+    """``given``: the pipeline fields set on the command line (checked against ``run_dir``'s settings)."""
+    if args.run_dir:
+        check_complete(args.run_dir)
+        pipeline = run_settings(args.run_dir, pipeline, given)
+    elif not (args.selector and args.generator):
+        raise ValueError("give --run_dir, or both --selector and --generator")
     pipeline.check_pipeline()
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown or not args.strategies:
         raise ValueError(f"strategies: unknown {unknown}, choose from {list(STRATEGIES)}")
     os.makedirs(args.output_dir, exist_ok=True)
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
-    selector, tok = load_model(args.selector, seed=0)
-    generator, gtok = load_model(args.generator, seed=1)
+    selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
+                                               args.generator or os.path.join(args.run_dir, GENERATOR))
     sprompt, gprompt = pipeline.selector_prompt(), pipeline.generator_prompt()
     k = pipeline.num_docs_selected
     results: dict[str, dict] = {}
@@ -80,11 +104,13 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig) -> dict:
             start = time.perf_counter()
             with count_tokens(selector, generator) as tokens:
                 if strategy == "selector":
-                    chosen = select_greedy(selector, tok, grammar, sprompt, rows, progress=True)
+                    with as_role(selector, SELECTOR):  # one base with two adapters plays each role with its own
+                        chosen = select_greedy(selector, tok, grammar, sprompt, rows, progress=True)
                 else:
                     chosen = [[]] * len(rows) if strategy == "closed_book" else baseline_picks(rows, k, strategy)
-                scores = score_picks(rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens,
-                                     progress=True)
+                with as_role(generator, GENERATOR):
+                    scores = score_picks(rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens,
+                                         progress=True)
             seconds = time.perf_counter() - start
             results[name][strategy] = {
                 **{m: scores.get(m) for m in METRICS + COUNTS},
@@ -153,4 +179,4 @@ def make_parser() -> TrlParser:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    main(*make_parser().parse_args_and_config(), given=given_settings(sys.argv[1:]))

@@ -1,0 +1,105 @@
+"""The ``dro-rl`` command, on the conventions of TRL's ``trl`` command.
+
+    dro-rl train --config configs/demo.yaml --max_steps 100 --num_processes 2 --accelerate_config ddp
+    dro-rl retrieve --questions q.jsonl --output ranked.jsonl
+    dro-rl warmup --data ranked.jsonl --role generator --output_dir warm/generator
+    dro-rl evaluate --run_dir outputs/demo --datasets dev.jsonl
+    dro-rl predict --run_dir outputs/demo --input questions.jsonl
+
+Each subcommand runs the script of that job in ``scripts/`` with the same flags (``--config`` YAML included), so
+``dro-rl evaluate ...`` and ``python scripts/evaluate.py ...`` are one code path. The training commands (``train``,
+``warmup``) go through ``accelerate launch``, as ``trl grpo`` and ``trl sft`` do: flags their script does not know
+(``--num_processes 2``, ``--accelerate_config <file, or a name in configs/accelerate/ or TRL's>``) go to accelerate.
+The scripts sit beside the package, so the command works from a source checkout (``pip install -e .``).
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from argparse import ArgumentParser
+from pathlib import Path
+from typing import NamedTuple
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS, ACCELERATE_CONFIGS = ROOT / "scripts", ROOT / "configs" / "accelerate"
+
+
+class Command(NamedTuple):
+    script: str
+    help: str
+    launched: bool  # through `accelerate launch` (training), or run in this process
+
+
+COMMANDS = {
+    "train": Command("train_rl.py", "Train a selector and a generator with DRO (default: the demo)", True),
+    "retrieve": Command("retrieve.py", "Rank each question's candidates, or retrieve them from a corpus", False),
+    "warmup": Command("warmup_sft.py", "Warm-up SFT of the selector or the generator", True),
+    "evaluate": Command("evaluate.py", "Evaluate retrieval order, selector and oracle picks on datasets", False),
+    "predict": Command("predict.py", "Answer new questions with a trained run", False),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = ArgumentParser(prog="dro-rl", allow_abbrev=False)
+    subparsers = parser.add_subparsers(help="available commands", dest="command")
+    for name, command in COMMANDS.items():
+        subparsers.add_parser(name, help=command.help, add_help=False)  # the script prints its own --help
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, _ = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    command, rest = COMMANDS[args.command], argv[argv.index(args.command) + 1:]
+    script = SCRIPTS / command.script
+    if not script.exists():
+        raise FileNotFoundError(f"{script} not found: `dro-rl {args.command}` runs the scripts of a source checkout "
+                                "of dro-rl (install it with `pip install -e .`)")
+    if command.launched:
+        launch(script, rest)
+    else:
+        run(script, rest)
+    return 0
+
+
+def run(script: Path, args: list[str]) -> None:
+    """Run ``script`` as ``python script args`` does, in this process."""
+    saved = sys.argv
+    sys.argv = [str(script), *args]
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    finally:
+        sys.argv = saved
+
+
+def launch(script: Path, args: list[str]) -> None:
+    """``accelerate launch [accelerate flags] script [script flags]``, the flags told apart by the script's parser."""
+    from accelerate.commands.launch import launch_command, launch_command_parser
+    from trl.cli.accelerate_config import resolve_accelerate_config_argument
+    from trl.cli.commands.training import _subtract_subsequence
+
+    parser = runpy.run_path(str(script), run_name=f"dro_rl_{script.stem}")["make_parser"]()  # not as __main__
+    # Only told apart here, not checked: the launched script parses and validates (and may add a default --config).
+    script_only, config_rest = list(args), []
+    if "--config" in script_only[:-1]:
+        at = script_only.index("--config")
+        with open(script_only[at + 1]) as f:
+            config = {k: v for k, v in (yaml.safe_load(f) or {}).items() if k != "env"}
+        config_rest = parser.set_defaults_with_config(**config)
+        del script_only[at: at + 2]
+    cli_rest = parser.parse_known_args(script_only)[1]
+    launch_args = config_rest + cli_rest
+    if "--accelerate_config" in launch_args[:-1]:  # a name of ours first, then TRL's names and file paths
+        i = launch_args.index("--accelerate_config") + 1
+        ours = ACCELERATE_CONFIGS / f"{launch_args[i]}.yaml"
+        if not Path(launch_args[i]).is_file() and ours.is_file():
+            launch_args[i] = str(ours)
+    launch_args = resolve_accelerate_config_argument(launch_args)
+    script_args = _subtract_subsequence(args, cli_rest)
+    launch_command(launch_command_parser().parse_args([*launch_args, str(script), *script_args]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

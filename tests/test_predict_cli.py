@@ -1,0 +1,114 @@
+"""predict.py answers a file of new questions from a run folder alone, and the `dro-rl` command runs every script."""
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+from saved_runs import train_and_save
+
+from dro_rl import DROPipeline, cli
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from predict import PredictArguments  # noqa: E402
+from predict import main as predict_main  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, demo_rows, word_tok):
+    out = tmp_path_factory.mktemp("predict") / "run"
+    train_and_save(out, demo_rows[:16], word_tok)
+    return out
+
+
+@pytest.fixture
+def inputs(tmp_path, demo_rows):
+    """New questions: with candidates and answers, with candidates only, and bare (retrieved from the corpus)."""
+    a, b, c = demo_rows[16:19]
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"id": "a", "question": a["question"], "passages": a["passages"], "answers": a["answers"]},
+        {"id": "b", "question": b["question"], "passages": b["passages"]},
+        {"id": "c", "question": c["question"]},
+    )))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d-{i}", "text": text}) + "\n" for i, text in
+                              enumerate(dict.fromkeys(p["text"] for r in demo_rows for p in r["passages"]))))
+    return questions, corpus
+
+
+def test_predict_answers_new_questions_with_only_the_run_folder_and_the_input(run, inputs, tmp_path, capsys,
+                                                                              monkeypatch, demo_rows):
+    questions, corpus = inputs
+    monkeypatch.chdir(tmp_path)
+    result = predict_main(PredictArguments(run_dir=str(run), input=str(questions), corpus=str(corpus)))
+    out = capsys.readouterr().out
+    records = [json.loads(line) for line in (tmp_path / "questions.predictions.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in records] == ["a", "b", "c"] and result["n"] == 3
+    pipe = DROPipeline.from_pretrained(str(run))
+    expected = pipe(demo_rows[17]["question"], passages=demo_rows[17]["passages"])
+    assert (records[1]["prediction"], records[1]["ranking"]) == (expected.answer, expected.ranking)
+    assert records[1]["selected"] == [p["id"] for p in expected.passages]
+    assert len(records[2]["selected"]) == 2 and all(i.startswith("d-") for i in records[2]["selected"])  # corpus ids
+    # metrics only over the one question that has answers
+    assert "em" in records[0] and "em" not in records[1] and result["n_with_answers"] == 1
+    assert f"on the 1 questions with answers: EM {records[0]['em']:.3f}" in out
+
+
+def test_predict_without_any_answers_prints_no_metrics(run, inputs, tmp_path, capsys):
+    questions, _ = inputs
+    only_b = tmp_path / "b.jsonl"
+    only_b.write_text(questions.read_text().splitlines()[1] + "\n")
+    result = predict_main(PredictArguments(run_dir=str(run), input=str(only_b), output=str(tmp_path / "o.jsonl")))
+    assert result["metrics"] is None and "EM" not in capsys.readouterr().out
+
+
+def test_predict_names_a_question_it_cannot_answer(run, inputs, tmp_path):
+    questions, _ = inputs
+    with pytest.raises(ValueError, match=r"question 2 .* no candidate passages"):
+        predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl")))
+
+
+def test_the_console_entry_point_is_declared():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"dro-rl": "dro_rl.cli:main"}
+    assert set(cli.COMMANDS) == {"train", "retrieve", "warmup", "evaluate", "predict"}
+    assert all((cli.SCRIPTS / c.script).exists() for c in cli.COMMANDS.values())
+
+
+def test_dro_rl_predict_and_evaluate_run_the_scripts(run, inputs, tmp_path, capsys):
+    questions, corpus = inputs
+    assert cli.main([]) == 0 and "predict" in capsys.readouterr().out
+    output = tmp_path / "via_cli.jsonl"
+    assert cli.main(["predict", "--run_dir", str(run), "--input", str(questions), "--corpus", str(corpus),
+                     "--output", str(output)]) == 0
+    direct = tmp_path / "direct.jsonl"
+    predict_main(PredictArguments(run_dir=str(run), input=str(questions), corpus=str(corpus), output=str(direct)))
+    assert output.read_text() == direct.read_text()
+    # flags reach the script's own checks: a prompt flag against the run's settings is refused by name
+    with pytest.raises(ValueError, match="--repeat_ids False contradicts"):
+        cli.main(["evaluate", "--run_dir", str(run), "--datasets", str(questions), "--repeat_ids", "false"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["predict", "--help"])
+    assert exit_info.value.code == 0 and "--run_dir" in capsys.readouterr().out
+
+
+def test_dro_rl_train_hands_launch_flags_to_accelerate_and_the_rest_to_the_script(monkeypatch):
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    cli.main(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--max_steps", "3", "--num_processes", "2",
+              "--accelerate_config", "ddp"])
+    (args,) = launched
+    assert args.num_processes == 2 and args.config_file == str(ROOT / "configs" / "accelerate" / "ddp.yaml")
+    assert args.training_script == str(ROOT / "scripts" / "train_rl.py")
+    assert args.training_script_args == ["--config", str(ROOT / "configs" / "demo.yaml"), "--max_steps", "3"]
+
+
+def test_dro_rl_train_with_no_flags_launches_the_demo_like_the_script(monkeypatch):
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    cli.main(["train"])  # the script itself adds configs/demo.yaml; nothing here may refuse its defaults
+    assert launched[0].training_script_args == [] and launched[0].num_processes is None
