@@ -46,7 +46,8 @@ def test_a_kill_during_the_final_save_never_leaves_a_mix_that_reads_as_complete(
     out = tmp_path / "run"
     train_and_save(out, demo_rows[:16], word_tok)
     first = fingerprint(out)
-    second = train_and_save(out, demo_rows[:16], word_tok, save=False, seed=5, learning_rate=5e-2)  # other weights
+    second = train_and_save(tmp_path / "other", demo_rows[:16], word_tok, save=False, seed=5, learning_rate=5e-2)
+    second.args.output_dir = str(out)  # a later save of other weights into the same folder
 
     # Killed while writing the new models (before the swap): the previous save is untouched and still complete.
     def killed(*args, **kwargs):
@@ -93,11 +94,11 @@ def test_a_previous_runs_report_and_bases_do_not_survive_a_new_save(tmp_path, de
     (out / "report.json").write_text(json.dumps({"answer_em": {"dro": 0.7}}))
     past = time.time() - 3600
     os.utime(out / "report.json", (past, past))
-    trainer = train_and_save(out, demo_rows[:16], word_tok, "full")
+    trainer = train_and_save(out, demo_rows[:16], word_tok, "full", overwrite_output_dir=True)
     # they described the models this save replaced
     assert not (out / "report.json").exists() and not (out / "selector_base").exists()
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint_complete", "generator", "pipeline.json",
-                                                     "selector", "trainer_state.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "checkpoint_complete", "dro_run.json", "generator",
+                                                     "pipeline.json", "selector", "trainer_state.json"]
 
     (out / "report.json").write_text(json.dumps({"answer_em": {"dro": 0.5}}))  # this run's report
     trainer.save_model()  # e.g. push_to_hub saving again
