@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 
 from .pipeline_config import PipelineConfig
+from .report import format_table
 from .selector import passage_text
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), "templates", "model_card.md")
@@ -100,17 +101,6 @@ def describe_data(dataset_name: str | None, num_questions: int, skipped: int) ->
     )
 
 
-def results_table(report: dict) -> str:
-    """Every figure of a run's report: one row per metric, one column per selection strategy (markdown)."""
-    metrics = {k: v for k, v in report.items()
-               if isinstance(v, dict) and v and all(isinstance(x, (int, float)) or x is None for x in v.values())}
-    columns = list(dict.fromkeys(c for v in metrics.values() for c in v))
-    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
-    lines = ["| metric | " + " | ".join(columns) + " |", "| --- |" + " ---: |" * len(columns)]
-    lines += [f"| {name} | " + " | ".join(fmt(v.get(c)) for c in columns) + " |" for name, v in metrics.items()]
-    return "\n".join(lines)
-
-
 def read_report(folder: str) -> dict | None:
     path = os.path.join(folder, "report.json")
     if not os.path.exists(path):
@@ -148,6 +138,6 @@ def render(
         shared_base=shared_base, pipeline=pipeline, pipeline_settings=pipeline.pipeline_dict(), recipe=recipe,
         data=data, example_question=json.dumps(example["question"], ensure_ascii=False),
         example_passages=[json.dumps(p, ensure_ascii=False) for p in passages],
-        results=results_table(report) if report else None, num_eval=(report or {}).get("num_eval_questions"),
+        results=format_table(report) if report else None, num_eval=(report or {}).get("num_eval_questions"),
         dro_citation=DRO_CITATION, **_versions(),
     )

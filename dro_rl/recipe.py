@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, DatasetInfo
 from transformers import AutoConfig
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
@@ -364,14 +364,16 @@ def evaluation_stage(name: str, dro: DROConfig, eval_rows, selector, tok, gramma
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def dro_stage(dro: DROConfig, model_args: ModelConfig, selector, tok, generator, gtok, train_rows, eval_rows,
-              checkpoint: str | None) -> DROTrainer:
+def dro_stage(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig, selector, tok, generator, gtok,
+              train_rows, eval_rows, checkpoint: str | None) -> DROTrainer:
+    """DRO from step 0 or from ``checkpoint``, then the final save (the run folder of dro_rl.run_folder)."""
     columns = ("question", "answers", "passages", "gold")
-    as_dataset = lambda rows: Dataset.from_list([{c: r[c] for c in columns} for r in rows])  # noqa: E731
+    as_dataset = lambda rows, name: Dataset.from_list(  # noqa: E731  (the name is what the model card cites)
+        [{c: r[c] for c in columns} for r in rows], info=DatasetInfo(dataset_name=name))
     peft_config = get_peft_config(model_args)
     trainer = DROTrainer(
-        model=selector, generator=generator, args=dro, train_dataset=as_dataset(train_rows),
-        eval_dataset=as_dataset(eval_rows) if eval_rows else None,
+        model=selector, generator=generator, args=dro, train_dataset=as_dataset(train_rows, args.dataset),
+        eval_dataset=as_dataset(eval_rows, args.eval_dataset) if eval_rows else None,
         processing_class=tok, generator_processing_class=gtok,
         peft_config=peft_config, generator_peft_config=peft_config,
     )
@@ -397,7 +399,8 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     warmup_stage(args, dro, selector, tok, generator, gtok, train_rows, grammar)                       # 2
     before = evaluation_stage("before", dro, eval_rows, selector, tok, grammar, generator or selector, gtok)  # 3
 
-    trainer = dro_stage(dro, model_args, selector, tok, generator, gtok, train_rows, eval_rows, checkpoint)  # 4
+    trainer = dro_stage(args, dro, model_args, selector, tok, generator, gtok, train_rows, eval_rows,  # 4
+                        checkpoint)
     unwrap = trainer.accelerator.unwrap_model
     after = evaluation_stage("after", dro, eval_rows, unwrap(trainer.model), tok, grammar,                # 5
                              unwrap(trainer.generator), gtok)
@@ -407,8 +410,11 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
         table = write_report(report, trainer.state.log_history, dro.output_dir)
         shown = table if eval_rows else ("no evaluation set (give --eval_dataset): the run was trained, not "
                                          "evaluated; curves.png shows the training metrics")
-        print(f"\n{shown}\n\nwall time {report['wall_seconds']:.0f} s; report.json and curves.png in "
-              f"{dro.output_dir}", flush=True)
+        print(f"\n{shown}\n\nwall time {report['wall_seconds']:.0f} s; report.json, curves.png and the model card "
+              f"README.md in {dro.output_dir}", flush=True)
+    trainer.create_model_card()  # now with the report's figures
+    if dro.push_to_hub:
+        trainer.push_to_hub(commit_message="End of training")
     return report
 
 

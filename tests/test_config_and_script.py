@@ -84,6 +84,7 @@ def test_main_runs_the_demo_end_to_end(tmp_path, capsys):
     assert (tmp_path / "selector" / "model.safetensors").exists()
     assert (tmp_path / "generator" / "model.safetensors").exists()
     assert "| selector after DRO |" in capsys.readouterr().out
+    assert "| selector after DRO |" in (tmp_path / "README.md").read_text()  # the card shows the run's figures
 
 
 def test_two_runs_with_the_same_seed_report_the_same_figures(tmp_path):

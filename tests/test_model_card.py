@@ -51,7 +51,9 @@ def _passages(code: str) -> list[str]:
 
 def test_the_card_names_adapter_bases_and_the_runs_figures(runs):
     out, trainer = runs("named_lora")
-    (out / "report.json").write_text(json.dumps({"answer_em": {"retrieval_order": 0.25, "dro": 0.5},
+    row = {"support_recall_at_k": {"mean": 0.75, "ci95": [0.5, 1.0]}, "answer_em": {"mean": 0.5, "ci95": [0.25, 0.75]},
+           "answer_f1": {"mean": 0.5, "ci95": None}}
+    (out / "report.json").write_text(json.dumps({"rows": {"selector after DRO": row}, "differences": {},
                                                  "num_eval_questions": 8}))
     trainer.create_model_card()
     card = (out / "README.md").read_text()
@@ -59,7 +61,8 @@ def test_the_card_names_adapter_bases_and_the_runs_figures(runs):
                      rf"`{re.escape(str(out))}-base` \(local folder\)", card)
     assert re.search(r"\| generator \| `generator/` \| LoRA adapter .* \| `generator_base/` \(a llama built from a "
                      r"config, saved with the run\)", card)
-    assert "8 held-out questions" in card and "| answer_em | 0.250 | 0.500 |" in card
+    assert "8 held-out questions" in card
+    assert "| selector after DRO | 0.750 [0.500, 1.000] | 0.500 [0.250, 0.750] | 0.500 |" in card
 
     shared_card = (runs("shared")[0] / "README.md").read_text()
     assert "Both are LoRA adapters on one base model" in shared_card and "`base/`" in shared_card
