@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .packed_attention import ATTENTION, packing, use_packed_attention
+
 INSTRUCTION = (
     "I will give you {n} passages, each numbered [1] to [{n}], and a question. Pick the {k} passages that best help "
     "answer the question, most useful first."
@@ -502,13 +504,15 @@ def ranking_logprobs_packed(
     checkpointing, DDP, FSDP, DeepSpeed and a shared base's adapters.
 
     The mask is passed as a 4-D tensor, which transformers' Llama / Mistral / Qwen2 (and other decoders built on
-    ``create_causal_mask``) use as given: boolean for ``sdpa``, additive float for ``eager``. Flash-attention kernels
-    take no such mask and are refused; so is a sliding window shorter than a row, which the mask would not apply.
+    ``create_causal_mask``) use as given: boolean for ``sdpa``, additive float for ``eager``. An ``sdpa`` model is
+    switched to ``dro_rl.packed_attention`` (sdpa that runs a packed prompt causally, at causal attention's cost; plain
+    sdpa for every other call). Flash-attention kernels take no such mask and are refused; so is a sliding window
+    shorter than a row, which the mask would not apply.
     """
     inner = _unwrap(model)
     config = inner.config
     implementation = config._attn_implementation
-    if implementation not in ("sdpa", "eager"):
+    if implementation not in ("sdpa", "eager", ATTENTION):
         raise ValueError(
             f"selector_loss_forward='packed' needs attn_implementation 'sdpa' or 'eager' (a 4-D block mask), not "
             f"{implementation!r}; use selector_loss_forward='per_row' with this attention"
@@ -521,13 +525,16 @@ def ranking_logprobs_packed(
             f"selector_loss_forward='packed': a row of {longest} tokens exceeds the model's sliding window ({window}), "
             f"which the block mask does not apply; use selector_loss_forward='per_row'"
         )
-    mask = block_attention_mask(packed.segment, packed.valid)
+    mask, extra = block_attention_mask(packed.segment, packed.valid), {}
     if implementation == "eager":  # eager attention adds the mask to the scores
         dtype = inner.get_input_embeddings().weight.dtype
         mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    else:
+        use_packed_attention(config)
+        extra["packing"] = packing(packed.segment, mask)
     logits = model(
         input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
-        logits_to_keep=packed.keep, use_cache=False,
+        logits_to_keep=packed.keep, use_cache=False, **extra,
     ).logits  # [G, keep, V]
     logits = logits[packed.sequence[:, None], packed.logit_index]  # [B, C, V]
     per_token = constrained_logprobs(logits, completion_ids, allowed, temperature)  # [B, C]

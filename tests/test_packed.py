@@ -10,6 +10,7 @@ from test_selector import passages, sample
 from tiny_run import as_dataset, tiny_config
 
 from dro_rl import DROTrainer
+from dro_rl import packed_attention
 from dro_rl.models import GENERATOR, SELECTOR, enable_adapter_checkpointing, shared_base_model, use_adapter
 from dro_rl.selector import (
     IdGrammar,
@@ -122,6 +123,23 @@ def test_block_mask_layout():
         [0, 1, 1, 1, 0],  # first completion: prompt + itself
         [0, 1, 1, 0, 1],  # second completion: prompt + itself, not the first completion
     ]
+
+
+def test_an_sdpa_model_runs_each_packed_prompt_causally_and_is_plain_sdpa_otherwise(bpe_tok, monkeypatch):
+    model = make_model(bpe_tok, seed=8)
+    rows = scattered_rows(model, bpe_tok)
+    ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], bpe_tok.pad_token_id)  # padding: the 2-D mask must still apply
+    with torch.no_grad():
+        before = model(input_ids=ids, attention_mask=mask).logits
+        calls = []
+        spy = packed_attention.sdpa_attention_forward
+        monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
+                            lambda *a, **kw: calls.append((a[1].shape[2], kw.get("is_causal"))) or spy(*a, **kw))
+        ranking_logprobs_packed(model, *rows, pad_token_id=bpe_tok.pad_token_id)
+        assert model.config._attn_implementation == packed_attention.ATTENTION
+        prompt_lengths = set(rows[1][rows[2] == g][0].sum().item() for g in range(3))
+        assert {length for length, causal in calls if causal} == prompt_lengths  # one causal call per prompt
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=0, atol=0)
 
 
 def test_packed_forward_refuses_what_its_mask_cannot_express(bpe_tok):
