@@ -13,6 +13,7 @@ from trl import GRPOConfig
 
 from .estimators import ESTIMATORS, GENERATOR_UPDATES
 from .pipeline_config import PipelineConfig
+from .selector import LOSS_FORWARDS
 
 
 @dataclass
@@ -30,10 +31,13 @@ class DROConfig(GRPOConfig, PipelineConfig):
     learning_rate: float = field(default=1e-5, metadata={"help": "Selector learning rate (paper: 1e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (paper: 0.01)."})
 
-    share_prompt_forward: bool = field(
-        default=False,
-        metadata={"help": "In the loss, run each question's prompt once and only the m completions per sample "
-                  "(same values and gradients as the per-row forward; ignored under gradient checkpointing)."},
+    selector_loss_forward: Literal["packed", "per_row", "kv_cache"] = field(
+        default="packed",
+        metadata={"help": "How the selector loss scores the m rankings of a question: `packed` = one sequence per "
+                  "question (the prompt once, then the m completions under a block attention mask; needs sdpa or "
+                  "eager attention), `per_row` = the prompt once per ranking (the reference), `kv_cache` = the "
+                  "prompt once with its KV cache kept for backward (not with gradient checkpointing). All three give "
+                  "the same values and gradients."},
     )
 
     # ---- Weights and advantages ---------------------------------------------------------------------------------
@@ -132,6 +136,11 @@ class DROConfig(GRPOConfig, PipelineConfig):
             raise ValueError(f"estimator={self.estimator!r} is not one of {ESTIMATORS}")
         if self.generator_update not in GENERATOR_UPDATES:
             raise ValueError(f"generator_update={self.generator_update!r} is not one of {GENERATOR_UPDATES}")
+        if self.selector_loss_forward not in LOSS_FORWARDS:
+            raise ValueError(f"selector_loss_forward={self.selector_loss_forward!r} is not one of {LOSS_FORWARDS}")
+        if self.selector_loss_forward == "kv_cache" and self.gradient_checkpointing:
+            raise ValueError("selector_loss_forward='kv_cache' cannot run under gradient checkpointing (its recomputed "
+                             "forwards keep no cache); use 'packed'")
         if self.importance_logits not in ("sum", "mean"):
             raise ValueError(f"importance_logits={self.importance_logits!r} is not one of ('sum', 'mean')")
         if self.estimator == "grpo" and self.scale_rewards not in ("group", "none", True, False):

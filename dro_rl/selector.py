@@ -17,6 +17,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from .packed_attention import ATTENTION, packing, use_packed_attention
+
 INSTRUCTION = (
     "I will give you {n} passages, each numbered [1] to [{n}], and a question. Pick the {k} passages that best help "
     "answer the question, most useful first."
@@ -393,6 +395,180 @@ def ranking_logprobs_shared(
     logits = torch.cat([first_logits, rest], 1)
     per_token = constrained_logprobs(logits, completion_ids, allowed, temperature)  # [B, C]
     return (per_token * completion_mask).sum(-1)
+
+
+@dataclass
+class Packed:
+    """One sequence per prompt group: the prompt, then one block per row of the group holding that row's completion.
+
+    Sequences are left-padded to a common length, so every group's completion blocks end at the last position and
+    the model materialises logits for only the last ``keep`` positions (the vocabulary projection is the dearest
+    part of a short completion).
+    """
+
+    input_ids: torch.Tensor  # [G, L]
+    position_ids: torch.Tensor  # [G, L]: the prompt's own positions; each block continues from the prompt's length
+    segment: torch.Tensor  # [G, L]: -1 padding, 0 the prompt, s + 1 the group's s-th completion block
+    valid: torch.Tensor  # [G, L]: a real token (not padding), which later tokens of its segment may attend to
+    sequence: torch.Tensor  # [B]: the packed sequence that holds each row
+    logit_index: torch.Tensor  # [B, C]: among the last ``keep`` positions, the one whose logits predict each token
+    keep: int
+
+
+def pack_rows(
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    pad_token_id: int = 0,
+) -> Packed:
+    """Lay out rows (left-padded prompts, right-padded completions) as one packed sequence per prompt group.
+
+    A row's completion enters its block without its last token, which is only a target; the prompt's last position
+    predicts the first completion token of every block, and block position t predicts token t + 1.
+    """
+    _, first, inverse = _groups(group)
+    device, (rows, width), length = prompt_ids.device, completion_ids.shape, prompt_ids.shape[1]
+    width -= 1
+    counts = torch.bincount(inverse)  # rows per group
+    slot = (inverse[:, None] == inverse[None, :]).tril(-1).sum(-1)  # each row's rank within its group
+    blocks = int(counts.max()) * width
+    total, keep = length + blocks, blocks + 1
+    offset = total - length - counts * width  # [G] left padding that aligns every sequence's end
+
+    prompt_cols = offset[:, None] + torch.arange(length, device=device)  # [G, P]
+    block_cols = (offset[inverse] + length + slot * width)[:, None] + torch.arange(width, device=device)  # [B, W]
+    prompt_len = prompt_mask[first].sum(-1)  # [G]
+    g, rows_g = len(first), inverse[:, None].expand(-1, width)
+
+    def layout(fill, prompt_part, block_part) -> torch.Tensor:
+        out = torch.full((g, total), fill, dtype=prompt_part.dtype, device=device)
+        out.scatter_(1, prompt_cols, prompt_part)
+        out[rows_g, block_cols] = block_part.to(out.dtype)
+        return out
+
+    steps = torch.arange(width, device=device)
+    packed = Packed(
+        input_ids=layout(pad_token_id, prompt_ids[first], completion_ids[:, :width]),
+        position_ids=layout(0, positions(prompt_mask[first]), prompt_len[inverse][:, None] + steps),
+        segment=layout(-1, torch.where(prompt_mask[first].bool(), 0, -1), (slot + 1)[:, None].expand(-1, width)),
+        valid=layout(False, prompt_mask[first].bool(), completion_mask[:, :width].bool()),
+        sequence=inverse,
+        logit_index=torch.cat([(offset[inverse] + length - 1)[:, None], block_cols], 1) - (total - keep),
+        keep=keep,
+    )
+    return packed
+
+
+def block_attention_mask(segment: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Boolean [G, 1, L, L] mask, True where a query may attend to a key: causal, over real tokens, and only
+    within the prompt or the query's own completion block (the mask each row sees in the per-row forward).
+
+    Every position also attends to itself, so no row of the mask is empty: an all-masked row gives NaN outputs on
+    padding, and NaN times a zero gradient is still NaN in the weights' gradients.
+    """
+    length = segment.shape[1]
+    index = torch.arange(length, device=segment.device)
+    causal = index[None, :] <= index[:, None]  # [L, L]
+    key_segment = segment[:, None, :]
+    visible = (key_segment == 0) | (key_segment == segment[:, :, None])  # [G, L, L]
+    mask = (causal & visible & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=segment.device)
+    return mask[:, None]
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under DDP / FSDP / DeepSpeed wrappers, which keep it as ``.module``."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def ranking_logprobs_packed(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float = 1.0,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
+    """Same result as :func:`ranking_logprobs`, with each distinct prompt run once.  [B]
+
+    Rows with equal ``group`` share a prompt (the m samples of a question). Each group becomes one packed sequence
+    (:func:`pack_rows`) under a block attention mask (:func:`block_attention_mask`) with per-block position ids, so
+    every completion attends to the prompt and to itself exactly as in the per-row forward, while the N-passage prompt
+    is computed once per question instead of once per row. It is one ordinary forward: valid under gradient
+    checkpointing, DDP, FSDP, DeepSpeed and a shared base's adapters.
+
+    The mask is passed as a 4-D tensor, which transformers' Llama / Mistral / Qwen2 (and other decoders built on
+    ``create_causal_mask``) use as given: boolean for ``sdpa``, additive float for ``eager``. An ``sdpa`` model is
+    switched to ``dro_rl.packed_attention`` (sdpa that runs a packed prompt causally, at causal attention's cost; plain
+    sdpa for every other call). Flash-attention kernels take no such mask and are refused; so is a sliding window
+    shorter than a row, which the mask would not apply.
+    """
+    inner = _unwrap(model)
+    config = inner.config
+    implementation = config._attn_implementation
+    if implementation not in ("sdpa", "eager", ATTENTION):
+        raise ValueError(
+            f"selector_loss_forward='packed' needs attn_implementation 'sdpa' or 'eager' (a 4-D block mask), not "
+            f"{implementation!r}; use selector_loss_forward='per_row' with this attention"
+        )
+    packed = pack_rows(prompt_ids, prompt_mask, group, completion_ids, completion_mask, pad_token_id)
+    window = getattr(config, "sliding_window", None)
+    longest = int(packed.position_ids.max()) + 2  # the last row's prompt and completion, its last token included
+    if window is not None and longest > window:
+        raise ValueError(
+            f"selector_loss_forward='packed': a row of {longest} tokens exceeds the model's sliding window ({window}), "
+            f"which the block mask does not apply; use selector_loss_forward='per_row'"
+        )
+    mask, extra = block_attention_mask(packed.segment, packed.valid), {}
+    if implementation == "eager":  # eager attention adds the mask to the scores
+        dtype = inner.get_input_embeddings().weight.dtype
+        mask = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+    else:
+        use_packed_attention(config)
+        extra["packing"] = packing(packed.segment, mask)
+    logits = model(
+        input_ids=packed.input_ids, attention_mask=mask, position_ids=packed.position_ids,
+        logits_to_keep=packed.keep, use_cache=False, **extra,
+    ).logits  # [G, keep, V]
+    logits = logits[packed.sequence[:, None], packed.logit_index]  # [B, C, V]
+    per_token = constrained_logprobs(logits, completion_ids, allowed, temperature)  # [B, C]
+    return (per_token * completion_mask).sum(-1)
+
+
+LOSS_FORWARDS = ("packed", "per_row", "kv_cache")
+
+
+def selector_logprobs(
+    forward: str,
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    group: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float = 1.0,
+    pad_token_id: int = 0,
+) -> torch.Tensor:
+    """log p(z | x, d; θ_s) of each row with grad, by the loss forward ``forward`` (one of ``LOSS_FORWARDS``).  [B]
+
+    ``packed`` (the default in training) and ``kv_cache`` run each prompt once per group; ``per_row`` is the
+    reference, one prompt per row. All three give the same values and gradients (tests/test_packed.py).
+    """
+    completion = (completion_ids, completion_mask, allowed, temperature)
+    if forward == "per_row":
+        return ranking_logprobs(model, prompt_ids, prompt_mask, *completion)
+    if forward == "kv_cache":
+        return ranking_logprobs_shared(model, prompt_ids, prompt_mask, group, *completion)
+    if forward == "packed":
+        return ranking_logprobs_packed(model, prompt_ids, prompt_mask, group, *completion, pad_token_id)
+    raise ValueError(f"selector loss forward {forward!r} is not one of {LOSS_FORWARDS}")
 
 
 def _groups(group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

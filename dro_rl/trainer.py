@@ -83,10 +83,9 @@ from .selector import (
     IdGrammar,
     left_pad,
     parse_ranking,
-    ranking_logprobs,
-    ranking_logprobs_shared,
     right_pad,
     sample_rankings,
+    selector_logprobs,
 )
 
 logger = get_logger(__name__)
@@ -420,13 +419,12 @@ class DROTrainer(GRPOTrainer):
             # Installed before every loss: Trainer.train() and generation re-enable plain checkpointing.
             enable_adapter_checkpointing(self.accelerator.unwrap_model(model), args.activation_checkpointing_kwargs)
         if not args.freeze_selector:
-            completion = (inputs["completion_ids"], inputs["completion_mask"], inputs["allowed"], self.temperature)
-            with self._role(SELECTOR):
-                if args.share_prompt_forward and not args.gradient_checkpointing:
-                    logp = ranking_logprobs_shared(model, inputs["prompt_ids"], inputs["prompt_mask"],
-                                                   inputs["group"], *completion)
-                else:
-                    logp = ranking_logprobs(model, inputs["prompt_ids"], inputs["prompt_mask"], *completion)
+            with self._role(SELECTOR):  # by default one packed forward per question: prompt + its m completions
+                logp = selector_logprobs(
+                    args.selector_loss_forward, model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["group"],
+                    inputs["completion_ids"], inputs["completion_mask"], inputs["allowed"], self.temperature,
+                    self.processing_class.pad_token_id,
+                )
             # logp: [B], under the constrained distribution that sampled
             select = E.selector_loss(inputs["advantages"], logp, m)
             self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())

@@ -32,17 +32,17 @@ def test_live_tensor_peak_counts_what_is_alive():
 def test_qlora_paths_run_and_the_shared_base_needs_less_memory():
     import bitsandbytes as bnb
 
-    preset = bench.Preset(bench.TINY, bench.TINY, qlora=True, checkpointing=True, questions=1, passage_words=6,
-                          paths=("naive", "ours", "ours-shared"))
-    rows = bench.make_rows(preset.questions, preset.passage_words)
-    tok = bench.demo_tokenizer(rows, bench.N, bench.K)
+    preset = bench.Preset(bench.TINY, bench.TINY, "qlora", (True,), 1, 6, paths=("naive", "ours", "ours-shared"))
+    rows = bench.make_rows(preset, preset.questions, preset.passage_tokens)
+    tok = bench.demo_tokenizer(rows, preset.n, preset.k)
+    batch = bench.Batch.build(rows, tok, preset, preset.passage_tokens)
     args = bench.BenchArguments(repeats=1)
-    separate = bench.time_paths(rows, tok, preset, args, False, ["naive", "ours"], "cpu", 100)
-    shared = bench.time_paths(rows, tok, preset, args, True, ["ours-shared"], "cpu", 100)
-    losses = [separate["naive"]["loss"], separate["ours"]["loss"], shared["ours-shared"]["loss"]]
+    separate = bench.time_paths(batch, preset, args, False, ["naive", "ours"], "cpu", (True,))
+    shared = bench.time_paths(batch, preset, args, True, ["ours-shared"], "cpu", (True,))
+    losses = [separate["naive/ckpt"]["loss"], separate["ours/ckpt"]["loss"], shared["ours-shared/ckpt"]["loss"]]
     assert losses == pytest.approx([losses[0]] * 3, rel=2e-2)  # bf16: same math, other batch shapes
-    assert shared["ours-shared"]["weights_gib"] < separate["ours"]["weights_gib"]
-    assert shared["ours-shared"]["peak_gib"] < separate["ours"]["peak_gib"]
+    assert shared["ours-shared/ckpt"]["weights_gib"] < separate["ours/ckpt"]["weights_gib"]
+    assert shared["ours-shared/ckpt"]["peak_gib"] < separate["ours/ckpt"]["peak_gib"]
     assert all(f["step_s"] > 0 for f in (*separate.values(), *shared.values()))
 
     models = bench.build_models(preset, tok, args, True, "cpu")
@@ -50,6 +50,47 @@ def test_qlora_paths_run_and_the_shared_base_needs_less_memory():
     assert len(layers) == 7 * bench.TINY["num_hidden_layers"]
     lora = {n.split(".")[-2] for n, p in models.selector.named_parameters() if p.requires_grad}
     assert lora == {"selector", "generator"}
+
+
+def test_every_row_computes_the_same_loss_and_the_predictions_order_the_rows(monkeypatch):
+    """fp32 rows of both checkpointing settings: the run stops unless every path but the lower bound gives the same
+    loss; the FLOP predictions order naive > ours > ours without E-step scoring > lower bound."""
+    preset = bench.Preset(bench.TINY, bench.TINY, "full", (False, True), 2, 8, n=6, k=2, m=3, paths=bench.PATHS)
+    monkeypatch.setitem(bench.PRESETS, "test", preset)
+    out = bench.main(bench.BenchArguments(preset="test", repeats=1, memory=False, paths=",".join(
+        p for p in bench.PATHS if p != "ours-shared")))
+    rows = out["rows"]
+    assert "ours-kv/ckpt" not in rows and "ours-kv/no-ckpt" in rows  # the KV-cache loss cannot be checkpointed
+    assert out["loss_relative_spread"] < 1e-6
+    for setting in ("ckpt", "no-ckpt"):
+        flops = [rows[f"{p}/{setting}"]["predicted_flops"]
+                 for p in ("naive", "ours", "ours-score-in-loss", "lower-bound")]
+        assert flops == sorted(flops, reverse=True) and len(set(flops)) == 4
+        assert set(out["ratios"][f"naive/ours/{setting}"]) == {"predicted", "measured", "measured_over_predicted"}
+    assert rows["ours/ckpt"]["predicted_flops"] > rows["ours/no-ckpt"]["predicted_flops"]  # recomputation
+
+
+def test_predicted_flops_count_each_prompt_once_in_the_packed_forward():
+    """One question, prompt of 10 tokens, m = 2 completions of 3 tokens; only token FLOPs (1 each), no backward."""
+    flops = bench.Flops(token=1, pair=0, logit=0, backward=0, checkpointing=False)
+    tok = type("Tok", (), {"__len__": lambda self: 50})()
+    batch = bench.Batch([{}], tok, 3, 2, 2, [list(range(10))], None, None)
+    samples = bench.Samples(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.long), None, None, [[0, 1], [1, 0]])
+    estep = bench.EStep(samples, [[1] * 20, [1] * 20], [[2] * 4, [2] * 4])
+    predicted = bench.predict_flops(flops, flops, batch, estep)
+    score = generator_loss = 2 * 24
+    decode = 2 * 2  # each completion's tokens after the first are decoded one by one
+    assert predicted["lower-bound"] == (10 + 2 * 2) + generator_loss  # the prompt once, each completion but its EOS
+    assert predicted["ours"] == 10 + decode + score + predicted["lower-bound"]
+    assert predicted["naive"] == 2 * 10 + decode + score + 2 * (10 + 3) + generator_loss
+    assert bench.pairs(3) == 6 and bench.pairs(2, 10) == 2 * 10 + 3
+
+
+def test_hotpotqa_rows_take_the_next_questions_paragraphs_beyond_ten():
+    rows = bench.hotpotqa_rows(2, 20)
+    assert [len(r["passages"]) for r in rows] == [20, 20]
+    assert rows[0]["passages"][10:] == rows[1]["passages"][:10]
+    assert rows[0]["answers"] and rows[0]["question"] != rows[1]["question"]
 
 
 def test_trainer_refuses_4bit_training_on_cpu(tmp_path, demo_rows, word_tok):
@@ -73,5 +114,5 @@ def test_gpu_check_script_parses_and_names_the_presets():
     script = Path(bench.__file__).with_name("gpu_check.sh")
     assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
-    for preset in ("llama3-8b-qlora", "llama3-3b-selector"):
+    for preset in ("llama3-8b-qlora", "llama3-3b-selector", "gpu-smollm2", "gpu-paper-shape"):
         assert preset in text and preset in bench.PRESETS

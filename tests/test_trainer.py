@@ -141,9 +141,9 @@ def test_a_nan_loss_is_skipped_and_reported_not_applied(tmp_path, demo_rows, wor
     from dro_rl import trainer as trainer_module
 
     def nan_logprobs(*args, **kwargs):
-        return torch.full((args[1].shape[0],), float("nan"), requires_grad=True)
+        return torch.full((args[2].shape[0],), float("nan"), requires_grad=True)  # (forward, model, prompt_ids, ...)
 
-    monkeypatch.setattr(trainer_module, "ranking_logprobs", nan_logprobs)
+    monkeypatch.setattr(trainer_module, "selector_logprobs", nan_logprobs)
     trainer = make_trainer(tmp_path, demo_rows, word_tok, max_steps=1, generator_update="none")
     sel = snapshot(trainer.model)
     trainer.train()
@@ -187,9 +187,9 @@ def test_a_nonfinite_gradient_drops_the_update_and_is_reported(tmp_path, demo_ro
 def test_shared_prompt_forward_trains_like_the_per_row_forward(tmp_path, demo_rows, word_tok):
     """Same first-step loss; every parameter trains. (Later steps may drift: Adam's first updates are ±lr for any
     gradient, so float-level differences in near-zero gradients move those weights apart.)"""
-    plain = make_trainer(tmp_path / "a", demo_rows, word_tok, max_steps=1)
+    plain = make_trainer(tmp_path / "a", demo_rows, word_tok, max_steps=1, selector_loss_forward="per_row")
     plain.train()  # each trainer seeds the global RNG in __init__: build and train one after the other
-    shared = make_trainer(tmp_path / "b", demo_rows, word_tok, max_steps=1, share_prompt_forward=True)
+    shared = make_trainer(tmp_path / "b", demo_rows, word_tok, max_steps=1, selector_loss_forward="kv_cache")
     before = snapshot(shared.model)
     shared.train()
     first = [t.state.log_history[0]["selector/loss"] for t in (plain, shared)]
