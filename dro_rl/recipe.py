@@ -83,8 +83,8 @@ class RecipeArguments:
     demo_own_home_distractor: bool = field(
         default=True, metadata={"help": "Demo: two-hop candidates include the asked person's own home city."}
     )
-    demo_hidden_size: int = field(default=64, metadata={"help": "Demo and tiny: models: width."})
-    demo_num_layers: int = field(default=2, metadata={"help": "Demo and tiny: models: depth."})
+    demo_hidden_size: int = field(default=64, metadata={"help": "Width of the demo's models and of `tiny:` models."})
+    demo_num_layers: int = field(default=2, metadata={"help": "Depth of the demo's models and of `tiny:` models."})
 
     def __post_init__(self):
         check_field_types(self)
