@@ -102,11 +102,14 @@ def describe_data(dataset_name: str | None, num_questions: int, skipped: int) ->
 
 
 def read_report(folder: str) -> dict | None:
+    """The run's report.json when it is one the recipe wrote (a table of rows); a file of another shape, e.g. one a
+    user left there, is not the card's to show."""
     path = os.path.join(folder, "report.json")
     if not os.path.exists(path):
         return None
     with open(path) as f:
-        return json.load(f)
+        report = json.load(f)
+    return report if isinstance(report, dict) and isinstance(report.get("rows"), dict) else None
 
 
 def _versions() -> dict[str, str]:

@@ -582,6 +582,8 @@ def settings(preset: Preset, args: BenchArguments) -> tuple[bool, ...]:
 
 
 def main(args: BenchArguments) -> dict:
+    if args.preset not in PRESETS:
+        raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
     preset = PRESETS[args.preset]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_num_threads(args.threads)

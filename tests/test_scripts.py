@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from test_data import SHARED, needs_shared
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,11 +96,18 @@ def test_train_rl_retrieves_question_only_data_from_a_corpus(tmp_path):
 
 
 def test_bench_paths_compute_the_same_step_loss():
-    from bench import PRESETS, BenchArguments, build_models, demo_tokenizer, make_rows, step
+    """Every timed path computes the same DRO loss from the same weights (bench.main stops the run otherwise)."""
+    from bench import BenchArguments, main as bench_main
 
-    rows = make_rows(2, 12)
-    tok = demo_tokenizer(rows, 20, 5)
-    models = build_models(PRESETS["cpu-tiny"], tok, BenchArguments(), False, "cpu")
-    naive = step(rows, tok, models, "naive", False, 5)
-    ours = step(rows, tok, models, "ours", False, 5)
-    assert abs(naive - ours) < 1e-5 * max(1.0, abs(naive))
+    out = bench_main(BenchArguments(preset="cpu-tiny", questions=2, repeats=0, paths="naive,ours,ours-kv",
+                                    memory=False, num_layers=1))
+    assert set(out["rows"]) == {"naive/no-ckpt", "ours/no-ckpt", "ours-kv/no-ckpt"}
+    assert out["loss_relative_spread"] < 1e-5
+    assert out["ratios"]["naive/ours/no-ckpt"]["predicted"] > 1.0  # the naive path does more work
+
+
+def test_bench_names_the_presets_it_knows():
+    from bench import BenchArguments, main as bench_main
+
+    with pytest.raises(SystemExit, match="known: .*cpu-smollm2.*cpu-tiny"):
+        bench_main(BenchArguments(preset="cpu-tiyn"))
