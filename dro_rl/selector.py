@@ -293,6 +293,9 @@ def sample_rankings(
     states = [_State(picked=[]) for _ in sizes]
     tokens, allowed_log, logps = [], [], torch.zeros(len(states), device=device)
     while not all(s.done for s in states):
+        if not torch.isfinite(next_logits).all():  # multinomial would fail with an obscure message
+            raise FloatingPointError("the selector's next-token logits are non-finite (NaN or inf): its parameters "
+                                     "or activations overflowed")
         options = [grammar.allowed(s, n, kk) if not s.done else [] for s, n, kk in zip(states, sizes, ks)]
         width = max(len(o) for o in options)
         allowed = torch.full((len(states), 1, width), -1, dtype=torch.long)
