@@ -70,7 +70,8 @@ class DROConfig(GRPOConfig, PipelineConfig):
         default=False,
         metadata={"help": "Selector and generator are two LoRA adapters (`selector`, `generator`) on one frozen base "
                   "model (the selector's), which halves base-model memory (QLoRA on one GPU). Needs use_peft / a "
-                  "peft_config; gradient checkpointing stays correct (non-reentrant). Not with DeepSpeed or FSDP."},
+                  "peft_config; gradient checkpointing stays correct (non-reentrant). Not with FSDP (DeepSpeed is refused "
+                  "for every DRO run)."},
     )
     generator_update: Literal["weighted", "uniform", "best", "none"] = field(
         default="weighted",

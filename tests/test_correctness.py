@@ -344,3 +344,11 @@ def test_an_overflowing_update_stops_training_with_a_clear_message(tmp_path, dem
     trainer = make_trainer(tmp_path, demo_rows, word_tok, optim="sgd", max_steps=30, **overrides)
     with pytest.raises(FloatingPointError, match=message):
         trainer.train()
+
+
+def test_non_finite_selector_logits_stop_sampling_with_a_clear_message(tmp_path, demo_rows, word_tok):
+    trainer = make_trainer(tmp_path, demo_rows, word_tok)
+    with torch.no_grad():
+        trainer.model.lm_head.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match=r"logits are non-finite.*after optimizer step 0.*learning_rate"):
+        trainer._generate_and_score_completions(generation_batch(trainer, 1))
