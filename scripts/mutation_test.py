@@ -144,11 +144,21 @@ def _constant_mutation(value):
     return None
 
 
+def _further(value: int | float) -> int | float:
+    """The magnitude of a negated constant, moved one step away from zero."""
+    return value + 1 if isinstance(value, int) else (value * 2 if value else 1.0)
+
+
+def _negative_constant(node) -> bool:
+    return (isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant)
+            and _constant_mutation(node.operand.value) is not None and not isinstance(node.operand.value, bool))
+
+
 class _Sites(ast.NodeVisitor):
     """Every (node, mutation) site, outside annotations, docstrings and strings."""
 
     def __init__(self, functions: tuple[str, ...] | None):
-        self.functions, self.inside, self.sites = functions, functions is None, []
+        self.functions, self.inside, self.sites, self.negated = functions, functions is None, [], set()
 
     def visit_FunctionDef(self, node):
         was = self.inside
@@ -169,7 +179,13 @@ class _Sites(ast.NodeVisitor):
     def generic_visit(self, node):
         if self.inside:
             self._collect(node)
+        for child in ast.iter_child_nodes(node):
+            if _negative_constant(node):
+                self.negated.add(id(child))
         super().generic_visit(node)
+
+    def _negated(self, node) -> bool:
+        return id(node) in self.negated
 
     def _collect(self, node):
         if isinstance(node, ast.BinOp) and type(node.op) in BINOPS:
@@ -180,9 +196,12 @@ class _Sites(ast.NodeVisitor):
                     self.sites.append((node, f"cmp{i}", f"{type(op).__name__} -> {CMPOPS[type(op)].__name__}"))
         elif isinstance(node, ast.BoolOp):
             self.sites.append((node, "boolop", "and <-> or"))
+        elif _negative_constant(node):  # -1 -> -2: another axis or slice end (dropping the sign of a dim of a 2-D
+            value = node.operand.value  # tensor would often name the same axis)
+            self.sites.append((node, "negative", f"-{value!r} -> -{_further(value)!r}"))
         elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
             self.sites.append((node, "unary", f"drop {type(node.op).__name__}"))
-        elif isinstance(node, ast.Constant) and _constant_mutation(node.value) is not None:
+        elif isinstance(node, ast.Constant) and _constant_mutation(node.value) is not None and not self._negated(node):
             self.sites.append((node, "constant", f"{node.value!r} -> {_constant_mutation(node.value)!r}"))
         elif isinstance(node, ast.Attribute) and node.attr in REDUCTIONS:
             self.sites.append((node, "reduction", f".{node.attr} -> .{REDUCTIONS[node.attr]}"))
@@ -204,6 +223,8 @@ class _Apply(ast.NodeTransformer):
             node.ops[i] = CMPOPS[type(node.ops[i])]()
         elif self.kind == "boolop":
             node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        elif self.kind == "negative":
+            node.operand.value = _further(node.operand.value)
         elif self.kind == "unary":
             return node.operand
         elif self.kind == "constant":
@@ -304,12 +325,14 @@ def run_tests(copy: Path, tests: list[str], timeout: int) -> tuple[str, str]:
 
 
 def main(args: MutationArguments) -> dict:
-    import datasets  # noqa: F401  (imported once here, inherited by every forked child)
+    # Imported once here and inherited by every forked child (the packages import their submodules lazily).
+    import datasets  # noqa: F401
+    import hypothesis  # noqa: F401
     import peft  # noqa: F401
     import pytest  # noqa: F401
     import torch  # noqa: F401
-    import transformers  # noqa: F401
-    import trl  # noqa: F401
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast, Trainer  # noqa: F401
+    from trl import GRPOConfig, GRPOTrainer, SFTConfig, SFTTrainer, TrlParser  # noqa: F401
 
     if args.mode == "named":
         jobs = list(named_mutants())

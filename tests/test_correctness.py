@@ -91,6 +91,7 @@ def test_the_loss_scores_exactly_what_the_e_step_sampled_with_lora_dropout_on(
     out = trainer._generate_and_score_completions(generation_batch(trainer, 3))
     trainer._compute_loss(trainer.model, out)
     assert trainer.model.training and trainer.generator.training  # the E-step gave the modes back
+    assert not trainer.accelerator.unwrap_model(trainer.model).is_gradient_checkpointing  # not asked for
 
     (_, samples), = sampled.calls
     (_, answer_logp), = scored.calls
@@ -110,13 +111,21 @@ def test_the_e_step_is_deterministic_even_when_training_keeps_dropout(tmp_path, 
     out = trainer._generate_and_score_completions(generation_batch(trainer, 3))
     (_, samples), = sampled.calls
     (_, answer_logp), = scored.calls
-    trainer.model.eval(), trainer.generator.eval()
+    trainer.model.eval()
+    trainer.generator.eval()
     logp, answer = teacher_forced(trainer, out)
     torch.testing.assert_close(logp, samples.logps, atol=1e-4, rtol=0)
     torch.testing.assert_close(answer, answer_logp, atol=1e-4, rtol=0)
+    # The user's dropout is honoured where it belongs, in the training forwards, the generator's included even when
+    # it arrives in eval mode (as from_pretrained leaves a model; eval mode would also skip gradient checkpointing).
     trainer.model.train()
-    losses = [trainer._compute_loss(trainer.model, out).item() for _ in range(2)]
-    assert losses[0] != losses[1]  # the user's dropout is honoured where it belongs: in the training forward
+    select = Spy(monkeypatch, trainer_module.E, "selector_loss")
+    generate = Spy(monkeypatch, trainer_module.E, "generator_loss")
+    for _ in range(2):
+        trainer._compute_loss(trainer.model, out)
+    assert trainer.generator.training
+    for spy in (select, generate):
+        assert not torch.equal(spy.calls[0][0][1], spy.calls[1][0][1])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -171,6 +180,44 @@ def test_weights_are_a_per_question_softmax_of_the_generator_scores(
     expected = weights - 1 / m if estimator == "dro_baseline" else weights
     torch.testing.assert_close(out["advantages"], expected.float(), atol=1e-5, rtol=0)
     torch.testing.assert_close(out["gen_coef"], weights.float(), atol=1e-5, rtol=0)
+
+
+def test_reward_advantages_use_each_rows_weighted_rewards_and_decode_answers_only_when_needed(
+    tmp_path, demo_rows, word_tok, monkeypatch
+):
+    """`reinforce` on 0.5 · log p(y | x, d_z) + 2 · p(y | x, d_z): each row's own rewards, weighted and summed."""
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator="reinforce",
+                           reward_funcs=["log_likelihood", "likelihood"], reward_weights=[0.5, 2.0])
+    scored = Spy(monkeypatch, trainer_module, "batch_answer_logprobs")
+    decoded = Spy(monkeypatch, trainer_module, "generate_answers")
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
+    (_, answer_logp), = scored.calls
+    torch.testing.assert_close(out["advantages"], 0.5 * answer_logp + 2.0 * answer_logp.exp(), atol=1e-5, rtol=0)
+    assert not decoded.calls  # neither reward reads a generated answer: no greedy decoding was paid for
+
+    for scale_rewards in ("group", "none"):  # grpo: (r − mean) / (std + 1e-4) per question, or only centred
+        trainer = make_trainer(tmp_path / scale_rewards, demo_rows, word_tok, estimator="grpo",
+                               scale_rewards=scale_rewards)
+        out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
+        rewards = scored.calls[-1][1].view(2, -1)
+        expected = rewards - rewards.mean(-1, keepdim=True)
+        if scale_rewards == "group":
+            expected = expected / (rewards.std(-1, keepdim=True) + 1e-4)
+        torch.testing.assert_close(out["advantages"], expected.reshape(-1), atol=1e-4, rtol=1e-4)
+
+    trainer = make_trainer(tmp_path / "em", demo_rows, word_tok, estimator="reinforce", reward_funcs=["answer_em"])
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
+    assert len(decoded.calls) == 1 and set(out["advantages"].tolist()) <= {0.0, 1.0}
+
+
+def test_a_nonfinite_loss_becomes_a_zero_that_keeps_the_graph(tmp_path, demo_rows, word_tok, monkeypatch):
+    """A detached zero would skip this process's backward, and with it DDP's gradient all-reduce: the other processes
+    would wait forever (tests/test_distributed.py runs that case). The zero stays attached to the forward."""
+    trainer = make_trainer(tmp_path, demo_rows, word_tok)
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
+    monkeypatch.setattr(trainer_module.E, "selector_loss", lambda adv, logp, m: logp.sum() * float("nan"))
+    loss = trainer._compute_loss(trainer.model, out)
+    assert loss.item() == 0.0 and loss.grad_fn is not None and trainer._nonfinite_losses == 1
 
 
 def weighted_objectives(trainer: DROTrainer, out: dict) -> tuple[float, float]:

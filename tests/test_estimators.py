@@ -57,6 +57,26 @@ def test_advantages_match_hand_computed_values(estimator, expected):
     torch.testing.assert_close(E.advantages(estimator, WEIGHTS, REWARDS), torch.tensor([expected]))
 
 
+def test_advantages_are_per_question():
+    """Two questions at once get each question's own advantages (a baseline over the whole batch would not)."""
+    weights, rewards = torch.cat([WEIGHTS, WEIGHTS.flip(-1)]), torch.cat([REWARDS, 10 * REWARDS.flip(-1)])
+    for estimator in E.ESTIMATORS:
+        both = E.advantages(estimator, weights, rewards)
+        for q in range(2):
+            torch.testing.assert_close(both[q], E.advantages(estimator, weights[q : q + 1], rewards[q : q + 1])[0])
+
+
+def test_advantages_with_two_and_with_one_sample():
+    # m = 2: leave-one-out is the difference to the other sample; grpo's sample std of (1, 4) is 3 / √2
+    two = torch.tensor([[1.0, 4.0]])
+    torch.testing.assert_close(E.advantages("rloo", WEIGHTS[:, :2], two), torch.tensor([[-3.0, 3.0]]))
+    torch.testing.assert_close(E.advantages("grpo", WEIGHTS[:, :2], two),
+                               torch.tensor([[-1.5, 1.5]]) / (3 / math.sqrt(2) + 1e-4))
+    # m = 1: nothing to compare with, so the baselined estimators give exactly zero (never a NaN std)
+    for estimator in ("dro_baseline", "rloo", "grpo"):
+        assert E.advantages(estimator, torch.ones(2, 1), torch.tensor([[5.0], [-2.0]])).tolist() == [[0.0], [0.0]]
+
+
 def test_grpo_without_std_scaling_is_centred_reward():
     torch.testing.assert_close(
         E.advantages("grpo", WEIGHTS, REWARDS, scale_by_std=False), torch.tensor([[-2.0, -1.0, 0.0, 3.0]])

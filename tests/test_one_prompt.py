@@ -15,6 +15,7 @@ from dro_rl import trainer as trainer_module
 from dro_rl.data import write_jsonl
 from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_model
+from dro_rl.pipeline_config import PipelineConfig
 from dro_rl.selector import SelectorPrompt
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -111,3 +112,10 @@ def test_warmup_evaluation_and_training_build_the_same_capped_prompts(tmp_path, 
     retrieval_top_k = answered[: len(rows)]  # the first strategy scored: the retrieval order's top K
     assert retrieval_top_k == [trainer_generator_prompt(row, [0, 1]) for row in rows]
 
+
+
+def test_prompt_defaults_are_the_pipeline_defaults():
+    """Code that builds a prompt without a config (score_picks' fallback) gets the pipeline's default prompt."""
+    config = PipelineConfig()
+    assert GeneratorPrompt() == config.generator_prompt()
+    assert SelectorPrompt(config.num_docs_selected) == config.selector_prompt()
