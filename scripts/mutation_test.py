@@ -2,6 +2,7 @@
 
     python scripts/mutation_test.py --mode named      # the mutations of issue 11 (a review's), each must be killed
     python scripts/mutation_test.py --mode generated --output_dir outputs/mutation    # every operator, every line
+    python scripts/mutation_test.py --mode generated --previous outputs/mutation/mutants.json ...  # after new tests
 
 `named` applies the hand-written mutations listed in NAMED (a flipped loss sign, weights grouped across questions,
 ...) and runs the tests that must kill each, the two-process test included. `generated` walks the AST of
@@ -12,8 +13,9 @@ statements deleted. Annotations, docstrings and string constants are left alone.
 
 Each mutant is written into a scratch copy of the repository (never into this checkout) and tested in a child
 forked from a parent that has already imported torch, transformers and TRL, so a mutant costs only its tests; the
-tests stop at the first failure. A mutant survives if its tests pass. `mutants.json` and `summary.md` in
-`--output_dir` list every mutant, its outcome and the surviving ones.
+tests stop at the first failure. A mutant survives if its tests pass; it is killed if one fails, or hangs (a test
+over `--test_timeout` seconds, or the whole set over 4 × its unmutated time). `mutants.json` (kept current during the
+run) and `summary.md` in `--output_dir` list every mutant, its outcome, the first failing test and the survivors.
 """
 
 from __future__ import annotations
@@ -37,11 +39,11 @@ COPIED = ("dro_rl", "rewards", "tests", "scripts", "configs", "docs", "pyproject
 # The tests each module's mutants run, fastest and most specific first (the run stops at the first failure).
 TESTS = {
     "dro_rl/estimators.py": ["tests/test_estimators.py", "tests/test_correctness.py"],
-    "dro_rl/selector.py": ["tests/test_selector.py", "tests/test_properties.py", "tests/test_prompt_budget.py",
-                           "tests/test_correctness.py::test_the_loss_scores_exactly_what_the_e_step_sampled_with_lora_dropout_on",
-                           "tests/test_one_prompt.py"],
+    "dro_rl/selector.py": ["tests/test_selector.py", "tests/test_prompt_budget.py", "tests/test_one_prompt.py",
+                           "tests/test_generator.py", "tests/test_properties.py",
+                           "tests/test_correctness.py::test_the_loss_scores_exactly_what_the_e_step_sampled_with_lora_dropout_on"],
     "dro_rl/generator.py": ["tests/test_generator.py", "tests/test_correctness.py", "tests/test_one_prompt.py"],
-    "dro_rl/evaluation.py": ["tests/test_evaluation.py", "tests/test_selector.py",
+    "dro_rl/evaluation.py": ["tests/test_evaluation.py", "tests/test_evaluation_pipeline.py", "tests/test_selector.py",
                              "tests/test_trainer.py::test_evaluation_runs_the_greedy_pipeline_during_training",
                              "tests/test_scripts.py::test_warmup_then_evaluate_on_hotpotqa"],
     "dro_rl/trainer.py": ["tests/test_correctness.py", "tests/test_trainer.py", "tests/test_shared_base.py"],
@@ -109,7 +111,16 @@ class MutationArguments:
                                metadata={"help": "Files whose generated mutants run (paths as in TESTS)."})
     sample: int | None = field(default=None, metadata={"help": "Run a random sample of this many generated mutants."})
     seed: int = field(default=0, metadata={"help": "Seed of --sample."})
-    timeout: int = field(default=600, metadata={"help": "Seconds per mutant; a mutant that hangs its tests is killed."})
+    previous: str | None = field(
+        default=None,
+        metadata={"help": "A mutants.json of an earlier run: its killed mutants (same file, line text and change) "
+                  "count as killed without running again; the others run (e.g. its survivors, after new tests)."},
+    )
+    test_timeout: int = field(default=90, metadata={"help": "Seconds one test may run under a generated mutant (named "
+                                                             "mutants run the two-process test: 600)."})
+    min_timeout: int = field(
+        default=60, metadata={"help": "Seconds a mutant's tests may take at least; the limit is 4 × the unmutated run."}
+    )
     output_dir: str = field(default="outputs/mutation", metadata={"help": "Where mutants.json and summary.md go."})
 
 
@@ -132,6 +143,10 @@ class Mutant:
     operator: str
     description: str
     source: str = field(repr=False)
+    code: str = ""  # the original line, stripped: how a mutant is found again after lines move
+
+    def key(self) -> tuple[str, str, str]:
+        return self.path, self.description, self.code
 
 
 def _constant_mutation(value):
@@ -247,7 +262,7 @@ def generated_mutants(path: str) -> Iterator[Mutant]:
         fresh.visit(tree)
         node, kind, description = fresh.sites[index]
         mutated = ast.unparse(ast.fix_missing_locations(_Apply(node, kind).visit(tree)))
-        yield Mutant(path, node.lineno, kind, description, mutated)
+        yield Mutant(path, node.lineno, kind, description, mutated, source.splitlines()[node.lineno - 1].strip())
 
 
 def named_mutants() -> Iterator[tuple[Mutant, tuple[str, ...]]]:
@@ -257,7 +272,8 @@ def named_mutants() -> Iterator[tuple[Mutant, tuple[str, ...]]]:
             raise ValueError(f"named mutation {named.name!r}: {named.before!r} is not found exactly once in "
                              f"{named.path}; update NAMED")
         line = source[: source.index(named.before)].count("\n") + 1
-        yield Mutant(named.path, line, "named", named.name, source.replace(named.before, named.after)), named.tests
+        mutated = source.replace(named.before, named.after)
+        yield Mutant(named.path, line, "named", named.name, mutated, named.before.strip()), named.tests
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -280,18 +296,29 @@ def scratch_copy() -> Path:
 
 
 class _FirstFailure:
-    """pytest plugin: writes the id of the first failing test to ``path``."""
+    """pytest plugin: writes the id of the first failing test to ``path``, and fails a test that runs longer than
+    ``per_test`` seconds (a mutant that loops forever, e.g. in the sampler, is killed in seconds, not minutes)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, per_test: int):
+        self.path, self.per_test = path, per_test
 
     def pytest_runtest_logreport(self, report):
         if report.failed and not os.path.exists(self.path):
             with open(self.path, "w") as f:
                 f.write(report.nodeid)
 
+    def _over_time(self, signum, frame):
+        raise TimeoutError(f"a test ran over {self.per_test} s: the mutant hangs")
 
-def run_tests(copy: Path, tests: list[str], timeout: int) -> tuple[str, str]:
+    def pytest_runtest_setup(self, item):
+        signal.signal(signal.SIGALRM, self._over_time)
+        signal.alarm(self.per_test)
+
+    def pytest_runtest_teardown(self, item):
+        signal.alarm(0)
+
+
+def run_tests(copy: Path, tests: list[str], timeout: float, per_test: int = 90) -> tuple[str, str]:
     """('killed' | 'survived' | 'timeout', the first failing test) for the mutant currently written into ``copy``."""
     failure = copy.parent / "first_failure"
     failure.unlink(missing_ok=True)
@@ -307,7 +334,8 @@ def run_tests(copy: Path, tests: list[str], timeout: int) -> tuple[str, str]:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, 1)
             os.dup2(devnull, 2)
-            code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", *tests], plugins=[_FirstFailure(str(failure))])
+            plugin = _FirstFailure(str(failure), per_test)
+            code = pytest.main(["-x", "-q", "-p", "no:cacheprovider", *tests], plugins=[plugin])
         except BaseException:
             code = 99
         os._exit(int(code))
@@ -341,30 +369,47 @@ def main(args: MutationArguments) -> dict:
         if args.sample is not None:
             mutants = random.Random(args.seed).sample(mutants, min(args.sample, len(mutants)))
         jobs = [(m, tuple(TESTS[m.path])) for m in mutants]
+    results, carried = [], set()
+    if args.previous:
+        with open(args.previous) as f:
+            carried = {(r["path"], r["description"], r["code"]): r for r in json.load(f) if r["outcome"] != "survived"}
+    os.makedirs(args.output_dir, exist_ok=True)
     copy = scratch_copy()
-    print(f"{len(jobs)} mutants; scratch copy {copy}", flush=True)
-    results = []
+    print(f"{len(jobs)} mutants ({sum(m.key() in carried for m, _ in jobs)} killed in {args.previous}); "
+          f"scratch copy {copy}", flush=True)
+    limits: dict[tuple[str, ...], float] = {}
     try:
         for i, (mutant, tests) in enumerate(jobs, 1):
+            if mutant.key() in carried:
+                results.append({**carried[mutant.key()], "line": mutant.line, "operator": mutant.operator})
+                continue
+            if tests not in limits:  # the unmutated tests must pass; a mutant may take 4 × as long before it hangs
+                start = time.monotonic()
+                outcome, failure = run_tests(copy, list(tests), 3600)
+                if outcome != "survived":
+                    raise RuntimeError(f"the unmutated tests fail ({failure}): fix them before mutation testing")
+                limits[tests] = max(args.min_timeout, 4 * (time.monotonic() - start))
             target = copy / mutant.path
             original = target.read_text()
             target.write_text(mutant.source)
             start = time.monotonic()
             try:
-                outcome, killed_by = run_tests(copy, list(tests), args.timeout)
+                per_test = args.test_timeout if args.mode == "generated" else 600
+                outcome, killed_by = run_tests(copy, list(tests), limits[tests], per_test)
             finally:
                 target.write_text(original)
-            results.append({"path": mutant.path, "line": mutant.line, "operator": mutant.operator,
+            results.append({"path": mutant.path, "line": mutant.line, "code": mutant.code, "operator": mutant.operator,
                             "description": mutant.description, "outcome": outcome, "killed_by": killed_by,
                             "seconds": round(time.monotonic() - start, 1)})
             print(f"[{i}/{len(jobs)}] {outcome:8s} {mutant.path}:{mutant.line} {mutant.description}  {killed_by}",
                   flush=True)
+            with open(os.path.join(args.output_dir, "mutants.json"), "w") as f:  # kept current: a long run can stop
+                json.dump(results, f, indent=1)
     finally:
         shutil.rmtree(copy.parent, ignore_errors=True)
-    summary = summarize(results, args)
-    os.makedirs(args.output_dir, exist_ok=True)
     with open(os.path.join(args.output_dir, "mutants.json"), "w") as f:
         json.dump(results, f, indent=1)
+    summary = summarize(results, args)
     with open(os.path.join(args.output_dir, "summary.md"), "w") as f:
         f.write(summary + "\n")
     print("\n" + summary, flush=True)

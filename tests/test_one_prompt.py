@@ -2,6 +2,7 @@
 pipeline flags, build the same selector and generator prompts token for token, with long passages that hit the
 prompt caps (the scripts used to ignore `max_prompt_length` / `generator_max_prompt_length`)."""
 
+import copy
 import sys
 import types
 from pathlib import Path
@@ -16,7 +17,7 @@ from dro_rl.data import write_jsonl
 from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_model
 from dro_rl.pipeline_config import PipelineConfig
-from dro_rl.selector import SelectorPrompt
+from dro_rl.selector import IdGrammar, SelectorPrompt, apply_template, passage_text
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -119,3 +120,18 @@ def test_prompt_defaults_are_the_pipeline_defaults():
     config = PipelineConfig()
     assert GeneratorPrompt() == config.generator_prompt()
     assert SelectorPrompt(config.num_docs_selected) == config.selector_prompt()
+
+
+def test_prompt_pieces_render_as_documented(bpe_tok):
+    chat = copy.deepcopy(bpe_tok)
+    chat.chat_template = ("{% for m in messages %}<u>{{ m['content'] }}{% endfor %}"
+                          "{% if add_generation_prompt %}<a>{% endif %}")
+    plain = bpe_tok("hi there", add_special_tokens=False)["input_ids"]
+    assert apply_template(chat, "hi there", True) == chat("<u>hi there<a>", add_special_tokens=False)["input_ids"]
+    assert apply_template(chat, "hi there", False) == plain
+    assert apply_template(bpe_tok, "hi there", True) == plain  # no template to apply
+    _, minilm = load_model("tiny:minilm")  # BERT-style: would add [CLS] ... [SEP]
+    assert apply_template(minilm, "hi there", False) == minilm("hi there", add_special_tokens=False)["input_ids"]
+    assert IdGrammar(minilm, 3).first[0] == tuple(minilm("[1]", add_special_tokens=False)["input_ids"])
+    assert passage_text({"title": " T ", "text": " x "}) == "T: x"
+    assert passage_text({"title": None, "text": "x"}) == "x"
