@@ -493,7 +493,7 @@ class DROTrainer(GRPOTrainer):
             # Counted, and the whole update is then skipped on every process (_skip_nonfinite_update). The zero keeps
             # the graph, so the backward still runs DDP's gradient all-reduce in step with the other processes.
             self._nonfinite_losses += 1
-            loss = loss.nan_to_num(0.0, 0.0, 0.0) * 0.0
+            loss = loss.nan_to_num() * 0.0
         return loss / self.current_gradient_accumulation_steps
 
     # ------------------------------------------------------------------------------------------------------------

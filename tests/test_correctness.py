@@ -215,9 +215,10 @@ def test_a_nonfinite_loss_becomes_a_zero_that_keeps_the_graph(tmp_path, demo_row
     would wait forever (tests/test_distributed.py runs that case). The zero stays attached to the forward."""
     trainer = make_trainer(tmp_path, demo_rows, word_tok)
     out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
-    monkeypatch.setattr(trainer_module.E, "selector_loss", lambda adv, logp, m: logp.sum() * float("nan"))
-    loss = trainer._compute_loss(trainer.model, out)
-    assert loss.item() == 0.0 and loss.grad_fn is not None and trainer._nonfinite_losses == 1
+    for count, bad in enumerate((float("nan"), float("inf")), 1):
+        monkeypatch.setattr(trainer_module.E, "selector_loss", lambda adv, logp, m: logp.sum() * 0 + bad)
+        loss = trainer._compute_loss(trainer.model, out)
+        assert loss.item() == 0.0 and loss.grad_fn is not None and trainer._nonfinite_losses == count
 
 
 def weighted_objectives(trainer: DROTrainer, out: dict) -> tuple[float, float]:
