@@ -144,9 +144,10 @@ class Mutant:
     description: str
     source: str = field(repr=False)
     code: str = ""  # the original line, stripped: how a mutant is found again after lines move
+    occurrence: int = 0  # among mutants with the same path, line text and change (e.g. two 0.0s on one line)
 
-    def key(self) -> tuple[str, str, str]:
-        return self.path, self.description, self.code
+    def key(self) -> tuple[str, str, str, int]:
+        return self.path, self.description, self.code, self.occurrence
 
 
 def _constant_mutation(value):
@@ -256,13 +257,16 @@ def generated_mutants(path: str) -> Iterator[Mutant]:
     functions = TRAINER_FUNCTIONS if path.endswith("trainer.py") else None
     sites = _Sites(functions)
     sites.visit(ast.parse(source))
+    seen: dict[tuple[str, str], int] = {}
     for index in range(len(sites.sites)):
         tree = ast.parse(source)  # a fresh tree per mutant; the site is found again by its position
         fresh = _Sites(functions)
         fresh.visit(tree)
         node, kind, description = fresh.sites[index]
         mutated = ast.unparse(ast.fix_missing_locations(_Apply(node, kind).visit(tree)))
-        yield Mutant(path, node.lineno, kind, description, mutated, source.splitlines()[node.lineno - 1].strip())
+        code = source.splitlines()[node.lineno - 1].strip()
+        seen[(description, code)] = occurrence = seen.get((description, code), -1) + 1
+        yield Mutant(path, node.lineno, kind, description, mutated, code, occurrence)
 
 
 def named_mutants() -> Iterator[tuple[Mutant, tuple[str, ...]]]:
@@ -372,7 +376,8 @@ def main(args: MutationArguments) -> dict:
     results, carried = [], set()
     if args.previous:
         with open(args.previous) as f:
-            carried = {(r["path"], r["description"], r["code"]): r for r in json.load(f) if r["outcome"] != "survived"}
+            carried = {(r["path"], r["description"], r["code"], r["occurrence"]): r for r in json.load(f)
+                       if r["outcome"] != "survived"}
     os.makedirs(args.output_dir, exist_ok=True)
     copy = scratch_copy()
     print(f"{len(jobs)} mutants ({sum(m.key() in carried for m, _ in jobs)} killed in {args.previous}); "
@@ -382,6 +387,8 @@ def main(args: MutationArguments) -> dict:
         for i, (mutant, tests) in enumerate(jobs, 1):
             if mutant.key() in carried:
                 results.append({**carried[mutant.key()], "line": mutant.line, "operator": mutant.operator})
+                print(f"[{i}/{len(jobs)}] killed before ({args.previous}) {mutant.path}:{mutant.line} "
+                      f"{mutant.description}", flush=True)
                 continue
             if tests not in limits:  # the unmutated tests must pass; a mutant may take 4 × as long before it hangs
                 start = time.monotonic()
@@ -398,7 +405,8 @@ def main(args: MutationArguments) -> dict:
                 outcome, killed_by = run_tests(copy, list(tests), limits[tests], per_test)
             finally:
                 target.write_text(original)
-            results.append({"path": mutant.path, "line": mutant.line, "code": mutant.code, "operator": mutant.operator,
+            results.append({"path": mutant.path, "line": mutant.line, "code": mutant.code,
+                            "occurrence": mutant.occurrence, "operator": mutant.operator,
                             "description": mutant.description, "outcome": outcome, "killed_by": killed_by,
                             "seconds": round(time.monotonic() - start, 1)})
             print(f"[{i}/{len(jobs)}] {outcome:8s} {mutant.path}:{mutant.line} {mutant.description}  {killed_by}",

@@ -54,8 +54,8 @@ def test_the_budget_is_the_largest_that_fits(bpe_tok):
         return SelectorPrompt(3, budget, use_chat_template=False, max_prompt_length=cap)(bpe_tok, "q?", passages)
 
     overhead, full = len(prompt(0)), len(prompt(40))
-    for cap in range(overhead + 5, full + 1, (full - overhead) // 9):
-        fits = [b for b in range(1, 41) if len(prompt(b)) <= cap]
+    for cap in [*range(overhead + 5, full, (full - overhead) // 9), len(prompt(39)), full, full + 50]:
+        fits = [b for b in range(1, 41) if len(prompt(b)) <= cap]  # never more than the configured 40
         assert prompt(40, cap) == prompt(max(fits)), cap
     with pytest.raises(ValueError, match="no room for 5 passages"):  # only an empty budget would fit
         prompt(40, overhead + 4)
