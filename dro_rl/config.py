@@ -30,6 +30,12 @@ class DROConfig(GRPOConfig, PipelineConfig):
     # Parent defaults changed, with the reason.
     learning_rate: float = field(default=1e-5, metadata={"help": "Selector learning rate (paper: 1e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (paper: 0.01)."})
+    disable_dropout: bool = field(
+        default=True,
+        metadata={"help": "Set every dropout probability of both models (LoRA dropout included) to 0, so that the loss "
+                  "scores each sampled ranking with the log-probability it was sampled with. The E-step (sampling, "
+                  "scoring) runs in eval mode either way; `false` keeps dropout in the M-step's forwards only."},
+    )
 
     selector_loss_forward: Literal["packed", "per_row", "kv_cache"] = field(
         default="packed",
@@ -72,7 +78,8 @@ class DROConfig(GRPOConfig, PipelineConfig):
         default=False,
         metadata={"help": "Selector and generator are two LoRA adapters (`selector`, `generator`) on one frozen base "
                   "model (the selector's), which halves base-model memory (QLoRA on one GPU). Needs use_peft / a "
-                  "peft_config; gradient checkpointing stays correct (non-reentrant). Not with DeepSpeed or FSDP."},
+                  "peft_config; gradient checkpointing stays correct (non-reentrant). Not with FSDP (DeepSpeed is refused "
+                  "for every DRO run)."},
     )
     generator_update: Literal["weighted", "uniform", "best", "none"] = field(
         default="weighted",
@@ -122,9 +129,14 @@ class DROConfig(GRPOConfig, PipelineConfig):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.generator_batch_size < 1:
             raise ValueError(f"generator_batch_size must be >= 1, got {self.generator_batch_size}")
-        # GRPO refuses m = 1 (its group baseline needs two samples); DRO's `dro` estimator and the generator update
-        # are well defined with one sample per question, so m = 1 is allowed here and the parent checks run with 2.
+        # GRPO refuses m = 1 (its group baseline needs two samples). With one sample w̃ = 1, so the selector's
+        # expected gradient is exactly zero: refused while the selector trains; a frozen selector's generator-only
+        # training is fine, so the parent checks then run with 2.
         single = self.num_generations == 1
+        if single and not self.freeze_selector:
+            raise ValueError("num_generations = 1 (m = 1) gives the selector pure noise: with one sample its weight "
+                             "is 1 and the expected gradient is exactly zero (docs/estimator.md has the measured "
+                             "table). Use m >= 2 (paper: 8), or freeze_selector: true to train the generator alone.")
         if single:
             self.num_generations = 2
         try:

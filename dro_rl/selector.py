@@ -62,7 +62,7 @@ def apply_template(tokenizer, text: str, use_chat_template: bool) -> list[int]:
 
 
 def fit_to_length(build, n: int, budget: int, max_length: int | None, what: str) -> list[int]:
-    """``build(per_passage_budget)`` with the budget lowered until the prompt fits ``max_length`` tokens.
+    """``build(b)`` for the largest per-passage budget b <= ``budget`` whose prompt fits ``max_length`` tokens.
 
     The budget is shared evenly by the n passages, so every passage stays in the prompt; too small a
     ``max_length`` for the fixed text is an error, never a silently dropped passage.
@@ -70,16 +70,21 @@ def fit_to_length(build, n: int, budget: int, max_length: int | None, what: str)
     if max_length is None:
         return build(budget)
     overhead = len(build(0))
-    budget = min(budget, (max_length - overhead) // max(n, 1))
-    while budget >= 1:
-        ids = build(budget)
+    fitted = min(budget, (max_length - overhead) // max(n, 1))  # if every passage took exactly its budget
+    while fitted >= 1:
+        ids = build(fitted)
         if len(ids) <= max_length:
-            return ids
-        budget -= max(1, (len(ids) - max_length) // max(n, 1))
-    raise ValueError(
-        f"the {what} prompt needs {overhead} tokens before any passage text, leaving no room for {n} passages in "
-        f"max length {max_length}"
-    )
+            break
+        fitted -= max(1, (len(ids) - max_length) // max(n, 1))
+    else:
+        raise ValueError(
+            f"the {what} prompt needs {overhead} tokens before any passage text, leaving no room for {n} passages in "
+            f"max length {max_length}"
+        )
+    # A cut passage can take fewer tokens than its budget (tokens re-merge at its edges): grow while it still fits.
+    while fitted < budget and len(larger := build(fitted + 1)) <= max_length:
+        fitted, ids = fitted + 1, larger
+    return ids
 
 
 @dataclass(frozen=True)
@@ -295,6 +300,9 @@ def sample_rankings(
     states = [_State(picked=[]) for _ in sizes]
     tokens, allowed_log, logps = [], [], torch.zeros(len(states), device=device)
     while not all(s.done for s in states):
+        if not torch.isfinite(next_logits).all():  # multinomial would fail with an obscure message
+            raise FloatingPointError("the selector's next-token logits are non-finite (NaN or inf): its parameters "
+                                     "or activations overflowed")
         options = [grammar.allowed(s, n, kk) if not s.done else [] for s, n, kk in zip(states, sizes, ks)]
         width = max(len(o) for o in options)
         allowed = torch.full((len(states), 1, width), -1, dtype=torch.long)

@@ -7,11 +7,17 @@ Overridden, and why:
   replacing GRPO's free-form generation and group-mean advantage;
 - ``_compute_loss``: the M-step, L_select + L_generate, replacing GRPO's clipped token-level loss (a DRO sample is
   scored under the constrained distribution that drew it, which GRPO's unconstrained log-probs are not);
-- ``create_optimizer`` / ``_clip_grad_norm``: the generator's own param group (own learning rate) and clipping;
-- ``save_model`` / ``_save_checkpoint`` / ``_load_from_checkpoint``: every save is a run folder (``dro_rl.run_folder``:
-  ``selector/``, ``generator/``, ``pipeline.json``, a completion marker; the final one also the log history and the
-  model card, swapped in atomically); resuming restores both models;
+- ``create_optimizer`` / ``_clip_grad_norm`` / ``_get_grad_norm``: the generator's own param groups (own learning
+  rate, the selector's weight-decay rule), its own clipping, and the guard that skips a non-finite update on every
+  process at once;
+- ``save_model`` / ``_save_checkpoint`` / ``_load_from_checkpoint`` / ``_load_best_model``: every save is a run folder
+  (``dro_rl.run_folder``: ``selector/``, ``generator/``, ``pipeline.json``, a completion marker; the final one also the
+  log history and the model card, swapped in atomically); resuming and best-model loading restore both models;
 - ``create_model_card``: a card for the selector/generator pair (``dro_rl.model_card``), used by ``push_to_hub``.
+
+The E-step runs both models in eval mode, so that sampling and scoring are deterministic given the parameters; with
+``disable_dropout`` (DROConfig's default) the M-step's forwards are dropout-free too, and the loss then scores each
+ranking with exactly the log-probability it was sampled with (METHOD.md §2, "Finite m").
 
 With ``share_base_model`` the two models are two LoRA adapters on one base (``dro_rl.models``): ``self.generator`` is
 then ``self.model`` itself and ``_role`` activates the right adapter around every forward.
@@ -25,7 +31,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -104,6 +111,22 @@ class _ZeroGeneratorGrads(TrainerCallback):
         self.generator.zero_grad(set_to_none=True)
 
 
+class _StopOnNonFiniteParameters(TrainerCallback):
+    """After each optimizer step: parameters that overflowed stop training here, with the step and learning rates,
+    instead of as an obscure failure in the next step's sampling. (Processes hold identical parameters, so all stop.)"""
+
+    def __init__(self, trainer: DROTrainer):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        trainer = self.trainer
+        for role, params in ((SELECTOR, trainer._selector_parameters(trainer.model)),
+                             (GENERATOR, trainer._generator_parameters())):
+            if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+                raise FloatingPointError(f"the {role}'s parameters are non-finite after optimizer step "
+                                         f"{state.global_step}: the update overflowed. {trainer._lower_the_lr()}")
+
+
 class DROTrainer(GRPOTrainer):
     """Train a list-wise selector (``model``) and a generator jointly with DRO (Shi et al., 2025).
 
@@ -136,6 +159,7 @@ class DROTrainer(GRPOTrainer):
         args = args or DROConfig(output_dir="dro-output")
         self._created_at = time.time()  # results files older than this belong to an earlier run (run_folder.py)
         self._in_checkpoint = False
+        refuse_deepspeed(args)
         self.data_stats = []
         if train_dataset is not None:
             train_dataset, stats = check_dataset(train_dataset, args.num_docs_selected, args.on_bad_row)
@@ -184,6 +208,8 @@ class DROTrainer(GRPOTrainer):
         if self.generator_processing_class.pad_token_id is None:
             self.generator_processing_class.pad_token = self.generator_processing_class.eos_token
         self.add_callback(_ZeroGeneratorGrads(self.generator))
+        self.add_callback(_StopOnNonFiniteParameters(self))
+        self._nonfinite_losses, self._skipped_in_a_row = 0, 0
 
         datasets = [d for d in (train_dataset, eval_dataset) if d is not None and not isinstance(d, dict)]
         max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
@@ -235,8 +261,8 @@ class DROTrainer(GRPOTrainer):
 
     def _init_shared_generator(self, generator_processing_class):
         """The generator is the `generator` adapter of ``self.model``: same module, same DDP wrapper."""
-        if self.accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            raise ValueError("share_base_model is not supported with DeepSpeed or FSDP; use separate base models")
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            raise ValueError("share_base_model is not supported with FSDP; use separate base models")
         self.generator = self.model
         self.generator_processing_class = generator_processing_class
         frozen = [name for name, off in ((SELECTOR, self.args.freeze_selector),
@@ -248,47 +274,108 @@ class DROTrainer(GRPOTrainer):
         """Activate the selector's or the generator's adapter when they share one base; otherwise nothing to do."""
         return as_role(self.accelerator.unwrap_model(self.model), name) if self.args.share_base_model else nullcontext()
 
+    @contextmanager
+    def _nonfinite_context(self) -> Iterator[None]:
+        """Adds the step and the learning rates to a non-finite-logits error raised inside the block."""
+        try:
+            yield
+        except FloatingPointError as err:
+            raise FloatingPointError(f"{err}, after optimizer step {self.state.global_step}. {self._lower_the_lr()}") \
+                from err
+
+    def _generator_named_parameters(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The generator's trainable parameters by name (with a shared base: its adapter's, inside ``self.model``)."""
+        generator = self.accelerator.unwrap_model(self.generator)
+        return [(n, p) for n, p in generator.named_parameters()
+                if p.requires_grad and (not self.args.share_base_model or f".{GENERATOR}." in n)]
+
     def _generator_parameters(self) -> list[torch.nn.Parameter]:
-        """The generator's trainable parameters (with a shared base: its adapter's, inside ``self.model``)."""
-        if self.args.share_base_model:
-            return [p for n, p in self.generator.named_parameters() if f".{GENERATOR}." in n and p.requires_grad]
-        return [p for p in self.generator.parameters() if p.requires_grad]
+        return [p for _, p in self._generator_named_parameters()]
+
+    def _selector_parameters(self, model: torch.nn.Module) -> list[torch.nn.Parameter]:
+        """The selector's trainable parameters (with a shared base: all but the generator adapter's)."""
+        generator = {id(p) for p in self._generator_parameters()}
+        return [p for p in model.parameters() if p.requires_grad and id(p) not in generator]
+
+    def _lower_the_lr(self) -> str:
+        return (f"Lower learning_rate ({self.args.learning_rate}) / generator_learning_rate "
+                f"({self.args.generator_learning_rate}), or keep max_grad_norm > 0.")
 
     # ------------------------------------------------------------------------------------------------------------
     # Optimizer and clipping: the generator is a second trainable model
     # ------------------------------------------------------------------------------------------------------------
 
     def create_optimizer(self, model=None):
-        params = self._generator_parameters()
+        named = self._generator_named_parameters()
         optimizer = super().create_optimizer(model)
         if self.args.share_base_model:  # the selector's groups hold every trainable parameter of the shared module
-            ids = {id(p) for p in params}
+            ids = {id(p) for _, p in named}
             for group in optimizer.param_groups:
                 group["params"] = [p for p in group["params"] if id(p) not in ids]
             optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
-        if params:
-            optimizer.add_param_group(
-                {"params": params, "lr": self.args.generator_learning_rate, "weight_decay": self.args.weight_decay}
-            )
+        # The selector's rule (Trainer.get_decay_parameter_names): no decay on norm weights and biases.
+        decay = set(self.get_decay_parameter_names(self.accelerator.unwrap_model(self.generator)))
+        for weight_decay, params in ((self.args.weight_decay, [p for n, p in named if n in decay]),
+                                     (0.0, [p for n, p in named if n not in decay])):
+            if params:
+                optimizer.add_param_group(
+                    {"params": params, "lr": self.args.generator_learning_rate, "weight_decay": weight_decay}
+                )
         return optimizer
 
     def _clip_grad_norm(self, model):
-        params = [p for p in self._generator_parameters() if p.grad is not None]
-        if self.args.share_base_model:  # one module holds both adapters: clip each model's gradients on its own
-            ids = {id(p) for p in params}
-            selector_params = [p for p in model.parameters() if id(p) not in ids]
-            norm = self.accelerator.clip_grad_norm_(selector_params, self.args.max_grad_norm)
-        else:
-            norm = super()._clip_grad_norm(model)
-        gen_norm = self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm) if params else None
+        return self._clip_and_guard(model, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        # Called at every optimizer step; without clipping (max_grad_norm = 0) the guard runs from here.
+        if grad_norm is None:
+            grad_norm = self._clip_and_guard(model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _clip_and_guard(self, model, max_norm: float):
+        """Clip each model's gradients to ``max_norm`` on its own, and drop a non-finite update on every process.
+
+        One optimizer holds both models' parameter groups, so an fp16 grad scaler unscales it once, here;
+        accelerate's ``clip_grad_norm_`` would unscale again on each call, which the scaler refuses.
+        """
+        self.accelerator.unscale_gradients()
+        selector = model.parameters() if not self.args.share_base_model else self._selector_parameters(model)
+        generator = [p for p in self._generator_parameters() if p.grad is not None]
+        with _unscaled(self.accelerator):
+            norm = self.accelerator.clip_grad_norm_(selector, max_norm)
+            gen_norm = self.accelerator.clip_grad_norm_(generator, max_norm) if generator else None
         if gen_norm is not None:
             self._metrics["train"]["generator/grad_norm"].append(float(gen_norm))
-        if not all(torch.isfinite(torch.as_tensor(n)) for n in (norm, gen_norm) if n is not None):
-            # A non-finite gradient would poison both models: drop this update and count it.
-            for p in [*model.parameters(), *self.generator.parameters()]:
-                p.grad = None
-            self._metrics["train"]["guard/skipped_nonfinite_grad"].append(1.0)
+        self._skip_nonfinite_update(model, norm, gen_norm)
         return norm
+
+    def _skip_nonfinite_update(self, model, norm, gen_norm) -> None:
+        """Drop this update, on every process alike, if any process had a non-finite loss or gradient.
+
+        Gradients are all-reduced, so their norms agree across processes; a non-finite loss is seen by one process
+        only, so its count is summed here. Updates skipped many times in a row mean the weights have diverged: stop.
+        """
+        # (An fp16 grad scaler skips steps with inf gradients itself, and lowers its scale: not an error.)
+        bad_grad = self.accelerator.scaler is None and not all(
+            torch.isfinite(torch.as_tensor(n)) for n in (norm, gen_norm) if n is not None
+        )
+        counts = torch.tensor([float(self._nonfinite_losses), float(bad_grad)], device=self.accelerator.device)
+        bad_loss, bad_grad = (self.accelerator.reduce(counts, "sum") > 0).tolist()
+        self._nonfinite_losses = 0
+        if not (bad_loss or bad_grad):
+            self._skipped_in_a_row = 0
+            return
+        for p in [*model.parameters(), *self.generator.parameters()]:
+            p.grad = None
+        for key, bad in (("guard/skipped_nonfinite_loss", bad_loss), ("guard/skipped_nonfinite_grad", bad_grad)):
+            if bad:
+                self._metrics["train"][key].append(1.0)
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+            raise FloatingPointError(
+                f"{MAX_SKIPPED_IN_A_ROW} optimizer steps in a row had a non-finite loss or gradient and were skipped "
+                f"(after optimizer step {self.state.global_step}): the weights have diverged. {self._lower_the_lr()}"
+            )
 
     # ------------------------------------------------------------------------------------------------------------
     # E-step
@@ -302,41 +389,45 @@ class DROTrainer(GRPOTrainer):
         if any(inputs[q * m + j]["question"] != row["question"] for q, row in enumerate(questions) for j in range(m)):
             raise RuntimeError("a generation batch must hold whole groups of num_generations copies per question")
 
-        # 1. Sample m valid rankings per question from the current selector (the E-step proposal).
-        prompts = [self.selector_prompt(tok, r["question"], r["passages"]) for r in questions]
-        with unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped, self._role(SELECTOR):
-            samples = sample_rankings(
-                unwrapped, self.grammar, prompts, [len(r["passages"]) for r in questions], args.num_docs_selected,
-                m, temperature=self.temperature, pad_token_id=tok.pad_token_id,
-            )
-
-        # 2. Score each pick with the generator: log p(y | x, d_z), no grad.
-        gen_prompts = [
-            self.generator_prompt(gtok, r["question"], [r["passages"][i] for i in picks])
-            for r, picks in zip(inputs, samples.picks)
-        ]
-        targets = [self.generator_prompt.target(gtok, r["answers"][0]) for r in inputs]
-        with self._role(GENERATOR):
-            answer_logp = batch_answer_logprobs(
-                self.accelerator.unwrap_model(self.generator), gen_prompts, targets, gtok.pad_token_id,
-                args.generator_batch_size,
-            )  # [B]
-        n_tokens = torch.tensor([len(t) for t in targets], device=device, dtype=torch.float32)
-
-        # 3. Rewards through TRL's reward protocol (gathered over processes), combined with reward_weights.
-        completions = tok.batch_decode(samples.completion_ids, skip_special_tokens=True)
-        reward_rows = [
-            {**r, "answer_logprob": float(lp), "answer_num_tokens": len(t), "picks": p}
-            for r, lp, t, p in zip(inputs, answer_logp.tolist(), targets, samples.picks)
-        ]
-        if any(getattr(f, "needs_generated_answer", False) for f in self.reward_funcs):
-            with self._role(GENERATOR):
-                generated = generate_answers(
-                    self.accelerator.unwrap_model(self.generator), gtok, gen_prompts, args.max_answer_tokens,
-                    args.generator_batch_size,
+        # Sampling and scoring in eval mode: the weights and the sampled log-probs are functions of the parameters,
+        # never of a dropout mask (METHOD.md §2, "Finite m").
+        with eval_mode(self.model, self.generator):
+            # 1. Sample m valid rankings per question from the current selector (the E-step proposal).
+            prompts = [self.selector_prompt(tok, r["question"], r["passages"]) for r in questions]
+            with (unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped,
+                  self._role(SELECTOR), self._nonfinite_context()):
+                samples = sample_rankings(
+                    unwrapped, self.grammar, prompts, [len(r["passages"]) for r in questions],
+                    args.num_docs_selected, m, temperature=self.temperature, pad_token_id=tok.pad_token_id,
                 )
-            for row, answer in zip(reward_rows, generated):
-                row["generated_answer"] = answer
+
+            # 2. Score each pick with the generator: log p(y | x, d_z), no grad.
+            gen_prompts = [
+                self.generator_prompt(gtok, r["question"], [r["passages"][i] for i in picks])
+                for r, picks in zip(inputs, samples.picks)
+            ]
+            targets = [self.generator_prompt.target(gtok, r["answers"][0]) for r in inputs]
+            with self._role(GENERATOR):
+                answer_logp = batch_answer_logprobs(
+                    self.accelerator.unwrap_model(self.generator), gen_prompts, targets, gtok.pad_token_id,
+                    args.generator_batch_size,
+                )  # [B]
+            n_tokens = torch.tensor([len(t) for t in targets], device=device, dtype=torch.float32)
+
+            # 3. Rewards through TRL's reward protocol (gathered over processes), combined with reward_weights.
+            completions = tok.batch_decode(samples.completion_ids, skip_special_tokens=True)
+            reward_rows = [
+                {**r, "answer_logprob": float(lp), "answer_num_tokens": len(t), "picks": p}
+                for r, lp, t, p in zip(inputs, answer_logp.tolist(), targets, samples.picks)
+            ]
+            if any(getattr(f, "needs_generated_answer", False) for f in self.reward_funcs):
+                with self._role(GENERATOR):
+                    generated = generate_answers(
+                        self.accelerator.unwrap_model(self.generator), gtok, gen_prompts, args.max_answer_tokens,
+                        args.generator_batch_size,
+                    )
+                for row, answer in zip(reward_rows, generated):
+                    row["generated_answer"] = answer
         rewards_per_func = self._calculate_rewards(
             reward_rows, [r["question"] for r in inputs], completions, samples.completion_ids.tolist()
         )  # [B_global, F]
@@ -430,6 +521,8 @@ class DROTrainer(GRPOTrainer):
             self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
             loss = loss + select
         if args.generator_update != "none":
+            if not args.share_base_model:  # the Trainer sets only the selector's mode (and a loaded model is in eval
+                self.generator.train(self.model.training)  # mode, where gradient checkpointing is skipped)
             with self._role(GENERATOR):
                 answer_logp = target_logprobs(
                     self.generator, inputs["gen_prompt_ids"], inputs["gen_prompt_mask"], inputs["gen_target_ids"],
@@ -438,9 +531,11 @@ class DROTrainer(GRPOTrainer):
             generate = E.generator_loss(inputs["gen_coef"], answer_logp, m)
             self._metrics[mode]["generator/loss"].append(self.accelerator.gather(generate.detach()).mean().item())
             loss = loss + args.generator_loss_coef * generate
-        if not torch.isfinite(loss):  # skip the micro-batch rather than write NaN into the parameters; reported
-            self._metrics[mode]["guard/skipped_nonfinite_loss"].append(1.0)
-            return loss.new_zeros((), requires_grad=True)
+        if not torch.isfinite(loss):
+            # Counted, and the whole update is then skipped on every process (_skip_nonfinite_update). The zero keeps
+            # the graph, so the backward still runs DDP's gradient all-reduce in step with the other processes.
+            self._nonfinite_losses += 1
+            loss = loss.nan_to_num() * 0.0
         return loss / self.current_gradient_accumulation_steps
 
     # ------------------------------------------------------------------------------------------------------------
@@ -582,6 +677,12 @@ class DROTrainer(GRPOTrainer):
         unwrap = self.accelerator.unwrap_model
         return run_record(self.args, unwrap(self.model), unwrap(self.generator), self.train_dataset)
 
+    def _load_best_model(self) -> None:
+        """Both models from the best checkpoint (the Trainer's version looks for weights at the checkpoint's top)."""
+        logger.info(f"Loading the best selector and generator from {self.state.best_model_checkpoint} "
+                    f"(score: {self.state.best_metric}).")
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.args.share_base_model:
             for name in (SELECTOR, GENERATOR):
@@ -590,6 +691,45 @@ class DROTrainer(GRPOTrainer):
             return
         super()._load_from_checkpoint(os.path.join(resume_from_checkpoint, "selector"), model)
         load_weights(self.accelerator.unwrap_model(self.generator), os.path.join(resume_from_checkpoint, "generator"))
+
+
+MAX_SKIPPED_IN_A_ROW = 10
+
+
+@contextmanager
+def eval_mode(*modules: torch.nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the block (no dropout), then each back to its own previous mode."""
+    flags = [(m, m.training) for module in modules for m in module.modules()]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+@contextmanager
+def _unscaled(accelerator) -> Iterator[None]:
+    """``accelerator.clip_grad_norm_`` without its own ``unscale_gradients`` call (the caller unscaled once)."""
+    accelerator.unscale_gradients = lambda optimizer=None: None
+    try:
+        yield
+    finally:
+        del accelerator.unscale_gradients
+
+
+def refuse_deepspeed(args: DROConfig) -> None:
+    """DeepSpeed is refused at start-up: accelerate builds one DeepSpeed engine, for the selector; the generator, a
+    second trainable model, gets no engine, so its gradients would not be averaged over processes (or sharded), and
+    each process would train its own generator. (With a shared base, PEFT adapter switching inside one engine is
+    untested.) DDP, with QLoRA and ``share_base_model`` for memory, is the tested multi-process path."""
+    if getattr(args.distributed_state, "distributed_type", None) == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "DeepSpeed is not supported by DROTrainer: the generator is a second trainable model outside the "
+            "DeepSpeed engine, so its gradients would not be averaged across processes. Launch with DDP "
+            "(configs/accelerate/ddp.yaml), using QLoRA and share_base_model: true to fit large models."
+        )
 
 
 def load_by_name(name: str, args: DROConfig, quantization_config, seed: int):

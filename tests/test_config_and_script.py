@@ -104,6 +104,6 @@ def test_accelerate_configs_load_with_accelerate():
     from accelerate.commands.config.config_args import ClusterConfig
 
     files = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
-    assert len(files) >= 5
+    assert len(files) >= 3
     kinds = {ClusterConfig.from_yaml_file(str(f)).distributed_type.value for f in files}
-    assert kinds == {"NO", "MULTI_GPU", "DEEPSPEED", "FSDP"}
+    assert kinds == {"NO", "MULTI_GPU", "FSDP"}  # DeepSpeed is refused at start-up: no config ships for it

@@ -1,7 +1,9 @@
-"""Two CPU processes (gloo): after several DRO steps both models are identical on both ranks and metrics agree."""
+"""Two CPU processes (gloo): after several DRO steps both models are identical on both ranks and metrics agree, a NaN
+loss on one rank skips the update on both (instead of hanging DDP), and each rank's rewards are its own rows'."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,8 +19,17 @@ def test_two_processes_keep_selector_and_generator_in_sync(tmp_path, mode):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
            str(HERE / "dist_train.py"), str(tmp_path), mode]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # A rank that leaves DDP's all-reduce out of step hangs the other one: the timeout turns that into a failure,
+    # and takes the launcher's worker processes down with it.
+    launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        pytest.fail("the two processes did not finish within 300 s (a hang in a collective)")
+    assert launcher.returncode == 0, stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world_size"] == 2 for r in ranks)
     assert ranks[0]["final"] == ranks[1]["final"]  # gradients of both models were all-reduced
@@ -28,3 +39,7 @@ def test_two_processes_keep_selector_and_generator_in_sync(tmp_path, mode):
             "generator/loss")
     for a, b in zip(ranks[0]["logs"], ranks[1]["logs"]):
         assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+    # rank 1's NaN loss at the second step: both ranks skipped that update and said so
+    assert [h.get("guard/skipped_nonfinite_loss") for h in ranks[0]["logs"]] == [None, 1.0, None]
+    assert [h.get("guard/skipped_nonfinite_loss") for h in ranks[1]["logs"]] == [None, 1.0, None]
+    assert all(r["rewards_are_local"] for r in ranks)

@@ -7,7 +7,7 @@ from dro_rl.data import load
 from dro_rl.generator import GeneratorPrompt
 from dro_rl.models import load_tokenizer
 from dro_rl.retrieval import load_corpus
-from dro_rl.selector import SelectorPrompt
+from dro_rl.selector import SelectorPrompt, truncate_to_tokens
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,25 @@ def test_too_small_a_cap_is_an_error_not_a_dropped_passage(minilm_tok):
     passages = [{"title": "", "text": "words " * 50}] * 20
     with pytest.raises(ValueError, match="no room for 20 passages"):
         SelectorPrompt(5, 64, use_chat_template=False, max_prompt_length=60)(minilm_tok, "q?", passages)
+
+
+def test_the_budget_is_the_largest_that_fits(bpe_tok):
+    """Under a cap, each passage gets the largest budget whose prompt fits (found here by trying every budget)."""
+    passages = [{"title": "", "text": f"passage {i} about things " * 20} for i in range(5)]
+
+    def prompt(budget, cap=None):
+        return SelectorPrompt(3, budget, use_chat_template=False, max_prompt_length=cap)(bpe_tok, "q?", passages)
+
+    overhead, full = len(prompt(0)), len(prompt(40))
+    for cap in [*range(overhead + 5, full, (full - overhead) // 9), len(prompt(39)), full, full + 50]:
+        fits = [b for b in range(1, 41) if len(prompt(b)) <= cap]  # never more than the configured 40
+        assert prompt(40, cap) == prompt(max(fits)), cap
+    with pytest.raises(ValueError, match="no room for 5 passages"):  # only an empty budget would fit
+        prompt(40, overhead + 4)
+
+
+def test_truncation_keeps_text_that_fits_and_cuts_by_tokens(minilm_tok):
+    assert truncate_to_tokens(minilm_tok, "Paris Rome", 2) == "Paris Rome"  # fits: unchanged, not re-decoded
+    assert truncate_to_tokens(minilm_tok, "Paris Rome Oslo", 2) == "paris rome"  # no [CLS] counted or decoded
+    assert truncate_to_tokens(minilm_tok, "Paris Rome", 1) == "paris"
+    assert truncate_to_tokens(minilm_tok, "Paris Rome", 0) == ""
