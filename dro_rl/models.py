@@ -24,7 +24,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .demo import tiny_llama
-from .packaged_models import PACKAGED_MODELS, packaged_model_path
+from .packaged_models import resolve_packaged
 from .retrieval import DEFAULT_DENSE_MODEL, dense_model_path
 
 
@@ -34,7 +34,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     if minilm:
         path = dense_model_path(DEFAULT_DENSE_MODEL)
     else:
-        path = packaged_model_path(name_or_path) if name_or_path in PACKAGED_MODELS else name_or_path
+        path = resolve_packaged(name_or_path)
     tok = AutoTokenizer.from_pretrained(path, padding_side="left", trust_remote_code=trust_remote_code)
     tok.name_or_path = name_or_path
     if minilm:  # its 512-token limit belongs to the encoder, not to the tiny models built over its vocabulary
@@ -62,10 +62,11 @@ def load_model(
         return load_adapter(name_or_path, seed, **init_kwargs)
     from trl.trainer.utils import create_model_from_path
 
-    tok = load_tokenizer(name_or_path, init_kwargs.get("trust_remote_code", False))
-    path = packaged_model_path(name_or_path) if name_or_path in PACKAGED_MODELS else name_or_path
+    path = resolve_packaged(name_or_path)
+    tok = load_tokenizer(path, init_kwargs.get("trust_remote_code", False))
     model = create_model_from_path(path, **init_kwargs)
-    model.name_or_path = model.config.name_or_path = name_or_path  # what PEFT records as an adapter's base
+    # The name, not a cache path: what PEFT records as an adapter's base, and what saved configs refer to.
+    tok.name_or_path = model.name_or_path = model.config.name_or_path = name_or_path
     return model, tok
 
 

@@ -79,6 +79,11 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def resolve_packaged(name_or_path: str) -> str:
+    """The cached copy's folder for a packaged model's name; any other name or path unchanged."""
+    return packaged_model_path(name_or_path) if name_or_path in PACKAGED_MODELS else name_or_path
+
+
 def packaged_model_path(name: str) -> str:
     """The folder of the verified safetensors copy of packaged model ``name``, converted on first use."""
     spec = PACKAGED_MODELS[name]

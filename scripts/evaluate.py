@@ -137,7 +137,8 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
 @contextmanager
 def count_tokens(*models: torch.nn.Module) -> Iterator[list[int]]:
     """Count the non-padding input tokens that every forward of ``models`` processes: each prompt once, then one per
-    decoding step and live row. Yields a one-element list that holds the running count."""
+    row and decoding step (``generate`` keeps stepping rows that have ended until the whole batch has; constrained
+    ranking masks them out). Yields a one-element list that holds the running count."""
     total = [0]
 
     def hook(_module, args, kwargs):
