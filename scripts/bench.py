@@ -116,13 +116,13 @@ class Preset:
 
 PRESETS = {
     "cpu-tiny": Preset(TINY, TINY, "full", (False,), 4, 100, paths=("naive", "ours", "ours-kv", "lower-bound")),
-    # SmolLM2-135M's shape at the planned recipe (N = 10 HotpotQA paragraphs, K = 2, m = 4). Once
-    # dro_rl.models.load_model knows "smollm2-135m", `SMOLLM2_135M` -> "smollm2-135m" here runs the real weights.
-    "cpu-smollm2": Preset(SMOLLM2_135M, SMOLLM2_135M, "full", (False, True), 2, 128, n=10, k=2,
+    # SmolLM2-135M-Instruct itself (the packaged weights, by name) at the recipe's shape: N = 10 HotpotQA paragraphs,
+    # K = 2, m = 4
+    "cpu-smollm2": Preset("smollm2-135m", "smollm2-135m", "full", (False, True), 2, 128, n=10, k=2,
                           tokenizer="smollm2", passages="hotpotqa",
                           paths=("naive", "ours", "ours-kv", "ours-score-in-loss", "lower-bound")),
     # the paper's shape: N = 20 passages of ~100 words (a question's 10 HotpotQA paragraphs + the next question's)
-    "cpu-paper-shape": Preset(SMOLLM2_135M, SMOLLM2_135M, "full", (False, True), 1, 130, tokenizer="smollm2",
+    "cpu-paper-shape": Preset("smollm2-135m", "smollm2-135m", "full", (False, True), 1, 130, tokenizer="smollm2",
                               passages="hotpotqa", paths=("naive", "ours", "ours-score-in-loss", "lower-bound")),
     # GPU, no bitsandbytes: bf16 + LoRA with checkpointing, as the recipes train
     "gpu-smollm2": Preset(SMOLLM2_135M, SMOLLM2_135M, "lora", (True,), 8, 128, n=10, k=2, tokenizer="smollm2",
