@@ -5,7 +5,9 @@ A packed sequence holds a question's prompt and then its m completions, each of 
 prompt's own attention is plain causal: twice the attention work of the prompt, which at SmolLM2's width is about a
 fifth of the prompt's forward. This attention runs each sequence in two calls instead: the prompt under
 ``is_causal`` with no mask (the kernel skips the masked half; on a GPU, flash attention), and the completion blocks'
-few queries against the prompt and the blocks under their slice of the mask. Same values as the 4-D mask.
+few queries against the prompt and the blocks under their slice of the mask. Same values as the 4-D mask. The
+sampler's prefill of left-padded prompts uses it too (``left_padded``: prompts without blocks), instead of the dense
+4-D padding mask that sdpa would otherwise get.
 
 It is registered with transformers' ``AttentionInterface`` as ``ATTENTION`` and is plain ``sdpa`` for every call
 that does not pass ``packing`` (sampling, generation, the generator's forwards): ``use_packed_attention`` switches a
@@ -40,6 +42,12 @@ def packing(segment: torch.Tensor, mask: torch.Tensor) -> Packing:
     start = (segment < 0).long().sum(-1).tolist()  # left padding only: the prompt starts after it
     end = [s + n for s, n in zip(start, in_prompt.sum(-1).tolist())]
     return Packing(list(zip(start, end)), [mask[g : g + 1, :, e:, s:] for g, (s, e) in enumerate(zip(start, end))])
+
+
+def left_padded(mask: torch.Tensor) -> Packing:
+    """Rows of left-padded prompts (a 2-D mask) as packed sequences with no completion blocks: each prompt causal."""
+    length = mask.shape[1]
+    return Packing([(length - n, length) for n in mask.sum(-1).tolist()], [mask.new_empty(0)] * mask.shape[0])
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, packing: Packing | None = None, **kwargs):

@@ -17,7 +17,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from .packed_attention import ATTENTION, packing, use_packed_attention
+from .packed_attention import ATTENTION, left_padded, packing, use_packed_attention
 
 INSTRUCTION = (
     "I will give you {n} passages, each numbered [1] to [{n}], and a question. Pick the {k} passages that best help "
@@ -252,6 +252,13 @@ def positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under DDP / FSDP / DeepSpeed wrappers, which keep it as ``.module``."""
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model
+
+
 def allowed_mask(allowed: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """Boolean [B, C, V] mask from -1-padded allowed ids [B, C, A]; positions with no entry allow everything."""
     b, c, _ = allowed.shape
@@ -285,12 +292,18 @@ def sample_rankings(
     """E-step proposal: m valid rankings of K ids for each of Q prompts (METHOD.md §2, §5.1).
 
     The prompt is prefilled once per question and its KV cache repeated m times, so the N-passage prompt costs one
-    forward however many samples are drawn. Each token is drawn from softmax(logits / T) renormalised over the
+    forward however many samples are drawn (on an sdpa model, under ``dro_rl.packed_attention``: causal attention
+    without the padding mask). Each token is drawn from softmax(logits / T) renormalised over the
     grammar's allowed tokens; ``logps`` are the log-probabilities of exactly that distribution.
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_token_id, device)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1)
+    config, extra = _unwrap(model).config, {}
+    if config._attn_implementation in ("sdpa", ATTENTION):  # each prompt causal, at causal attention's cost
+        use_packed_attention(config)
+        extra["packing"] = left_padded(mask)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1,
+                **extra)
     cache = out.cache
     cache.batch_repeat_interleave(m)
     mask = mask.repeat_interleave(m, 0)
@@ -483,13 +496,6 @@ def block_attention_mask(segment: torch.Tensor, valid: torch.Tensor) -> torch.Te
     visible = (key_segment == 0) | (key_segment == segment[:, :, None])  # [G, L, L]
     mask = (causal & visible & valid[:, None, :]) | torch.eye(length, dtype=torch.bool, device=segment.device)
     return mask[:, None]
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model under DDP / FSDP / DeepSpeed wrappers, which keep it as ``.module``."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def ranking_logprobs_packed(

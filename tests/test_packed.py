@@ -139,6 +139,10 @@ def test_an_sdpa_model_runs_each_packed_prompt_causally_and_is_plain_sdpa_otherw
         assert model.config._attn_implementation == packed_attention.ATTENTION
         prompt_lengths = set(rows[1][rows[2] == g][0].sum().item() for g in range(3))
         assert {length for length, causal in calls if causal} == prompt_lengths  # one causal call per prompt
+        calls.clear()
+        prompts = [list(range(3, 3 + n)) for n in (9, 5)]
+        sample(model, bpe_tok, IdGrammar(bpe_tok, 12), prompts, [3, 3], 2, m=2)  # the sampler's prefill, too
+        assert sorted(length for length, causal in calls if causal) == sorted([5, 9] * len(model.model.layers))
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=0, atol=0)
 
 
