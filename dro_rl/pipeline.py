@@ -69,6 +69,12 @@ def describe_order(retriever, retriever_name: str = "") -> str:
     return f"re-ranked by the first-stage retriever {name} (retriever: none keeps the file's order)"
 
 
+def parse_spec(spec: str) -> tuple[str, str, str]:
+    """(format, path, name) of a ``[format:]path`` dataset argument; the name (the file's stem) labels its results."""
+    fmt, path = spec.split(":", 1) if ":" in spec and not os.path.exists(spec) else ("canonical", spec)
+    return fmt, path, os.path.splitext(os.path.basename(path))[0]
+
+
 def load_ranked(
     spec: str, retriever, corpus: str | None = None, top_n: int = 20, cache_dir: str | None = None,
     on_error: str = "raise", limit: int | None = None, retriever_name: str = "",
@@ -79,10 +85,9 @@ def load_ranked(
     without candidates retrieve their top-N from ``corpus`` — in one file, each row the way it needs. The log says
     which order was scored.
     """
-    fmt, path = spec.split(":", 1) if ":" in spec and not os.path.exists(spec) else ("canonical", spec)
+    fmt, path, name = parse_spec(spec)
     rows, stats = load(path, fmt, on_error, limit=limit)
     print(stats.summary(), flush=True)
-    name = os.path.splitext(os.path.basename(path))[0]
     own = [r for r in rows if r["passages"]]
     bare = [r for r in rows if not r["passages"]]
     if bare:

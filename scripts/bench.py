@@ -27,9 +27,9 @@ losses' forward + backward, ``update``), and the script prints, beside the measu
 counts predict (``predict_flops``: matrix FLOPs per token, attention's quadratic term per attended query-key pair,
 and the vocabulary projection per position whose logits are computed).
 
-Models are built from a shape with random weights (nothing is downloaded): full fine-tuning in fp32 (CPU presets),
-bf16 + LoRA, or a 4-bit NF4 base + LoRA quantised in memory with bitsandbytes as ``load_in_4bit`` does. A preset's
-model may instead be a name for ``dro_rl.models.load_model``. Peak memory, over one more step per row: the CUDA
+The CPU SmolLM2 presets load the packaged SmolLM2-135M-Instruct by name (``dro_rl.models.load_model``); the others
+build their models from a shape with random weights (nothing is downloaded): full fine-tuning in fp32 (CPU presets),
+bf16 + LoRA, or a 4-bit NF4 base + LoRA quantised in memory with bitsandbytes as ``load_in_4bit`` does. Peak memory, over one more step per row: the CUDA
 allocator's peak on a GPU; on CPU, the peak of live tensor storages (``LiveTensors``) plus the resident weights and
 optimizer state.
 """

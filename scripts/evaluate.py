@@ -38,7 +38,7 @@ from trl import TrlParser
 
 from dro_rl.evaluation import baseline_picks, bootstrap_interval, score_picks, select_greedy
 from dro_rl.models import GENERATOR, SELECTOR, as_role
-from dro_rl.pipeline import load_ranked, make_retriever
+from dro_rl.pipeline import load_ranked, make_retriever, parse_spec
 from dro_rl.pipeline_config import PipelineConfig
 from dro_rl.run_folder import check_complete, given_settings, run_settings
 from dro_rl.run_models import load_pair
@@ -86,6 +86,13 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown or not args.strategies:
         raise ValueError(f"strategies: unknown {unknown}, choose from {list(STRATEGIES)}")
+    names = [parse_spec(spec)[2] for spec in args.datasets]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:  # their predictions, metrics rows and retrieval caches would overwrite each other
+        raise ValueError("--datasets: each dataset's results are named after its file, and these names repeat: " +
+                         "; ".join(f"{n} ({', '.join(s for s, m in zip(args.datasets, names) if m == n)})"
+                                   for n in repeated) + ". Evaluate them in separate calls (separate --output_dir) "
+                         "or give the files different names.")
     os.makedirs(args.output_dir, exist_ok=True)
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
     selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),

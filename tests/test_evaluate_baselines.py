@@ -71,6 +71,14 @@ def test_unknown_strategy_is_refused_before_loading_models(tmp_path):
                                         strategies=["closed_books"], output_dir=str(tmp_path)), PipelineConfig())
 
 
+def test_two_datasets_with_one_file_name_are_refused_before_loading_models(tmp_path):
+    """Results are named after the file: a/dev.jsonl and b/dev.jsonl would overwrite each other's predictions."""
+    with pytest.raises(ValueError, match=r"names repeat: dev \(a/dev.jsonl, hotpotqa:b/dev.jsonl\)"):
+        evaluate_main(EvaluateArguments(datasets=["a/dev.jsonl", "hotpotqa:b/dev.jsonl", "c/test.jsonl"],
+                                        selector="missing", generator="missing", output_dir=str(tmp_path)),
+                      PipelineConfig())
+
+
 @needs_shared
 def test_closed_book_intervals_and_throughput_on_hotpotqa(tmp_path):
     args = EvaluateArguments(datasets=[f"hotpotqa:{HOTPOT}"], selector="tiny:minilm", generator="tiny:minilm",
@@ -94,5 +102,6 @@ def test_closed_book_intervals_and_throughput_on_hotpotqa(tmp_path):
     record = json.loads((tmp_path / "hotpotqa_distractor_dev300.closed_book.predictions.jsonl").read_text()
                         .splitlines()[0])
     assert record["selected"] == [] and set(record["scores"]) >= {"answer_em", "support_recall_at_k"}
-    assert "| hotpotqa_distractor_dev300 (n=6) | closed_book | 0.000 [0.000, 0.000] |" in (
-        tmp_path / "metrics.md").read_text()
+    md = (tmp_path / "metrics.md").read_text()
+    assert "| hotpotqa_distractor_dev300 (n=6) | closed_book | 0.000 [0.000, 0.000] |" in md
+    assert "| support R@2 | answer R@2 |" in md  # the K picked, not the 10 candidates
