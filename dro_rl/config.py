@@ -127,6 +127,8 @@ class DROConfig(GRPOConfig, PipelineConfig):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.max_steps < -1 or self.max_steps == 0:
+            raise ValueError(f"max_steps must be >= 1, or -1 to train for num_train_epochs, got {self.max_steps}")
         if self.generator_batch_size < 1:
             raise ValueError(f"generator_batch_size must be >= 1, got {self.generator_batch_size}")
         # GRPO refuses m = 1 (its group baseline needs two samples). With one sample w̃ = 1, so the selector's

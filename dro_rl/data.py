@@ -269,7 +269,8 @@ def _format_hint(r: dict) -> str | None:
                         ("flashrag", ("golden_answers",)), ("nq_open", ("answer",))):
         if all(f in r for f in fields) and "answers" not in r and "passages" not in r:
             also = " or '2wikimultihopqa'" if fmt == "hotpotqa" else ""
-            return f"this row looks like format '{fmt}'{also}: read it with --format {fmt} (format='{fmt}')"
+            return (f"this row looks like format '{fmt}'{also}: read it as {fmt}:<path> (train_rl.py --dataset, "
+                    f"evaluate.py --datasets), --format {fmt} (retrieve.py) or format='{fmt}' (dro_rl.data.load)")
     return None
 
 
@@ -445,7 +446,8 @@ def write_jsonl(rows: Iterable[dict], path: str) -> None:
 
 
 def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "train_dataset"):
-    """Validate trainer rows (question, answers, passages) before training; return (dataset, LoadStats).
+    """Validate trainer rows (question, answers, passages) before training; return (dataset, LoadStats). ``dataset``
+    is a ``datasets.Dataset`` or a list of rows.
 
     A row with fewer than K candidates, an empty question or answer list, or a passage without text raises a
     DataError naming the row and field — or, with ``on_error="skip"``, is dropped and counted.
@@ -456,6 +458,9 @@ def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "tra
                  min_passages=k)
         return row["__index__"]
 
-    records = ((f"{name} row {i}", {**row, "__index__": i}) for i, row in enumerate(dataset))
+    records = ((f"{name} row {i}" + (f" (id {row['id']!r})" if row.get("id") else ""), {**row, "__index__": i})
+               for i, row in enumerate(dataset))
     keep, stats = convert(records, check, name, on_error)
-    return (dataset.select(keep) if stats.skipped else dataset), stats
+    if not stats.skipped:
+        return dataset, stats
+    return (dataset.select(keep) if hasattr(dataset, "select") else [dataset[i] for i in keep]), stats

@@ -103,6 +103,10 @@ class DROPipeline:
         """
         single = isinstance(questions, str)
         questions = [questions] if single else list(questions)
+        if isinstance(passages, str) or (single and passages is not None and any(
+                not isinstance(p, (str, dict)) for p in passages)):
+            raise TypeError("passages: a list of candidate passages (strings or {title, text} dicts) for one question, "
+                            "or one such list per question — not a single string")
         if passages is not None and single:
             passages = [passages]
         if passages is not None and len(passages) != len(questions):
@@ -118,7 +122,8 @@ class DROPipeline:
         missing = [i for i, r in enumerate(rows) if not r["passages"]]
         if missing and corpus is None:
             raise ValueError(f"question {missing[0]} ({rows[missing[0]]['question']!r}) has no candidate passages: "
-                             "pass passages=, or corpus= to retrieve them")
+                             "give it candidates (passages=; in predict.py a `passages` field), or a corpus to "
+                             "retrieve them from (corpus=; predict.py --corpus)")
         if missing and self.retriever is None:
             raise ValueError("this run's retriever is 'none', so it cannot search a corpus: pass passages=")
         with_candidates = [r for r in rows if r["passages"]]

@@ -66,7 +66,7 @@ def describe_order(retriever, retriever_name: str = "") -> str:
         name = settings["retriever"] + (f" ({settings['model']})" if "model" in settings else "")
     else:
         name = retriever_name or type(retriever).__name__
-    return f"re-ranked by the first-stage retriever {name} (retriever: none keeps the file's order)"
+    return f"in the order of the first-stage retriever {name} (retriever: none keeps the file's order)"
 
 
 def parse_spec(spec: str) -> tuple[str, str, str]:

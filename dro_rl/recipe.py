@@ -33,10 +33,10 @@ from transformers import AutoConfig
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .config import DROConfig, check_field_types
-from .data import load, write_jsonl
+from .data import check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .models import load_model, load_tokenizer
-from .pipeline import compare, load_ranked, make_retriever, retrieval_order
+from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
 from .resume import check_writable, claim_output_dir, resolve_checkpoint, run_defining_settings
 from .selector import IdGrammar
@@ -45,6 +45,7 @@ from .warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_tar
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 RUN_CONFIG = "run_config.json"
+STEP_KEY = "dro_step"  # in eval_after.json: the DRO step of the models it evaluated
 
 
 @dataclass
@@ -103,8 +104,8 @@ class RecipeArguments:
 def with_default_config(argv: list[str]) -> list[str]:
     """The demo's settings (configs/demo.yaml) apply when no --config is given and the dataset is the demo; a run on
     the user's own data without --config gets DROConfig's documented defaults, never the demo's."""
-    if any(a == "--config" or a.startswith("--config=") for a in argv):
-        return argv
+    if any(a == "--config" or a.startswith("--config=") for a in argv) or {"-h", "--help"} & set(argv):
+        return argv  # --help shows the documented defaults, not the demo's
     dataset = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--dataset"), None)
     dataset = next((a.split("=", 1)[1] for a in argv if a.startswith("--dataset=")), dataset)
     if dataset not in (None, "demo"):
@@ -237,11 +238,24 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
         train, evals = retrieval_order(train, retriever), retrieval_order(evals, retriever)
     else:
         def ranked(spec: str, limit: int | None) -> list[dict]:
-            return load_ranked(spec, retriever, args.corpus, dro.top_n, dro.output_dir, limit=limit,
-                               retriever_name=f"{dro.retriever}:{dro.retriever_model}")[1]
+            return load_ranked(spec, retriever, args.corpus, dro.top_n, dro.output_dir, on_error=dro.on_bad_row,
+                               limit=limit, retriever_name=f"{dro.retriever}:{dro.retriever_model}")[1]
 
         train = ranked(args.dataset, args.max_train_questions)
         evals = ranked(args.eval_dataset, args.max_eval_questions) if args.eval_dataset else []
+
+    def checked(rows: list[dict], name: str) -> list[dict]:
+        """K candidates per row (and the trainer's other row checks) now, not after the warm-up and the "before"
+        evaluation; ``on_bad_row: skip`` drops and counts the bad rows."""
+        rows, stats = check_dataset(rows, dro.num_docs_selected, dro.on_bad_row, name=name)
+        if stats.skipped:
+            print(stats.summary(), flush=True)
+        return rows
+
+    demo = args.dataset == "demo"
+    train = checked(train, "demo training questions" if demo else parse_spec(args.dataset)[1])
+    if evals:
+        evals = checked(evals, "demo evaluation questions" if demo else parse_spec(args.eval_dataset)[1])
     tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     write_jsonl(train, os.path.join(tmp, "train.jsonl"))
@@ -342,18 +356,27 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def evaluation_stage(name: str, dro: DROConfig, eval_rows, selector, tok, grammar, generator, gtok) -> dict:
-    """``compare()`` on the evaluation rows, saved as ``eval_<name>.json`` (read back when it exists)."""
+def evaluation_stage(name: str, dro: DROConfig, eval_rows, selector, tok, grammar, generator, gtok,
+                     step: int | None = None) -> dict:
+    """``compare()`` on the evaluation rows, saved as ``eval_<name>.json`` and read back when it exists — for the
+    "after" evaluation only while it was made with the models of DRO step ``step`` (a resumed or longer run has new
+    final models, so it is evaluated again)."""
     if not eval_rows:
         return {}
     path = os.path.join(dro.output_dir, f"eval_{name}.json")
     if os.path.exists(path):
-        print(f"evaluation ({name} DRO): reusing {path}", flush=True)
         with open(path) as f:
-            return json.load(f)
+            saved = json.load(f)
+        if saved.get(STEP_KEY) == step:
+            print(f"evaluation ({name} DRO): reusing {path}", flush=True)
+            return saved
+        print(f"evaluation ({name} DRO): {path} was made with the models of step {saved.get(STEP_KEY)}, these are "
+              f"step {step}: evaluating again", flush=True)
     print(f"evaluation ({name} DRO): {len(eval_rows)} questions", flush=True)
     results = compare(eval_rows, selector, tok, grammar, dro.selector_prompt(), generator, gtok,
                       dro.generator_prompt(), seed=dro.seed, max_new_tokens=dro.max_answer_tokens)
+    if step is not None:
+        results[STEP_KEY] = step
     if dro.process_index == 0:
         _write_json(results, path)
     return results
@@ -403,7 +426,7 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
                         checkpoint)
     unwrap = trainer.accelerator.unwrap_model
     after = evaluation_stage("after", dro, eval_rows, unwrap(trainer.model), tok, grammar,                # 5
-                             unwrap(trainer.generator), gtok)
+                             unwrap(trainer.generator), gtok, step=trainer.state.global_step)
 
     report = build_report(before, after, time.time() - start, run_config(args, dro, model_args))          # 6
     if trainer.accelerator.is_main_process:

@@ -199,7 +199,9 @@ def run_artefacts(output_dir: str, names: tuple[str, ...] = RUN_ARTEFACTS) -> li
     """The entries of ``output_dir`` that an earlier run wrote (checkpoints first)."""
     if not os.path.isdir(output_dir):
         return []
-    found = [os.path.basename(p) for p in reversed(checkpoints(output_dir))]
+    written = ("selector", "generator", "trainer_state.json", RUN_FILE)  # a checkpoint-N folder a run wrote holds one
+    found = [os.path.basename(p) for p in reversed(checkpoints(output_dir))
+             if any(os.path.exists(os.path.join(p, n)) for n in written)]
     return found + [n for n in names if os.path.exists(os.path.join(output_dir, n))]
 
 

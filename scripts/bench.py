@@ -239,7 +239,7 @@ def build_base(shape: dict | str, tok, preset: Preset, num_layers: int | None, s
     dtype, previous = (torch.float32 if preset.adapters == "full" else torch.bfloat16), torch.get_default_dtype()
     if isinstance(shape, str):
         model, _ = load_model(shape, seed=seed, dtype=dtype)
-        model.to(device)
+        model.to(device).train()  # from_pretrained gives eval mode, where transformers skips gradient checkpointing
         if num_layers is not None:
             model.model.layers = model.model.layers[:num_layers]
             model.config.num_hidden_layers = num_layers
@@ -283,6 +283,8 @@ class Models:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             if not on:
                 base.activation_checkpointing_disable()
+            elif not base.training:  # transformers checkpoints only in train mode: the row would measure no checkpointing
+                raise RuntimeError("gradient checkpointing asked for a model in eval mode; call .train() first")
             elif self.shared:
                 enable_adapter_checkpointing(model, {"use_reentrant": False})
             else:

@@ -78,6 +78,9 @@ class EvaluateArguments:
 def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[str] = ()) -> dict:
     """``given``: the pipeline fields set on the command line (checked against ``run_dir``'s settings)."""
     if args.run_dir:
+        if args.selector or args.generator:
+            raise ValueError("--run_dir evaluates the run's own selector and generator: drop --selector/--generator, "
+                             "or evaluate other models without --run_dir (with the prompt flags they were trained with)")
         check_complete(args.run_dir)
         pipeline = run_settings(args.run_dir, pipeline, given)
     elif not (args.selector and args.generator):

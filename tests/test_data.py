@@ -308,7 +308,7 @@ def test_load_hf_with_an_unknown_format_lists_the_formats(tmp_path):
 @pytest.mark.parametrize(
     "row, hint",
     [
-        ({"id": "m", "question": "q", "answer": "ok", "paragraphs": []}, "format 'musique'"),
+        ({"id": "m", "question": "q", "answer": "ok", "paragraphs": []}, "format 'musique'.* musique:<path> "),
         ({**HOTPOT_ROW}, "format 'hotpotqa'"),
         ({"id": "f", "question": "q", "golden_answers": ["ok"]}, "format 'flashrag'"),
     ],

@@ -71,6 +71,13 @@ def test_unknown_strategy_is_refused_before_loading_models(tmp_path):
                                         strategies=["closed_books"], output_dir=str(tmp_path)), PipelineConfig())
 
 
+def test_run_dir_with_other_models_is_refused(tmp_path):
+    """--run_dir evaluates the run's pair: a --selector beside it would be scored under the run's name."""
+    with pytest.raises(ValueError, match="drop --selector/--generator"):
+        evaluate_main(EvaluateArguments(datasets=["x"], run_dir=str(tmp_path), selector="tiny:minilm",
+                                        output_dir=str(tmp_path)), PipelineConfig())
+
+
 def test_two_datasets_with_one_file_name_are_refused_before_loading_models(tmp_path):
     """Results are named after the file: a/dev.jsonl and b/dev.jsonl would overwrite each other's predictions."""
     with pytest.raises(ValueError, match=r"names repeat: dev \(a/dev.jsonl, hotpotqa:b/dev.jsonl\)"):

@@ -92,8 +92,10 @@ def test_unusable_inputs_are_refused_with_the_question_named(runs):
     pipe = DROPipeline.from_pretrained(str(out))
     with pytest.raises(ValueError, match="question 0 .* fewer than the K = 2"):
         pipe("which city is home to p3 ?", passages=["p3 lives in c1"])
-    with pytest.raises(ValueError, match="no candidate passages: pass passages=, or corpus="):
+    with pytest.raises(ValueError, match=r"no candidate passages: give it candidates \(passages=.*--corpus"):
         pipe(["which city is home to p3 ?"])
+    with pytest.raises(TypeError, match="not a single string"):  # not 15 one-character passages
+        pipe("which city is home to p3 ?", passages="p3 lives in c1 today")
     # the word-level test vocabulary writes the ids [1]..[12] only: [13] and [14] would both be <unk>
     with pytest.raises(ValueError, match=r"cannot write the ids \[1\]..\[14\] of 14 candidates"):
         pipe("which city is home to p3 ?", passages=[f"p{i} lives in c1" for i in range(14)])

@@ -63,6 +63,9 @@ def test_resume_continues_at_the_next_step_and_skips_finished_stages(tmp_path, c
     second = capsys.readouterr().out
     assert "warm-up: generator SFT" not in second and "retrieval: ranking" not in second
     assert "data: reusing" in second and "evaluation (before DRO): reusing" in second
+    # the final models are step 6's now: the "after" figures of step 4's models are not reused for them
+    assert "models of step 4, these are step 6: evaluating again" in second
+    assert json.loads((out / "eval_after.json").read_text())["dro_step"] == 6
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "selector/loss" in h]
     assert steps == [1, 2, 3, 4, 5, 6]  # 1-4 restored from checkpoint-4, then 5 and 6: not a restart at step 1
@@ -146,9 +149,11 @@ def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path):
     out = tmp_path / "run"
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
     (out / "notes.txt").write_text("mine")
+    (out / "checkpoint-99").mkdir()
+    (out / "checkpoint-99" / "mine.txt").write_text("mine")  # named like a checkpoint, but no run wrote it
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1", "--overwrite_output_dir", "true")
-    assert not list(out.glob("checkpoint-*"))  # resume_from_checkpoint=True cannot pick up the earlier run
-    assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is removed
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-99"]  # the earlier run's are gone
+    assert (out / "notes.txt").read_text() == (out / "checkpoint-99" / "mine.txt").read_text() == "mine"
     with pytest.raises(ValueError, match="no complete checkpoint"):
         run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--resume_from_checkpoint", "true")
 
@@ -257,6 +262,8 @@ BAD_SETTINGS = [
     (["--model_name_or_path", "no-such-org/no-such-model"], "no-such-org/no-such-model"),
     (["--output_dir", "/proc/forbidden"], "not writable"),
     (["--dataset", "hotpotqa:/no/such/file.jsonl"], "/no/such/file.jsonl"),
+    (["--num_docs_selected", "9"], "demo training questions row 0 .* 8 candidates, fewer than the 9 needed"),
+    (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
 ]
 
 
@@ -280,6 +287,30 @@ def test_yaml_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, name):
     path.write_text(f"output_dir: {tmp_path / 'out'}\nuse_cpu: true\nbf16: false\n{yaml_text}")
     with pytest.raises(ValueError, match=name):
         parse("--config", str(path))
+
+
+def test_malformed_file_rows_are_named_or_skipped_by_on_bad_row(tmp_path):
+    """Rows the loader rejects and rows with fewer than K candidates: an error naming the file and row before any
+    stage runs, or with on_bad_row skip, counted and left out."""
+    from dro_rl.recipe import RecipeArguments, data_stage
+
+    good = [{"question": f"q{i}?", "answers": ["Paris"], "passages": [{"text": f"p{j}"} for j in range(3)]}
+            for i in range(3)]
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join([json.dumps(good[0]), "{not json", json.dumps(good[1]),
+                                json.dumps({**good[2], "passages": [{"text": "only one"}]}), json.dumps(good[2])]))
+    args = RecipeArguments(dataset=str(path))
+    with pytest.raises(ValueError, match="train.jsonl:2: not valid JSON"):
+        data_stage(args, tiny_config(str(tmp_path / "a"), retriever="none"))
+    rows, _ = data_stage(args, tiny_config(str(tmp_path / "b"), retriever="none", on_bad_row="skip"))
+    assert [r["question"] for r in rows] == ["q0?", "q1?", "q2?"]
+    path.write_text("\n".join(json.dumps(r) for r in [good[0], {**good[2], "passages": [{"text": "only one"}]}]))
+    with pytest.raises(ValueError, match=r"train.jsonl row 1 .* 1 candidates, fewer than the 2 needed"):
+        data_stage(args, tiny_config(str(tmp_path / "c"), retriever="none"))
+
+
+def test_help_shows_the_documented_defaults_not_the_demos():
+    assert with_default_config(["--help"]) == ["--help"] and with_default_config(["-h"]) == ["-h"]
 
 
 def test_help_lists_dro_settings_first_and_marks_unused_grpo_settings(capsys):

@@ -211,7 +211,7 @@ def test_the_log_says_which_candidate_order_is_scored(tmp_path, capsys):
     assert "1 rows' own candidates scored in the file's own order (retriever: none)" in capsys.readouterr().out
     _, ranked = load_ranked(path, BM25Retriever(), retriever_name="bm25")
     assert [p["id"] for p in ranked[0]["passages"]][0] == "x3"
-    assert "re-ranked by the first-stage retriever bm25" in capsys.readouterr().out
+    assert "in the order of the first-stage retriever bm25" in capsys.readouterr().out
 
 
 def test_dense_ranking_shows_progress_for_a_handful_of_questions(dense, monkeypatch, capsys):
