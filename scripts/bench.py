@@ -283,7 +283,7 @@ class Models:
             base = model.get_base_model() if hasattr(model, "get_base_model") else model
             if not on:
                 base.activation_checkpointing_disable()
-            elif not base.training:  # transformers checkpoints only in train mode: the row would measure no checkpointing
+            elif not base.training:  # transformers checkpoints only in train mode: the row would measure none
                 raise RuntimeError("gradient checkpointing asked for a model in eval mode; call .train() first")
             elif self.shared:
                 enable_adapter_checkpointing(model, {"use_reentrant": False})

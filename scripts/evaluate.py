@@ -80,7 +80,8 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
     if args.run_dir:
         if args.selector or args.generator:
             raise ValueError("--run_dir evaluates the run's own selector and generator: drop --selector/--generator, "
-                             "or evaluate other models without --run_dir (with the prompt flags they were trained with)")
+                             "or evaluate other models without --run_dir (with the prompt flags they were trained "
+                             "with)")
         check_complete(args.run_dir)
         pipeline = run_settings(args.run_dir, pipeline, given)
     elif not (args.selector and args.generator):

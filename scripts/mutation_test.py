@@ -81,7 +81,7 @@ NAMED = [
           "        return loss / self.current_gradient_accumulation_steps", "        return loss",
           ("tests/test_correctness.py",)),
     Named("the loss scored at T = 1 while sampling at T != 1", "dro_rl/trainer.py",
-          'inputs["allowed"], self.temperature)', 'inputs["allowed"], 1.0)',
+          'inputs["allowed"], self.temperature,', 'inputs["allowed"], 1.0,',
           ("tests/test_correctness.py",)),
     Named("importance_logits ignored", "dro_rl/trainer.py",
           'log_w = answer_logp if args.importance_logits == "sum" else answer_logp / n_tokens', "log_w = answer_logp",
