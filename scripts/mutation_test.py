@@ -40,10 +40,11 @@ COPIED = ("dro_rl", "rewards", "tests", "scripts", "configs", "docs", "pyproject
 TESTS = {
     "dro_rl/estimators.py": ["tests/test_estimators.py", "tests/test_correctness.py"],
     "dro_rl/selector.py": ["tests/test_selector.py", "tests/test_prompt_budget.py", "tests/test_one_prompt.py",
-                           "tests/test_generator.py", "tests/test_properties.py",
+                           "tests/test_generator.py", "tests/test_properties.py", "tests/test_packed.py",
                            "tests/test_correctness.py::test_the_loss_scores_exactly_what_the_e_step_sampled_with_lora_dropout_on"],
     "dro_rl/generator.py": ["tests/test_generator.py", "tests/test_correctness.py", "tests/test_one_prompt.py"],
-    "dro_rl/evaluation.py": ["tests/test_evaluation.py", "tests/test_evaluation_pipeline.py", "tests/test_selector.py",
+    "dro_rl/evaluation.py": ["tests/test_evaluation.py", "tests/test_answer_metrics.py",
+                             "tests/test_evaluation_pipeline.py", "tests/test_selector.py",
                              "tests/test_trainer.py::test_evaluation_runs_the_greedy_pipeline_during_training",
                              "tests/test_scripts.py::test_warmup_then_evaluate_on_hotpotqa"],
     "dro_rl/trainer.py": ["tests/test_correctness.py", "tests/test_trainer.py", "tests/test_shared_base.py"],
