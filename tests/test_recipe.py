@@ -131,6 +131,13 @@ def test_resume_skips_a_checkpoint_with_a_truncated_weights_file(tmp_path, caplo
     assert "passing over" in caplog.text and "checkpoint-4" in caplog.text
 
 
+def test_resuming_an_older_checkpoint_says_the_newer_ones_will_be_replaced(tmp_path, caplog):
+    trainer(tiny_config(str(tmp_path), max_steps=4, save_strategy="steps", save_steps=2)).train()
+    trainer(tiny_config(str(tmp_path), max_steps=4, save_strategy="steps", save_steps=2)).train(
+        resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert "the newer checkpoint-4" in caplog.text and "will be replaced" in caplog.text
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Output folders holding another run
 # ---------------------------------------------------------------------------------------------------------------------
