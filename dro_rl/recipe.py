@@ -146,7 +146,7 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
                          f"{dro.generator_model_name_or_path}")
     for spec in (args.dataset, args.eval_dataset, args.corpus):
         if spec and spec != "demo":
-            path = spec.split(":", 1)[1] if ":" in spec and not os.path.exists(spec) else spec
+            path = parse_spec(spec)[1]
             if not os.path.exists(path):
                 raise FileNotFoundError(f"data file not found: {path}")
     for name in (model_args.model_name_or_path, dro.generator_model_name_or_path):

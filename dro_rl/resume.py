@@ -187,7 +187,7 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
     if problems:
         raise ValueError(f"cannot resume from {path}: " + "; ".join(problems))
     step = os.path.basename(os.path.normpath(path)).split("-", 1)[-1]
-    newer = [c for c in checkpoints(output_dir) if step.isdigit() and int(c.rsplit("-", 1)[1]) > int(step)]
+    newer = [c for c in checkpoints(output_dir) if int(c.rsplit("-", 1)[1]) > int(step)] if step.isdigit() else []
     if newer and warn is not None:  # the Trainer saves over them as training passes their steps again
         warn(f"resuming from {path}: the newer {', '.join(os.path.basename(c) for c in reversed(newer))} in "
              f"{output_dir} will be replaced when training reaches their steps again")

@@ -29,9 +29,9 @@ and the vocabulary projection per position whose logits are computed).
 
 The CPU SmolLM2 presets load the packaged SmolLM2-135M-Instruct by name (``dro_rl.models.load_model``); the others
 build their models from a shape with random weights (nothing is downloaded): full fine-tuning in fp32 (CPU presets),
-bf16 + LoRA, or a 4-bit NF4 base + LoRA quantised in memory with bitsandbytes as ``load_in_4bit`` does. Peak memory, over one more step per row: the CUDA
-allocator's peak on a GPU; on CPU, the peak of live tensor storages (``LiveTensors``) plus the resident weights and
-optimizer state.
+bf16 + LoRA, or a 4-bit NF4 base + LoRA quantised in memory with bitsandbytes as ``load_in_4bit`` does. Peak memory,
+over one more step per row: the CUDA allocator's peak on a GPU; on CPU, the peak of live tensor storages
+(``LiveTensors``) plus the resident weights and optimizer state.
 """
 
 from __future__ import annotations
