@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from accelerate import PartialState
 from trl import ModelConfig
 
 from dro_rl import DROConfig
@@ -31,3 +32,4 @@ def make_parser(subparsers=None) -> DROParser:
 
 if __name__ == "__main__":
     main(*make_parser().parse_args_and_config(args=with_default_config(sys.argv[1:])))
+    PartialState().destroy_process_group()  # a clean exit under accelerate launch / torchrun (no gloo/NCCL abort)

@@ -49,6 +49,9 @@ def main(out_dir: str, mode: str) -> None:
     }
     with open(os.path.join(out_dir, f"rank{trainer.accelerator.process_index}.json"), "w") as f:
         json.dump(result, f)
+    # Without this, gloo's threads can still be running when the interpreter exits: "terminate called without an
+    # active exception" and SIGABRT on a run that had succeeded.
+    trainer.accelerator.end_training()
 
 
 def record_rewards() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
