@@ -95,6 +95,15 @@ class DROConfig(GRPOConfig, PipelineConfig):
     generator_batch_size: int = field(
         default=64, metadata={"help": "Rows per chunk when scoring answers without gradients."}
     )
+    generator_scoring: Literal["auto", "in_loss", "separate"] = field(
+        default="auto",
+        metadata={"help": "Where the E-step's log p(y | x, d_z) come from: `in_loss` = the generator loss's own forward "
+                  "(one generator forward per sample instead of two; the same values, since the E-step is "
+                  "dropout-free), `separate` = a no-grad scoring pass before the loss (the reference), `auto` = "
+                  "`in_loss` where possible: generator_update not `none`, disable_dropout, "
+                  "per_device_train_batch_size a multiple of num_generations, and gradient_accumulation_steps a "
+                  "multiple of steps_per_generation."},
+    )
 
     on_bad_row: Literal["raise", "skip"] = field(
         default="raise",
@@ -168,9 +177,35 @@ class DROConfig(GRPOConfig, PipelineConfig):
                 f"per_device_train_batch_size × steps_per_generation ({local_rows}) must be a multiple of "
                 f"num_generations ({self.num_generations}) so each process holds whole question groups"
             )
+        if self.generator_scoring not in ("auto", "in_loss", "separate"):
+            raise ValueError(f"generator_scoring={self.generator_scoring!r} is not one of ('auto', 'in_loss', "
+                             f"'separate')")
+        if self.generator_scoring == "in_loss" and self._in_loss_blocker():
+            raise ValueError(f"generator_scoring='in_loss' needs {self._in_loss_blocker()}; use 'auto' or 'separate'")
         if self.generator_learning_rate is None:
             self.generator_learning_rate = self.learning_rate
         check_report_to(self.report_to)
+
+    @property
+    def scores_in_loss(self) -> bool:
+        """Whether the generator loss's forward also gives the E-step's answer log-likelihoods (``generator_scoring``)."""
+        return self.generator_scoring != "separate" and self._in_loss_blocker() is None
+
+    def _in_loss_blocker(self) -> str | None:
+        """Why the loss cannot score the generator, or None. The weights of a question need all m of its samples
+        scored by the same parameters in one micro-batch, with the same (dropout-free) forward as the E-step's."""
+        if self.generator_update == "none":
+            return "a generator loss (generator_update is 'none': there is no loss forward to take the scores from)"
+        if not self.disable_dropout:
+            return "disable_dropout: true (with dropout the loss's forward is not the E-step's)"
+        if self.per_device_train_batch_size % self.num_generations:
+            return (f"per_device_train_batch_size ({self.per_device_train_batch_size}) to be a multiple of "
+                    f"num_generations ({self.num_generations}), so that a micro-batch holds whole question groups")
+        if self.gradient_accumulation_steps % self.steps_per_generation:
+            return (f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) to be a multiple of "
+                    f"steps_per_generation ({self.steps_per_generation}), so that a generation batch is scored by "
+                    f"the parameters that sampled it")
+        return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -3,10 +3,13 @@
 Overridden, and why:
 
 - ``__init__``: builds the second trainable model, the generator, and the selector's id grammar;
-- ``_generate_and_score_completions``: the E-step (constrained sampling, generator scoring, weights, advantages),
-  replacing GRPO's free-form generation and group-mean advantage;
-- ``_compute_loss``: the M-step, L_select + L_generate, replacing GRPO's clipped token-level loss (a DRO sample is
-  scored under the constrained distribution that drew it, which GRPO's unconstrained log-probs are not);
+- ``_generate_and_score_completions``: the E-step (constrained sampling; unless the loss does it, generator scoring,
+  weights and advantages in ``_weigh``), replacing GRPO's free-form generation and group-mean advantage;
+- ``_compute_loss``: the M-step, L_generate + L_select, replacing GRPO's clipped token-level loss (a DRO sample is
+  scored under the constrained distribution that drew it, which GRPO's unconstrained log-probs are not). By default
+  (``DROConfig.scores_in_loss``) the generator's forward in the loss also gives the E-step's log p(y | x, d_z), from
+  which ``_weigh`` computes the weights and advantages: one generator forward per sample instead of two;
+- ``_prepare_inputs``: with that, a generation batch is cut into micro-batches of whole question groups;
 - ``create_optimizer`` / ``_clip_grad_norm`` / ``_get_grad_norm``: the generator's own param groups (own learning
   rate, the selector's weight-decay rule), its own clipping, and the guard that skips a non-finite update on every
   process at once;
@@ -22,8 +25,8 @@ ranking with exactly the log-probability it was sampled with (METHOD.md §2, "Fi
 With ``share_base_model`` the two models are two LoRA adapters on one base (``dro_rl.models``): ``self.generator`` is
 then ``self.model`` itself and ``_role`` activates the right adapter around every forward.
 
-Reused from GRPO unchanged: the RepeatSampler that groups the m samples of a question, the generation buffer and its
-split over gradient-accumulation steps, the reward-function protocol and its cross-process gather, metric logging.
+Reused from GRPO unchanged: the RepeatSampler that groups the m samples of a question, the generation buffer, the
+reward-function protocol and its cross-process gather, metric logging.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import disable_dropout_in_model
+from trl.trainer.utils import disable_dropout_in_model, split_tensor_dict
 
 from rewards import get_reward
 
@@ -401,72 +404,81 @@ class DROTrainer(GRPOTrainer):
                     args.num_docs_selected, m, temperature=self.temperature, pad_token_id=tok.pad_token_id,
                 )
 
-            # 2. Score each pick with the generator: log p(y | x, d_z), no grad.
+            # 2. The generator's inputs for each pick, and what the rewards need besides log p(y | x, d_z).
             gen_prompts = [
                 self.generator_prompt(gtok, r["question"], [r["passages"][i] for i in picks])
                 for r, picks in zip(inputs, samples.picks)
             ]
             targets = [self.generator_prompt.target(gtok, r["answers"][0]) for r in inputs]
-            with self._role(GENERATOR):
-                answer_logp = batch_answer_logprobs(
-                    self.accelerator.unwrap_model(self.generator), gen_prompts, targets, gtok.pad_token_id,
-                    args.generator_batch_size,
-                )  # [B]
-            n_tokens = torch.tensor([len(t) for t in targets], device=device, dtype=torch.float32)
-
-            # 3. Rewards through TRL's reward protocol (gathered over processes), combined with reward_weights.
             completions = tok.batch_decode(samples.completion_ids, skip_special_tokens=True)
-            reward_rows = [
-                {**r, "answer_logprob": float(lp), "answer_num_tokens": len(t), "picks": p}
-                for r, lp, t, p in zip(inputs, answer_logp.tolist(), targets, samples.picks)
-            ]
+            rows = [{**r, "answer_num_tokens": len(t), "picks": p} for r, t, p in zip(inputs, targets, samples.picks)]
             if any(getattr(f, "needs_generated_answer", False) for f in self.reward_funcs):
                 with self._role(GENERATOR):
                     generated = generate_answers(
                         self.accelerator.unwrap_model(self.generator), gtok, gen_prompts, args.max_answer_tokens,
                         args.generator_batch_size,
                     )
-                for row, answer in zip(reward_rows, generated):
+                for row, answer in zip(rows, generated):
                     row["generated_answer"] = answer
-        rewards_per_func = self._calculate_rewards(
-            reward_rows, [r["question"] for r in inputs], completions, samples.completion_ids.tolist()
-        )  # [B_global, F]
-        rewards_global = (rewards_per_func * self.reward_weights.to(device)[None]).nansum(1)
-        start = self.accelerator.process_index * len(inputs)
-        rewards = rewards_global[start : start + len(inputs)]
-
-        # 4. Importance weights (METHOD.md §2) and advantages (§3), per question.
-        log_w = answer_logp if args.importance_logits == "sum" else answer_logp / n_tokens
-        weights = E.importance_weights(log_w.view(-1, m))  # [Q, m]
-        adv = E.advantages(args.estimator, weights, rewards.view(-1, m), args.scale_rewards not in ("none", False))
-        gen_coef = E.generator_coefficients(args.generator_update, weights)  # [Q, m]
-
-        # 5. Metrics, gathered over processes.
-        valid = [  # the decoded text must parse back, with no repair, to the picks that were sampled
-            parse_ranking(c, len(r["passages"]), args.num_docs_selected) == (p, True)
-            for c, r, p in zip(completions, inputs, samples.picks)
-        ]
-        self._log_estep_metrics(mode, samples, answer_logp, weights, rewards_per_func, rewards_global, valid, inputs)
-        if args.log_completions:
-            self._log_samples(inputs, completions, rewards_per_func, adv, weights)
 
         p_ids, p_mask = left_pad([p for p in prompts for _ in range(m)], tok.pad_token_id, device)
         g_ids, g_mask = left_pad(gen_prompts, gtok.pad_token_id, device)
         y_ids, y_mask = right_pad(targets, gtok.pad_token_id, device)
-        return {
+        batch = {
             "prompt_ids": p_ids,
             "prompt_mask": p_mask,
             "completion_ids": samples.completion_ids,
             "completion_mask": samples.completion_mask,
             "allowed": samples.allowed,
             "group": torch.arange(len(questions), device=device).repeat_interleave(m),  # rows sharing a prompt
-            "advantages": adv.reshape(-1).detach(),
-            "gen_coef": gen_coef.reshape(-1).detach(),
             "gen_prompt_ids": g_ids,
             "gen_prompt_mask": g_mask,
             "gen_target_ids": y_ids,
             "gen_target_mask": y_mask,
+            "sample_logps": samples.logps,
+            "rows": rows,
+            "completions": completions,
         }
+        if mode == "train" and self.args.scores_in_loss:
+            return batch  # the loss's generator forward gives log p(y | x, d_z), and _compute_loss weighs (_weigh)
+
+        # 3. Score each pick with the generator: log p(y | x, d_z), no grad.
+        with eval_mode(self.generator), self._role(GENERATOR):
+            answer_logp = batch_answer_logprobs(
+                self.accelerator.unwrap_model(self.generator), gen_prompts, targets, gtok.pad_token_id,
+                args.generator_batch_size,
+            )  # [B]
+        batch["advantages"], batch["gen_coef"] = self._weigh(batch, answer_logp, mode)
+        return batch
+
+    def _weigh(self, batch: dict[str, Any], answer_logp: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rewards, importance weights and advantages of the rows of ``batch`` (whole question groups, in order)
+        from their answers' log-likelihoods: (selector advantages [B], generator coefficients [B]), detached."""
+        args, m, device = self.args, self.num_generations, answer_logp.device
+        answer_logp = answer_logp.detach()
+        rows = batch["rows"]
+        n_tokens = batch["gen_target_mask"].sum(-1).float()
+
+        # Rewards through TRL's reward protocol (gathered over processes), combined with reward_weights.
+        reward_rows = [{**r, "answer_logprob": float(lp)} for r, lp in zip(rows, answer_logp.tolist())]
+        rewards_per_func = self._calculate_rewards(
+            reward_rows, [r["question"] for r in rows], batch["completions"], batch["completion_ids"].tolist()
+        )  # [B_global, F]
+        rewards_global = (rewards_per_func * self.reward_weights.to(device)[None]).nansum(1)
+        start = self.accelerator.process_index * len(rows)
+        rewards = rewards_global[start : start + len(rows)]
+
+        # Importance weights (METHOD.md §2) and advantages (§3), per question.
+        log_w = answer_logp if args.importance_logits == "sum" else answer_logp / n_tokens
+        weights = E.importance_weights(log_w.view(-1, m))  # [Q, m]
+        adv = E.advantages(args.estimator, weights, rewards.view(-1, m), args.scale_rewards not in ("none", False))
+        gen_coef = E.generator_coefficients(args.generator_update, weights)  # [Q, m]
+
+        # Metrics, gathered over processes.
+        self._log_estep_metrics(mode, batch, answer_logp, weights, rewards_per_func, rewards_global)
+        if args.log_completions:
+            self._log_samples(rows, batch["completions"], rewards_per_func, adv, weights)
+        return adv.reshape(-1), gen_coef.reshape(-1)
 
     def _log_samples(self, inputs, completions, rewards_per_func, adv, weights) -> None:
         """``log_completions``: GRPO's sample table, in DRO's terms — the question, the sampled ranking, its rewards
@@ -479,11 +491,15 @@ class DROTrainer(GRPOTrainer):
         self._logs["advantages"].extend(gather(adv.reshape(-1)).tolist())
         self._logs["extra"]["weight"].extend(gather(weights.reshape(-1)).tolist())
 
-    def _log_estep_metrics(self, mode, samples, answer_logp, weights, rewards_per_func, rewards_global, valid, inputs):
+    def _log_estep_metrics(self, mode, batch, answer_logp, weights, rewards_per_func, rewards_global):
         metrics, m, gathered = self._metrics[mode], self.num_generations, self.accelerator.gather
-        device = answer_logp.device
+        device, rows, args = answer_logp.device, batch["rows"], self.args
+        valid = [  # the decoded text must parse back, with no repair, to the picks that were sampled
+            parse_ranking(c, len(r["passages"]), args.num_docs_selected) == (r["picks"], True)
+            for c, r in zip(batch["completions"], rows)
+        ]
         metrics["selector/valid_rate"].append(gathered(torch.tensor(valid, device=device).float()).mean().item())
-        metrics["selector/ranking_logprob"].append(gathered(samples.logps).mean().item())
+        metrics["selector/ranking_logprob"].append(gathered(batch["sample_logps"]).mean().item())
         metrics["generator/answer_logprob"].append(gathered(answer_logp).mean().item())
         metrics["weights/ess"].append(gathered(E.effective_sample_size(weights)).mean().item())
         metrics["weights/entropy"].append(gathered(E.weight_entropy(weights)).mean().item())
@@ -494,7 +510,7 @@ class DROTrainer(GRPOTrainer):
         metrics["reward_std"].append(grouped.std(-1).mean().item() if m > 1 else 0.0)
         metrics["frac_reward_zero_std"].append((grouped.std(-1) < 1e-8).float().mean().item() if m > 1 else 1.0)
         # One entry per row on every process (NaN without labels), so the gather has the same shape everywhere.
-        recalls = [support_recall(p, r.get("gold")) for r, p in zip(inputs, samples.picks)]
+        recalls = [support_recall(r["picks"], r.get("gold")) for r in rows]
         recalls = gathered(torch.tensor([float("nan") if x is None else x for x in recalls], device=device))
         if not torch.isnan(recalls).all():
             metrics["selector/support_recall"].append(torch.nanmean(recalls).item())
@@ -503,23 +519,24 @@ class DROTrainer(GRPOTrainer):
     # M-step
     # ------------------------------------------------------------------------------------------------------------
 
+    def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:
+        """GRPO's, except that when the loss scores the generator (``DROConfig.scores_in_loss``) the generation batch
+        is cut into micro-batches in order, not shuffled row by row, so each micro-batch holds whole question groups:
+        a question's importance weights need the log-likelihoods of all m of its samples."""
+        if not (self.model.training and self.args.scores_in_loss):
+            return super()._prepare_inputs(generation_batch)
+        if self._step % self.args.steps_per_generation == 0 or self._buffered_inputs is None:
+            self._buffered_inputs = split_tensor_dict(self._generate_and_score_completions(generation_batch),
+                                                      self.args.steps_per_generation)
+        return self._buffered_inputs[self._step % self.args.steps_per_generation]
+
     def _compute_loss(self, model, inputs):
         args, m, mode = self.args, self.num_generations, "train" if self.model.training else "eval"
         loss = torch.zeros((), device=self.accelerator.device)
         if args.share_base_model and args.gradient_checkpointing:
             # Installed before every loss: Trainer.train() and generation re-enable plain checkpointing.
             enable_adapter_checkpointing(self.accelerator.unwrap_model(model), args.activation_checkpointing_kwargs)
-        if not args.freeze_selector:
-            with self._role(SELECTOR):  # by default one packed forward per question: prompt + its m completions
-                logp = selector_logprobs(
-                    args.selector_loss_forward, model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["group"],
-                    inputs["completion_ids"], inputs["completion_mask"], inputs["allowed"], self.temperature,
-                    self.processing_class.pad_token_id,
-                )
-            # logp: [B], under the constrained distribution that sampled
-            select = E.selector_loss(inputs["advantages"], logp, m)
-            self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
-            loss = loss + select
+        advantages, gen_coef = inputs.get("advantages"), inputs.get("gen_coef")
         if args.generator_update != "none":
             if not args.share_base_model:  # the Trainer sets only the selector's mode (and a loaded model is in eval
                 self.generator.train(self.model.training)  # mode, where gradient checkpointing is skipped)
@@ -528,9 +545,22 @@ class DROTrainer(GRPOTrainer):
                     self.generator, inputs["gen_prompt_ids"], inputs["gen_prompt_mask"], inputs["gen_target_ids"],
                     inputs["gen_target_mask"],
                 ).sum(-1)  # [B]
-            generate = E.generator_loss(inputs["gen_coef"], answer_logp, m)
+            if advantages is None:  # scored in the loss: this forward's log p(y | x, d_z) are the E-step's (no dropout)
+                advantages, gen_coef = self._weigh(inputs, answer_logp, mode)
+            generate = E.generator_loss(gen_coef, answer_logp, m)
             self._metrics[mode]["generator/loss"].append(self.accelerator.gather(generate.detach()).mean().item())
             loss = loss + args.generator_loss_coef * generate
+        if not args.freeze_selector:
+            with self._role(SELECTOR):  # by default one packed forward per question: prompt + its m completions
+                logp = selector_logprobs(
+                    args.selector_loss_forward, model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["group"],
+                    inputs["completion_ids"], inputs["completion_mask"], inputs["allowed"], self.temperature,
+                    self.processing_class.pad_token_id,
+                )
+            # logp: [B], under the constrained distribution that sampled
+            select = E.selector_loss(advantages, logp, m)
+            self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
+            loss = loss + select
         if not torch.isfinite(loss):
             # Counted, and the whole update is then skipped on every process (_skip_nonfinite_update). The zero keeps
             # the graph, so the backward still runs DDP's gradient all-reduce in step with the other processes.

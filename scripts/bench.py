@@ -11,18 +11,18 @@ Rows, all on the same models and data (the sampling seed is shared, so every pat
 
 - ``naive``, the way the released DRO scripts run: the N-passage prompt prefilled once per sample (m times per
   question) for sampling, and the per-row selector loss forward (the prompt once per sampled ranking);
-- ``ours``: one prefill per question shared by its m samples (``sample_rankings``) and the packed loss forward, one
-  sequence per question (``selector_loss_forward: packed``, the training default, also under checkpointing);
+- ``ours``, the training default: one prefill per question shared by its m samples (``sample_rankings``), the packed
+  loss forward, one sequence per question (``selector_loss_forward: packed``, also under checkpointing), and the
+  E-step's answer log-likelihoods taken from the generator loss's own forward (``generator_scoring: in_loss``);
+- ``ours-scored-apart``: ``ours`` with a separate no-grad generator scoring pass before the loss
+  (``generator_scoring: separate``, what a micro-batch without whole question groups needs);
 - ``ours-kv``: ``ours`` with the KV-cache loss forward (``kv_cache``; not under gradient checkpointing);
 - ``ours-shared``: ``ours`` with the selector and the generator as two LoRA adapters on one base;
-- ``ours-score-in-loss``: ``ours`` without the generator's E-step forward, the importance weights taken from the
-  loss's own generator forward (same parameters, same values; possible only when a micro-batch holds every sample of
-  its questions; measured for docs/benchmarks.md, not a training option);
 - ``lower-bound``: the minimal work of a step, timed on its own: per question one causal forward + backward over its
   prompt followed by its m completions (no block mask), one generator forward + backward per sample, the AdamW
   update — no sampling and no E-step scoring.
 
-Each row also reports where its time goes (``sample``, ``score`` = the generator's E-step forward, ``loss`` = both
+Each row also reports where its time goes (``sample``, ``score`` = a separate generator scoring pass, ``loss`` = both
 losses' forward + backward, ``update``), and the script prints, beside the measured ratios, those that the token
 counts predict (``predict_flops``: matrix FLOPs per token, attention's quadratic term per attended query-key pair,
 and the vocabulary projection per position whose logits are computed).
@@ -120,23 +120,24 @@ PRESETS = {
     # K = 2, m = 4
     "cpu-smollm2": Preset("smollm2-135m", "smollm2-135m", "full", (False, True), 2, 128, n=10, k=2,
                           tokenizer="smollm2", passages="hotpotqa",
-                          paths=("naive", "ours", "ours-kv", "ours-score-in-loss", "lower-bound")),
+                          paths=("naive", "ours-scored-apart", "ours", "ours-kv", "lower-bound")),
     # the paper's shape: N = 20 passages of ~100 words (a question's 10 HotpotQA paragraphs + the next question's)
     "cpu-paper-shape": Preset("smollm2-135m", "smollm2-135m", "full", (False, True), 1, 130, tokenizer="smollm2",
-                              passages="hotpotqa", paths=("naive", "ours", "ours-score-in-loss", "lower-bound")),
+                              passages="hotpotqa", paths=("naive", "ours-scored-apart", "ours", "lower-bound")),
     # GPU, no bitsandbytes: bf16 + LoRA with checkpointing, as the recipes train
     "gpu-smollm2": Preset(SMOLLM2_135M, SMOLLM2_135M, "lora", (True,), 8, 128, n=10, k=2, tokenizer="smollm2",
-                          paths=("naive", "ours", "ours-score-in-loss", "lower-bound")),
+                          paths=("naive", "ours-scored-apart", "ours", "lower-bound")),
     "gpu-paper-shape": Preset(LLAMA32_3B, LLAMA32_3B, "lora", (True,), 2, 130, tokenizer="smollm2",
-                              paths=("naive", "ours", "ours-score-in-loss", "lower-bound")),
+                              paths=("naive", "ours-scored-apart", "ours", "lower-bound")),
     # the paper's recipe: 8 rows per micro-batch = 2 questions x m (configs/paper/llama3_8b_qlora_nq.yaml)
     "llama3-8b-qlora": Preset(LLAMA3_8B, LLAMA3_8B, "qlora", (True,), 2, 130,
                               paths=("naive", "ours", "ours-shared", "lower-bound")),
     "llama3-3b-selector": Preset(LLAMA32_3B, LLAMA3_8B, "qlora", (True,), 2, 130),
 }
-PATHS = ("naive", "ours", "ours-kv", "ours-shared", "ours-score-in-loss", "lower-bound")
-LOSS_FORWARD = {"naive": "per_row", "ours": "packed", "ours-kv": "kv_cache", "ours-shared": "packed",
-                "ours-score-in-loss": "packed"}
+PATHS = ("naive", "ours-scored-apart", "ours", "ours-kv", "ours-shared", "lower-bound")
+LOSS_FORWARD = {"naive": "per_row", "ours-scored-apart": "packed", "ours": "packed", "ours-kv": "kv_cache",
+                "ours-shared": "packed"}
+SCORED_APART = ("naive", "ours-scored-apart")  # a no-grad generator scoring pass in the E-step
 
 
 @dataclass
@@ -383,8 +384,8 @@ class Clock:
 
 
 def e_step(batch: Batch, models: Models, path: str, seed: int, clock: Clock) -> EStep:
-    """Sample m rankings per question and score them with the generator (no grad); ``ours-score-in-loss`` leaves
-    the scoring to the loss."""
+    """Sample m rankings per question; the paths in ``SCORED_APART`` also score them with the generator (no grad),
+    the others leave the scoring to the loss's generator forward."""
     tok, m, device = batch.tok, batch.m, next(models.selector.parameters()).device
     gen = torch.Generator(device).manual_seed(seed)
     # Train mode throughout: on CPU, bitsandbytes turns 4-bit weights into an inference-only layout (no gradient
@@ -399,7 +400,7 @@ def e_step(batch: Batch, models: Models, path: str, seed: int, clock: Clock) -> 
                                       pad_token_id=tok.pad_token_id, generator=gen)
     g_prompts, targets = batch.generator_inputs(samples)
     estep = EStep(samples, g_prompts, targets)
-    if path != "ours-score-in-loss":
+    if path in SCORED_APART:
         with clock.phase("score"), models.role(GENERATOR):
             estep.weigh(batch_answer_logprobs(models.generator, g_prompts, targets, tok.pad_token_id), m)
     return estep
@@ -431,7 +432,7 @@ def step(batch: Batch, models: Models, path: str, checkpointing: bool, seed: int
         y_ids, y_mask = right_pad(estep.targets, tok.pad_token_id, device)
         with models.role(GENERATOR):
             gen_logp = target_logprobs(models.generator, g_ids, g_mask, y_ids, y_mask).sum(-1)
-        if estep.weights is None:  # ours-score-in-loss: the E-step's weights from this forward (same parameters)
+        if estep.weights is None:  # scored in the loss: the E-step's weights from this forward (same parameters)
             estep.weigh(gen_logp, m)
         p_ids, p_mask = left_pad([p for p in batch.prompts for _ in range(m)], tok.pad_token_id, device)
         group = torch.arange(len(batch.rows), device=device).repeat_interleave(m)
@@ -506,9 +507,9 @@ def predict_flops(selector: Flops, generator: Flops, batch: Batch, estep: EStep)
         widths = [c - 1 for c in completion[q * m : (q + 1) * m]]
         packed += selector.train(len(p) + sum(widths), pairs(len(p)) + sum(pairs(w, len(p)) for w in widths),
                                  1 + sum(widths))
-    ours = prefill + decode + score + packed + generator_loss
-    return {"naive": m * prefill + decode + score + per_row + generator_loss, "ours": ours, "ours-kv": ours,
-            "ours-shared": ours, "ours-score-in-loss": ours - score, "lower-bound": packed + generator_loss}
+    ours = prefill + decode + packed + generator_loss
+    return {"naive": m * prefill + decode + score + per_row + generator_loss, "ours-scored-apart": ours + score,
+            "ours": ours, "ours-kv": ours, "ours-shared": ours, "lower-bound": packed + generator_loss}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -630,7 +631,7 @@ def time_paths(batch: Batch, preset: Preset, args: BenchArguments, shared: bool,
     optimizer = torch.optim.AdamW(models.trainable(), lr=1e-5, fused=True)  # fused: 9x faster on CPU
     runs = [(n, c) for c in checkpointing for n in names if not (c and n == "ours-kv")]  # kv_cache: no checkpointing
     with torch.no_grad():  # the lower bound's rankings and weights, computed before any update
-        fixed = e_step(batch, models, "ours", 1, Clock(device))
+        fixed = e_step(batch, models, "ours-scored-apart", 1, Clock(device))
     # Same weights and seed before any update: every path must give the same loss. The step doubles as warm-up; with
     # one row and no timed steps it is skipped, and the memory step (same seed) gives the loss.
     figures = {row_name(n, c): {"path": n, "checkpointing": c, "weights_gib": weights} for n, c in runs}

@@ -34,11 +34,12 @@ def main(out_dir: str, mode: str) -> None:
     args = tiny_config(os.path.join(out_dir, "run"), max_steps=3, share_base_model=mode == "shared",
                        gradient_checkpointing=mode == "shared")
     trainer = DROTrainer(**models, args=args, train_dataset=data, processing_class=tok, generator_processing_class=tok)
-    local_scores, used_rewards = record_rewards()
+    local_scores, used_rewards = record_rewards(trainer)
     nan_on_rank_one(trainer)
     trainer.train()
     result = {
         "world_size": trainer.accelerator.num_processes,
+        "scored_in_loss": trainer.args.scores_in_loss,
         "initial": initial,
         "final": state(trainer.accelerator.unwrap_model(trainer.model),
                        trainer.accelerator.unwrap_model(trainer.generator), mode),
@@ -54,20 +55,21 @@ def main(out_dir: str, mode: str) -> None:
     trainer.accelerator.end_training()
 
 
-def record_rewards() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """This rank's answer log-likelihoods (its rows' `log_likelihood` rewards) and the rewards the advantages used."""
+def record_rewards(trainer: DROTrainer) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """This rank's answer log-likelihoods (its rows' `log_likelihood` rewards, here from the generator loss's forward)
+    and the rewards the advantages used."""
     local_scores, used_rewards = [], []
-    score, advantages = trainer_module.batch_answer_logprobs, trainer_module.E.advantages
+    weigh, advantages = trainer._weigh, trainer_module.E.advantages
 
-    def scoring(*args, **kwargs):
-        local_scores.append(score(*args, **kwargs))
-        return local_scores[-1]
+    def scoring(batch, answer_logp, mode):
+        local_scores.append(answer_logp.detach().clone())
+        return weigh(batch, answer_logp, mode)
 
     def recording(estimator, weights, rewards, *args, **kwargs):
         used_rewards.append(rewards.detach().clone())
         return advantages(estimator, weights, rewards, *args, **kwargs)
 
-    trainer_module.batch_answer_logprobs, trainer_module.E.advantages = scoring, recording
+    trainer._weigh, trainer_module.E.advantages = scoring, recording
     return local_scores, used_rewards
 
 

@@ -82,7 +82,7 @@ def test_the_loss_scores_exactly_what_the_e_step_sampled_with_lora_dropout_on(
 ):
     """Catches: dropout live while sampling or scoring; the loss at T = 1 while sampling at T = 0.7; a per-token
     mean instead of the summed answer log-likelihood in the generator loss."""
-    trainer = lora_trainer(tmp_path, demo_rows, word_tok, shared, temperature=0.7)
+    trainer = lora_trainer(tmp_path, demo_rows, word_tok, shared, temperature=0.7, generator_scoring="separate")
     sampled = Spy(monkeypatch, trainer_module, "sample_rankings")
     scored = Spy(monkeypatch, trainer_module, "batch_answer_logprobs")
     select = Spy(monkeypatch, trainer_module.E, "selector_loss")
@@ -155,7 +155,8 @@ def test_weights_are_a_per_question_softmax_of_the_generator_scores(
 ):
     """Recomputed outside the trainer, one row at a time. Catches: weights normalised across questions, advantages
     or generator coefficients shifted to another question, ``importance_logits`` ignored."""
-    trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator=estimator, importance_logits=importance_logits)
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator=estimator, importance_logits=importance_logits,
+                           generator_scoring="separate")
     sharpen(trainer.generator)
     sampled = Spy(monkeypatch, trainer_module, "sample_rankings")
     batch, m = generation_batch(trainer, 3), trainer.num_generations
@@ -186,7 +187,7 @@ def test_reward_advantages_use_each_rows_weighted_rewards_and_decode_answers_onl
     tmp_path, demo_rows, word_tok, monkeypatch
 ):
     """`reinforce` on 0.5 · log p(y | x, d_z) + 2 · p(y | x, d_z): each row's own rewards, weighted and summed."""
-    trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator="reinforce",
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator="reinforce", generator_scoring="separate",
                            reward_funcs=["log_likelihood", "likelihood"], reward_weights=[0.5, 2.0])
     scored = Spy(monkeypatch, trainer_module, "batch_answer_logprobs")
     decoded = Spy(monkeypatch, trainer_module, "generate_answers")
@@ -197,7 +198,7 @@ def test_reward_advantages_use_each_rows_weighted_rewards_and_decode_answers_onl
 
     for scale_rewards in ("group", "none"):  # grpo: (r − mean) / (std + 1e-4) per question, or only centred
         trainer = make_trainer(tmp_path / scale_rewards, demo_rows, word_tok, estimator="grpo",
-                               scale_rewards=scale_rewards)
+                               scale_rewards=scale_rewards, generator_scoring="separate")
         out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
         rewards = scored.calls[-1][1].view(2, -1)
         expected = rewards - rewards.mean(-1, keepdim=True)
@@ -205,7 +206,8 @@ def test_reward_advantages_use_each_rows_weighted_rewards_and_decode_answers_onl
             expected = expected / (rewards.std(-1, keepdim=True) + 1e-4)
         torch.testing.assert_close(out["advantages"], expected.reshape(-1), atol=1e-4, rtol=1e-4)
 
-    trainer = make_trainer(tmp_path / "em", demo_rows, word_tok, estimator="reinforce", reward_funcs=["answer_em"])
+    trainer = make_trainer(tmp_path / "em", demo_rows, word_tok, estimator="reinforce", reward_funcs=["answer_em"],
+                           generator_scoring="separate")
     out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
     assert len(decoded.calls) == 1 and set(out["advantages"].tolist()) <= {0.0, 1.0}
 
@@ -214,7 +216,7 @@ def test_a_nonfinite_loss_becomes_a_zero_that_keeps_the_graph(tmp_path, demo_row
     """A detached zero would skip this process's backward, and with it DDP's gradient all-reduce: the other processes
     would wait forever (tests/test_distributed.py runs that case). The zero stays attached to the forward."""
     trainer = make_trainer(tmp_path, demo_rows, word_tok)
-    out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 2))  # the loss scores the generator
     for count, bad in enumerate((float("nan"), float("inf")), 1):
         monkeypatch.setattr(trainer_module.E, "selector_loss", lambda adv, logp, m: logp.sum() * 0 + bad)
         loss = trainer._compute_loss(trainer.model, out)
@@ -232,7 +234,8 @@ def test_one_step_raises_the_weighted_log_probabilities(tmp_path, demo_rows, wor
     """One small SGD step is a descent step on both losses: Σ w̃ log p(z) and Σ w̃ log p(y | z) rise.
     Catches a flipped sign in either loss."""
     trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator=estimator, optim="sgd", learning_rate=1e-3,
-                           generator_learning_rate=1e-3, weight_decay=0.0, max_steps=1, max_grad_norm=1e6)
+                           generator_learning_rate=1e-3, weight_decay=0.0, max_steps=1, max_grad_norm=1e6,
+                           generator_scoring="separate")
     sharpen(trainer.generator)
     seen = []
     estep = trainer._generate_and_score_completions
@@ -265,6 +268,64 @@ def test_gradient_accumulation_gives_the_update_of_one_big_batch(tmp_path, demo_
     for one, accumulated in zip(*runs):
         for name, value in one.items():
             torch.testing.assert_close(accumulated[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["separate_models", "shared_base_checkpointing"])
+def test_scoring_the_generator_in_the_loss_gives_the_reference_update(tmp_path, demo_rows, word_tok, monkeypatch,
+                                                                     shared):
+    """``generator_scoring: in_loss`` (the default) against ``separate`` (a no-grad scoring pass before the loss, the
+    reference): one SGD step over two accumulated micro-batches gives the same losses, metrics and parameters, and
+    the in-loss run never calls the separate scorer. Catches: weights computed over rows of different questions (a
+    micro-batch cut across a group, or shuffled), a row's log-likelihood attached to another row, gradients flowing
+    through the weights (they must be detached), an E-step metric logged from the wrong rows."""
+    runs = {}
+    for scoring in ("separate", "in_loss"):
+        torch.manual_seed(0)
+        args = tiny_args(tmp_path / scoring, generator_scoring=scoring, optim="sgd", max_steps=1, max_grad_norm=1e6,
+                         per_device_train_batch_size=8, gradient_accumulation_steps=2, share_base_model=shared,
+                         gradient_checkpointing=shared)
+        if shared:
+            lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
+                              task_type="CAUSAL_LM")
+            models = dict(model=shared_base_model(make_model(word_tok), lora, lora))
+        else:
+            models = dict(model=make_model(word_tok), generator=make_model(word_tok, seed=100))
+        trainer = DROTrainer(**models, args=args, train_dataset=as_dataset(demo_rows), processing_class=word_tok,
+                             generator_processing_class=word_tok)
+        sharpen(trainer.accelerator.unwrap_model(trainer.generator))  # weights far from uniform
+        scored = Spy(monkeypatch, trainer_module, "batch_answer_logprobs")
+        trainer.train()
+        assert trainer.args.scores_in_loss == (scoring == "in_loss")
+        assert bool(scored.calls) == (scoring == "separate")
+        logged = next(h for h in trainer.state.log_history if "selector/loss" in h)
+        runs[scoring] = logged, snapshot(trainer.model), snapshot(trainer.generator)
+    (ref_log, *ref_models), (log, *models) = runs["separate"], runs["in_loss"]
+    for key in ("selector/loss", "generator/loss", "reward", "weights/ess", "weights/entropy",
+                "generator/answer_logprob", "selector/ranking_logprob", "selector/support_recall"):
+        assert log[key] == pytest.approx(ref_log[key], rel=1e-5, abs=1e-6), key
+    assert ref_log["reward_std"] > 0.01  # a question's samples score differently, so misassigned weights would show
+    for reference, model in zip(ref_models, models):
+        for name, value in reference.items():
+            torch.testing.assert_close(model[name], value, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_in_loss_scoring_is_refused_where_it_cannot_hold():
+    base = dict(output_dir="unused", use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=8,
+                num_generations=4)
+    for overrides, reason in ((dict(generator_update="none"), "generator_update"),
+                              (dict(disable_dropout=False), "disable_dropout"),
+                              (dict(per_device_train_batch_size=6, num_generations=3,
+                                    gradient_accumulation_steps=2, steps_per_generation=2), None),
+                              (dict(per_device_train_batch_size=2, gradient_accumulation_steps=2), "whole question"),
+                              (dict(gradient_accumulation_steps=2, steps_per_generation=4), "parameters that sampled")):
+        config = {**base, **overrides}
+        assert not DROConfig(**config).scores_in_loss or reason is None  # "auto" falls back to the reference
+        if reason is None:
+            assert DROConfig(**config, generator_scoring="in_loss").scores_in_loss
+            continue
+        with pytest.raises(ValueError, match=f"generator_scoring='in_loss' needs.*{reason}"):
+            DROConfig(**config, generator_scoring="in_loss")
+    assert not DROConfig(**base, generator_scoring="separate").scores_in_loss
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -42,4 +42,4 @@ def test_two_processes_keep_selector_and_generator_in_sync(tmp_path, mode):
     # rank 1's NaN loss at the second step: both ranks skipped that update and said so
     assert [h.get("guard/skipped_nonfinite_loss") for h in ranks[0]["logs"]] == [None, 1.0, None]
     assert [h.get("guard/skipped_nonfinite_loss") for h in ranks[1]["logs"]] == [None, 1.0, None]
-    assert all(r["rewards_are_local"] for r in ranks)
+    assert all(r["rewards_are_local"] and r["scored_in_loss"] for r in ranks)
