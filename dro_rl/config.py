@@ -93,12 +93,13 @@ class DROConfig(GRPOConfig, PipelineConfig):
     )
     generator_loss_coef: float = field(default=1.0, metadata={"help": "Multiplier of L_generate in the total loss."})
     generator_batch_size: int = field(
-        default=64, metadata={"help": "Rows per chunk when scoring answers without gradients."}
+        default=64, metadata={"help": "Rows per chunk when the E-step scores answers without gradients "
+                              "(generator_scoring `separate`) or decodes greedy answers (answer_em/answer_f1 rewards)."}
     )
     generator_scoring: Literal["auto", "in_loss", "separate"] = field(
         default="auto",
-        metadata={"help": "Where the E-step's log p(y | x, d_z) come from: `in_loss` = the generator loss's own forward "
-                  "(one generator forward per sample instead of two; the same values, since the E-step is "
+        metadata={"help": "Where the E-step's log p(y | x, d_z) come from: `in_loss` = the generator loss's own "
+                  "forward (one generator forward per sample instead of two; the same values, since the E-step is "
                   "dropout-free), `separate` = a no-grad scoring pass before the loss (the reference), `auto` = "
                   "`in_loss` where possible: generator_update not `none`, disable_dropout, "
                   "per_device_train_batch_size a multiple of num_generations, and gradient_accumulation_steps a "
@@ -188,7 +189,8 @@ class DROConfig(GRPOConfig, PipelineConfig):
 
     @property
     def scores_in_loss(self) -> bool:
-        """Whether the generator loss's forward also gives the E-step's answer log-likelihoods (``generator_scoring``)."""
+        """Whether the generator loss's forward also gives the E-step's answer log-likelihoods
+        (``generator_scoring``)."""
         return self.generator_scoring != "separate" and self._in_loss_blocker() is None
 
     def _in_loss_blocker(self) -> str | None:

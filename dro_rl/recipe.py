@@ -121,12 +121,13 @@ def with_default_config(argv: list[str]) -> list[str]:
 
 
 def run_config(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> dict[str, Any]:
-    """What run_config.json holds: every setting, and the subset a resume must match."""
+    """What run_config.json holds: every setting, the subset a resume must match, and what ``auto`` settings chose."""
     return {
         "script": asdict(args),
         "model": asdict(model_args),
         "training": json.loads(dro.to_json_string()),
         "run_defining": run_defining_settings(dro),
+        "resolved": {"generator_scoring": "in_loss" if dro.scores_in_loss else "separate"},
     }
 
 

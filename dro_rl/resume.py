@@ -35,7 +35,7 @@ RUN_DEFINING_INHERITED = (
     "steps_per_generation", "num_generations", "temperature", "scale_rewards", "reward_weights", "seed",
     "disable_dropout",
 )
-EXECUTION_FIELDS = ("generator_batch_size", "selector_loss_forward", "overwrite_output_dir")
+EXECUTION_FIELDS = ("generator_batch_size", "selector_loss_forward", "generator_scoring", "overwrite_output_dir")
 
 
 def run_defining_settings(args) -> dict[str, Any]:

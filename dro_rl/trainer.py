@@ -9,7 +9,7 @@ Overridden, and why:
   scored under the constrained distribution that drew it, which GRPO's unconstrained log-probs are not). By default
   (``DROConfig.scores_in_loss``) the generator's forward in the loss also gives the E-step's log p(y | x, d_z), from
   which ``_weigh`` computes the weights and advantages: one generator forward per sample instead of two;
-- ``_prepare_inputs``: with that, a generation batch is cut into micro-batches of whole question groups;
+- ``_prepare_inputs``: a generation batch is cut into micro-batches in order, so they hold whole question groups;
 - ``create_optimizer`` / ``_clip_grad_norm`` / ``_get_grad_norm``: the generator's own param groups (own learning
   rate, the selector's weight-decay rule), its own clipping, and the guard that skips a non-finite update on every
   process at once;
@@ -520,10 +520,12 @@ class DROTrainer(GRPOTrainer):
     # ------------------------------------------------------------------------------------------------------------
 
     def _prepare_inputs(self, generation_batch: dict[str, Any]) -> dict[str, Any]:
-        """GRPO's, except that when the loss scores the generator (``DROConfig.scores_in_loss``) the generation batch
-        is cut into micro-batches in order, not shuffled row by row, so each micro-batch holds whole question groups:
-        a question's importance weights need the log-likelihoods of all m of its samples."""
-        if not (self.model.training and self.args.scores_in_loss):
+        """GRPO's, except that a generation batch is cut into micro-batches in order, not shuffled row by row: when
+        the loss scores the generator (``DROConfig.scores_in_loss``) a micro-batch must hold whole question groups,
+        since a question's importance weights need all m of its samples, and either way the packed loss forward then
+        finds a question's rows together. DRO uses each generation batch once, within one optimizer step, so the order
+        of its rows does not change the update — and both scoring paths draw the same random numbers."""
+        if not self.model.training:
             return super()._prepare_inputs(generation_batch)
         if self._step % self.args.steps_per_generation == 0 or self._buffered_inputs is None:
             self._buffered_inputs = split_tensor_dict(self._generate_and_score_completions(generation_batch),

@@ -273,15 +273,16 @@ def test_gradient_accumulation_gives_the_update_of_one_big_batch(tmp_path, demo_
 @pytest.mark.parametrize("shared", [False, True], ids=["separate_models", "shared_base_checkpointing"])
 def test_scoring_the_generator_in_the_loss_gives_the_reference_update(tmp_path, demo_rows, word_tok, monkeypatch,
                                                                      shared):
-    """``generator_scoring: in_loss`` (the default) against ``separate`` (a no-grad scoring pass before the loss, the
-    reference): one SGD step over two accumulated micro-batches gives the same losses, metrics and parameters, and
-    the in-loss run never calls the separate scorer. Catches: weights computed over rows of different questions (a
-    micro-batch cut across a group, or shuffled), a row's log-likelihood attached to another row, gradients flowing
-    through the weights (they must be detached), an E-step metric logged from the wrong rows."""
+    """``generator_scoring: in_loss`` (what ``auto`` picks here) against ``separate`` (a no-grad scoring pass before
+    the loss, the reference): two SGD steps over two accumulated micro-batches each give the same losses, metrics and
+    parameters, and the in-loss run never calls the separate scorer. Catches: weights computed over rows of different
+    questions (a micro-batch cut across a group, or shuffled), a row's log-likelihood attached to another row,
+    gradients flowing through the weights (they must be detached), an E-step metric logged from the wrong rows, the
+    two paths drawing different random numbers (a run that differs from its second step on)."""
     runs = {}
     for scoring in ("separate", "in_loss"):
         torch.manual_seed(0)
-        args = tiny_args(tmp_path / scoring, generator_scoring=scoring, optim="sgd", max_steps=1, max_grad_norm=1e6,
+        args = tiny_args(tmp_path / scoring, generator_scoring=scoring, optim="sgd", max_steps=2, max_grad_norm=1e6,
                          per_device_train_batch_size=8, gradient_accumulation_steps=2, share_base_model=shared,
                          gradient_checkpointing=shared)
         if shared:
@@ -297,13 +298,15 @@ def test_scoring_the_generator_in_the_loss_gives_the_reference_update(tmp_path, 
         trainer.train()
         assert trainer.args.scores_in_loss == (scoring == "in_loss")
         assert bool(scored.calls) == (scoring == "separate")
-        logged = next(h for h in trainer.state.log_history if "selector/loss" in h)
+        logged = [h for h in trainer.state.log_history if "selector/loss" in h]
         runs[scoring] = logged, snapshot(trainer.model), snapshot(trainer.generator)
-    (ref_log, *ref_models), (log, *models) = runs["separate"], runs["in_loss"]
-    for key in ("selector/loss", "generator/loss", "reward", "weights/ess", "weights/entropy",
-                "generator/answer_logprob", "selector/ranking_logprob", "selector/support_recall"):
-        assert log[key] == pytest.approx(ref_log[key], rel=1e-5, abs=1e-6), key
-    assert ref_log["reward_std"] > 0.01  # a question's samples score differently, so misassigned weights would show
+    (ref_logs, *ref_models), (logs, *models) = runs["separate"], runs["in_loss"]
+    assert len(logs) == len(ref_logs) == 2  # the second step samples alike too: both paths draw the same numbers
+    for log, ref_log in zip(logs, ref_logs):
+        for key in ("selector/loss", "generator/loss", "reward", "weights/ess", "weights/entropy",
+                    "generator/answer_logprob", "selector/ranking_logprob", "selector/support_recall"):
+            assert log[key] == pytest.approx(ref_log[key], rel=1e-5, abs=1e-6), key
+        assert ref_log["reward_std"] > 0.01  # a question's samples score differently: misassigned weights would show
     for reference, model in zip(ref_models, models):
         for name, value in reference.items():
             torch.testing.assert_close(model[name], value, atol=1e-6, rtol=1e-5, msg=name)

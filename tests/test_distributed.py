@@ -17,7 +17,8 @@ HERE = Path(__file__).resolve().parent
 @pytest.mark.parametrize("mode", ["separate", "shared"])
 def test_two_processes_keep_selector_and_generator_in_sync(tmp_path, mode):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    port = str(29531 + (mode == "shared"))  # its own port, so that both modes may run at once (pytest -n)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(HERE / "dist_train.py"), str(tmp_path), mode]
     # A rank that leaves DDP's all-reduce out of step hangs the other one: the timeout turns that into a failure,
     # and takes the launcher's worker processes down with it.

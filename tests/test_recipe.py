@@ -56,6 +56,7 @@ def test_resume_continues_at_the_next_step_and_skips_finished_stages(tmp_path, c
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
     first = capsys.readouterr().out
     assert "warm-up: generator SFT" in first and "retrieval: ranking" in first
+    assert json.loads((out / "run_config.json").read_text())["resolved"] == {"generator_scoring": "in_loss"}
     saved = {name: tree_digest(out / name) for name in ("checkpoint-2", "checkpoint-4", "data", "warmup")}
 
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "6", "--save_strategy", "steps", "--save_steps", "2",
@@ -116,6 +117,22 @@ def test_python_api_resume_with_another_k_or_dataset_is_refused(tmp_path):
     with pytest.raises(ValueError, match="train_dataset"):
         trainer(tiny_config(str(tmp_path), max_steps=4), tiny_task()[0].select(range(16))).train(
             resume_from_checkpoint=checkpoint)
+
+
+def test_resume_may_change_where_the_generator_is_scored(tmp_path):
+    """``generator_scoring`` changes where log p(y | x, d_z) is computed, not what a step computes: a checkpoint written
+    scoring in the loss resumes with a separate scoring pass and continues as the uninterrupted run."""
+    whole = trainer(tiny_config(str(tmp_path / "whole"), max_steps=4))
+    whole.train()
+    trainer(tiny_config(str(tmp_path / "run"), max_steps=2, save_strategy="steps", save_steps=2)).train()
+    resumed = trainer(tiny_config(str(tmp_path / "run"), max_steps=4, generator_scoring="separate"))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert whole.args.scores_in_loss and not resumed.args.scores_in_loss
+    logs = [[h for h in t.state.log_history if "selector/loss" in h] for t in (whole, resumed)]
+    assert [h["step"] for h in logs[1]] == [1, 2, 3, 4]
+    for a, b in zip(*logs):
+        for key in ("selector/loss", "generator/loss", "selector/ranking_logprob", "weights/ess"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["step"], key)
 
 
 def test_resume_skips_a_checkpoint_with_a_truncated_weights_file(tmp_path, caplog):
