@@ -515,7 +515,7 @@ def ranking_logprobs_packed(
     (:func:`pack_rows`) under a block attention mask (:func:`block_attention_mask`) with per-block position ids, so
     every completion attends to the prompt and to itself exactly as in the per-row forward, while the N-passage prompt
     is computed once per question instead of once per row. It is one ordinary forward: valid under gradient
-    checkpointing, DDP, FSDP, DeepSpeed and a shared base's adapters.
+    checkpointing, DDP, FSDP and a shared base's adapters.
 
     The mask is passed as a 4-D tensor, which transformers' Llama / Mistral / Qwen2 (and other decoders built on
     ``create_causal_mask``) use as given: boolean for ``sdpa``, additive float for ``eager``. An ``sdpa`` model is

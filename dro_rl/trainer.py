@@ -162,6 +162,7 @@ class DROTrainer(GRPOTrainer):
         args = args or DROConfig(output_dir="dro-output")
         self._created_at = time.time()  # results files older than this belong to an earlier run (run_folder.py)
         self._in_checkpoint = False
+        self._record: dict | None = None  # dro_run.json (_run_record)
         refuse_deepspeed(args)
         self.data_stats = []
         if train_dataset is not None:
@@ -634,7 +635,7 @@ class DROTrainer(GRPOTrainer):
                 self.generator_processing_class.save_pretrained(os.path.join(folder, GENERATOR))
                 save_unnamed_base(model, self.processing_class, folder, SHARED_BASE, [SELECTOR, GENERATOR])
         else:
-            super().save_model(os.path.join(folder, SELECTOR), _internal_call=True)  # gathers DeepSpeed/FSDP shards
+            super().save_model(os.path.join(folder, SELECTOR), _internal_call=True)  # gathers FSDP shards
             if self.args.should_save:
                 path = os.path.join(folder, GENERATOR)
                 generator = self.accelerator.unwrap_model(self.generator)
@@ -654,11 +655,11 @@ class DROTrainer(GRPOTrainer):
             super()._save_checkpoint(model, trial)
         finally:
             self._in_checkpoint = False
-        # Written last: a checkpoint without it was interrupted while saving and is never resumed from.
+        # Written last (the run record came with the models): a checkpoint without it was interrupted while saving
+        # and is never resumed from.
         if self.args.should_save:
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            write_run_record(self._run_record(), folder)
-            mark_complete(folder, self.state.global_step)
+            mark_complete(os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}"),
+                          self.state.global_step)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:
@@ -706,8 +707,12 @@ class DROTrainer(GRPOTrainer):
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
 
     def _run_record(self) -> dict:
-        unwrap = self.accelerator.unwrap_model
-        return run_record(self.args, unwrap(self.model), unwrap(self.generator), self.train_dataset)
+        """``dro_run.json``, computed once: settings, models and training rows do not change during a run, and the
+        rows' fingerprint hashes every passage."""
+        if self._record is None:
+            unwrap = self.accelerator.unwrap_model
+            self._record = run_record(self.args, unwrap(self.model), unwrap(self.generator), self.train_dataset)
+        return self._record
 
     def _load_best_model(self) -> None:
         """Both models from the best checkpoint (the Trainer's version looks for weights at the checkpoint's top)."""
