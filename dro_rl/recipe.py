@@ -175,6 +175,8 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
                              "saving checkpoints (save_strategy); to train it longer, start from its models")
         if checkpoint is None:
             print(f"resume: no checkpoint in {dro.output_dir} yet; finished stages are reused, DRO starts at step 0")
+        else:
+            print(f"resume: DRO continues from {checkpoint}; finished stages are reused", flush=True)
     _write_json(config, saved_path)
     return checkpoint
 
@@ -329,7 +331,10 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
     """Generator SFT on gold + retrieved passages; optional selector SFT. Each warmed-up model is saved to warmup/."""
     def sft(role: str, model, tokenizer, rows: list[dict], steps: int) -> None:
         saved = os.path.join(dro.output_dir, "warmup", role)
-        if steps <= 0 or os.path.isdir(saved):
+        if steps <= 0:
+            return
+        if os.path.isdir(saved):
+            print(f"warm-up: reusing the {role} in {saved}", flush=True)
             return
         print(f"warm-up: {role} SFT, {steps} steps", flush=True)
         config = warmup_config(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), steps,
