@@ -28,10 +28,12 @@ ROWS = [
     ("selector after DRO", "after", "selector"),
     ("oracle (gold passages), DRO generator", "after", "oracle"),
 ]
-METRICS = ("support_recall_at_k", "answer_em", "answer_f1")
+METRICS = ("support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1")
+HEADERS = ("support recall@K", "answer recall@K", "answer EM", "answer F1")
 # Paired differences over the same questions: (name, metric, (evaluation, strategy), minus (evaluation, strategy)).
 DIFFERENCES = [
     ("selector_after_minus_retrieval", "support_recall_at_k", ("after", "selector"), ("after", "retrieval")),
+    ("selector_after_minus_retrieval", "answer_recall_at_k", ("after", "selector"), ("after", "retrieval")),
     ("dro_pair_minus_warmup_generator_on_retrieval", "answer_em", ("after", "selector"), ("before", "retrieval")),
     ("dro_pair_minus_warmup_generator_on_retrieval", "answer_f1", ("after", "selector"), ("before", "retrieval")),
 ]
@@ -74,13 +76,17 @@ def _interval(values: list) -> list[float] | None:
 
 
 def format_table(report: dict) -> str:
-    """Markdown table of support recall@K and answer EM/F1 with 95 % intervals, and the paired differences."""
+    """Markdown table of support and answer recall@K and answer EM/F1 with 95 % intervals, and the paired
+    differences. Answer recall (a gold answer string in the picked passages) is the paper's selector recall, and the
+    selector's figure where K is below the number of gold passages (support recall@1 of two gold passages is at
+    most 0.5)."""
     def cell(entry: dict) -> str:
         mean, ci = entry["mean"], entry["ci95"]
         return "–" if mean is None else f"{mean:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
-    lines = ["| selection | support recall@K | answer EM | answer F1 |", "| --- | ---: | ---: | ---: |"]
-    lines += [f"| {label} | " + " | ".join(cell(row[m]) for m in METRICS) + " |"
+    lines = ["| selection | " + " | ".join(HEADERS) + " |", "| --- |" + " ---: |" * len(HEADERS)]
+    missing = {"mean": None, "ci95": None}  # a report.json written before the metric existed
+    lines += [f"| {label} | " + " | ".join(cell(row.get(m, missing)) for m in METRICS) + " |"
               for label, row in report["rows"].items()]
     for name, by_metric in report["differences"].items():
         lines.append(f"\n{name.replace('_', ' ')}: " + ", ".join(f"{m} {cell(e)}" for m, e in by_metric.items()))

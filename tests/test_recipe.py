@@ -354,3 +354,28 @@ def test_log_completions_shows_questions_rankings_and_weights(tmp_path, capsys):
     table = capsys.readouterr().out
     assert "which city" in table and "] > [" in table  # the question and a sampled ranking
     assert "Advantage" in table and "weight" in table
+
+
+def test_report_pairs_answer_recall_of_the_selector_with_the_retrieval_order():
+    """At K = 1 with two gold passages support recall is capped at 0.5: the report must carry answer recall, row by
+    row and as the paired selector − retrieval difference over the same questions."""
+    from dro_rl.report import build_report, format_table
+
+    def scores(support, answer, em):
+        return {"support_recall_at_k": sum(support) / len(support), "answer_recall_at_k": sum(answer) / len(answer),
+                "answer_em": sum(em) / len(em), "answer_f1": sum(em) / len(em),
+                "per_question": {"support_recall_at_k": support, "answer_recall_at_k": answer, "answer_em": em,
+                                 "answer_f1": em}}
+
+    retrieval = scores([0.5, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0])
+    selector = scores([0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0])
+    report = build_report({"retrieval": retrieval, "selector": retrieval},
+                          {"retrieval": retrieval, "selector": selector, "oracle": selector}, 1.0, {})
+    assert report["rows"]["selector after DRO"]["answer_recall_at_k"]["mean"] == 0.75
+    assert report["rows"]["retrieval top-K, warm-up generator"]["answer_recall_at_k"]["mean"] == 0.25
+    difference = report["differences"]["selector_after_minus_retrieval"]
+    assert difference["answer_recall_at_k"]["mean"] == 0.5 and difference["support_recall_at_k"]["mean"] == 0.125
+    table = format_table(report)
+    assert table.splitlines()[0] == "| selection | support recall@K | answer recall@K | answer EM | answer F1 |"
+    assert "| selector after DRO | 0.500 [0.500, 0.500] | 0.750 [" in table
+    assert "answer_recall_at_k 0.500 [" in table
