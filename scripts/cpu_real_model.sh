@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The real-model recipe reduced for a CPU (configs/hotpotqa_smollm2_cpu.yaml: SmolLM2-135M-Instruct, N = 4, K = 1,
 # LoRA), from the HotpotQA files in ../shared/data to report.json — the closest real thing to
-# scripts/gpu_real_model.sh on a machine without a GPU. About 1.5 hours on a 2-core CPU with one thread (measured:
-# docs/real_model.md, "A reduced recipe on CPU").
+# scripts/gpu_real_model.sh on a machine without a GPU. About 75 minutes on a 2-core CPU, one thread per process
+# (measured: docs/real_model.md, "A reduced recipe on CPU").
 #     bash scripts/cpu_real_model.sh          # data in outputs/real_cpu/data, run in outputs/real_cpu/run,
 #                                             # the console appended to outputs/real_cpu/run.log
 # Extra arguments go to scripts/train_rl.py: `--resume_from_checkpoint true` continues an interrupted run (finished
