@@ -64,6 +64,9 @@ def test_resume_continues_at_the_next_step_and_skips_finished_stages(tmp_path, c
     second = capsys.readouterr().out
     assert "warm-up: generator SFT" not in second and "retrieval: ranking" not in second
     assert "data: reusing" in second and "evaluation (before DRO): reusing" in second
+    assert "warm-up: reusing the generator in" in second  # the user is told which stages and checkpoint are reused
+    assert any(line.startswith("resume: DRO continues from") and line.split()[4].rstrip(";").endswith("checkpoint-4")
+               for line in second.splitlines())
     # the final models are step 6's now: the "after" figures of step 4's models are not reused for them
     assert "models of step 4, these are step 6: evaluating again" in second
     assert json.loads((out / "eval_after.json").read_text())["dro_step"] == 6
