@@ -28,8 +28,8 @@ ROWS = [
     ("selector after DRO", "after", "selector"),
     ("oracle (gold passages), DRO generator", "after", "oracle"),
 ]
-METRICS = ("support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1")
-HEADERS = ("support recall@K", "answer recall@K", "answer EM", "answer F1")
+METRICS = {"support_recall_at_k": "support recall@K", "answer_recall_at_k": "answer recall@K",
+           "answer_em": "answer EM", "answer_f1": "answer F1"}  # report key: table header
 # Paired differences over the same questions: (name, metric, (evaluation, strategy), minus (evaluation, strategy)).
 DIFFERENCES = [
     ("selector_after_minus_retrieval", "support_recall_at_k", ("after", "selector"), ("after", "retrieval")),
@@ -84,7 +84,7 @@ def format_table(report: dict) -> str:
         mean, ci = entry["mean"], entry["ci95"]
         return "–" if mean is None else f"{mean:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
-    lines = ["| selection | " + " | ".join(HEADERS) + " |", "| --- |" + " ---: |" * len(HEADERS)]
+    lines = ["| selection | " + " | ".join(METRICS.values()) + " |", "| --- |" + " ---: |" * len(METRICS)]
     missing = {"mean": None, "ci95": None}  # a report.json written before the metric existed
     lines += [f"| {label} | " + " | ".join(cell(row.get(m, missing)) for m in METRICS) + " |"
               for label, row in report["rows"].items()]

@@ -52,22 +52,20 @@ def parse_rows(spec: str | None, total: int) -> range:
     return range(a, b)
 
 
-def subset_row(row: dict, distractors: int) -> tuple[dict, int]:
-    """(the row with its gold paragraphs and the first ``distractors`` others in the file's order, how many
-    distractors it kept)."""
-    context, facts = row["context"], row["supporting_facts"]
-    columnwise = isinstance(context, dict)
-    titles = context["title"] if columnwise else [c[0] for c in context]
-    gold = set(facts["title"]) if isinstance(facts, dict) else {f[0] for f in facts}
+def subset_row(row: dict, gold: list[bool], distractors: int) -> tuple[dict, int]:
+    """(``row`` — a record of the file — with its gold paragraphs and the first ``distractors`` others, in the file's
+    order; how many distractors it kept). ``gold`` holds the loader's flags, one per paragraph ([] when none)."""
+    context = row["context"]
+    columnwise = isinstance(context, dict)  # the Hugging Face layout; else the official [title, sentences] pairs
     keep, extra = [], 0
-    for j, title in enumerate(titles):
-        if title in gold:
+    for j in range(len(context["title"] if columnwise else context)):
+        if j < len(gold) and gold[j]:
             keep.append(j)
         elif extra < distractors:
             keep.append(j)
             extra += 1
     if columnwise:
-        context = {"title": [titles[j] for j in keep], "sentences": [context["sentences"][j] for j in keep]}
+        context = {"title": [context["title"][j] for j in keep], "sentences": [context["sentences"][j] for j in keep]}
     else:
         context = [context[j] for j in keep]
     return {**row, "context": context}, extra
@@ -86,7 +84,7 @@ def main(args: SubsetArguments) -> int:
     rows, _ = load(args.input, "hotpotqa")  # every row checked (file, line, field) before anything is written
     raw = [record for _, record in iter_records(args.input)]
     picked = parse_rows(args.rows, len(raw))
-    subset, kept = zip(*(subset_row(raw[i], args.distractors) for i in picked))
+    subset, kept = zip(*(subset_row(raw[i], rows[i]["gold"], args.distractors) for i in picked))
     short = [(i, len(rows[i]["passages"])) for i, n in zip(picked, kept)
              if n < args.distractors]  # the source has fewer distractors than asked: every paragraph is kept
     no_gold = [i for i in picked if not rows[i]["gold"]]
