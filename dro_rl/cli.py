@@ -15,9 +15,13 @@ The scripts sit beside the package, so the command works from a source checkout 
 
 from __future__ import annotations
 
+import os
 import runpy
+import subprocess
 import sys
 from argparse import ArgumentParser
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -58,10 +62,35 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"{script} not found: `dro-rl {args.command}` runs the scripts of a source checkout "
                                 "of dro-rl (install it with `pip install -e .`)")
     if command.launched:
-        launch(script, rest)
+        try:
+            launch(script, rest)
+        except subprocess.CalledProcessError as err:  # the script has printed why; accelerate's traceback adds nothing
+            return err.returncode
     else:
         run(script, rest)
     return 0
+
+
+@contextmanager
+def refusals_in_one_line(prog: str) -> Iterator[None]:
+    """Print a refusal raised by this project's own code — a missing file, a malformed row, a setting it cannot
+    honour — as one line, ``prog: error: <message>``, and exit with status 1.
+
+    The message already names the file, row and field; a traceback above it only buries it (and is printed once per
+    process under ``accelerate launch``). Errors raised inside a library (torch, transformers, ...) keep their
+    traceback, since there the frames are the information; ``DRO_RL_TRACEBACK=1`` keeps it for every error.
+    """
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        frame = err.__traceback__
+        while frame.tb_next is not None:
+            frame = frame.tb_next
+        where = Path(frame.tb_frame.f_code.co_filename).resolve()
+        raised_here = any(where.is_relative_to(ROOT / folder) for folder in ("dro_rl", "scripts", "rewards"))
+        if not raised_here or os.environ.get("DRO_RL_TRACEBACK") == "1":
+            raise
+        sys.exit(f"{prog}: error: {err}")
 
 
 def run(script: Path, args: list[str]) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 from .evaluation import normalize_answer
+from .files import write_lines
 
 OnError = Literal["raise", "skip"]
 
@@ -434,15 +435,17 @@ def read_jsonl(path: str) -> list[dict]:
     return load(path)[0]
 
 
-def write_jsonl(rows: Iterable[dict], path: str) -> None:
-    """Canonical rows to JSONL (passages' gold flags written inline)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
+def write_jsonl(rows: Iterable[dict], path: str, overwrite: bool = True) -> None:
+    """Canonical rows to JSONL (passages' gold flags written inline), atomically; ``overwrite=False`` refuses an
+    existing file."""
+
+    def records() -> Iterator[dict]:
         for r in rows:
             gold = r.get("gold") or [False] * len(r["passages"])
             passages = [{**p, "gold": g} for p, g in zip(r["passages"], gold)]
-            row = {k: v for k, v in r.items() if k != "gold"}
-            f.write(json.dumps({**row, "passages": passages}, ensure_ascii=False) + "\n")
+            yield {**{k: v for k, v in r.items() if k != "gold"}, "passages": passages}
+
+    write_lines(records(), path, overwrite)
 
 
 def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "train_dataset"):

@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from .files import write_json
 from .generator import GeneratorPrompt
 from .retrieval import DEFAULT_DENSE_MODEL
 from .selector import SelectorPrompt
@@ -96,13 +97,8 @@ class PipelineConfig:
 
     def save_pipeline(self, folder: str) -> str:
         """Write ``pipeline.json`` into ``folder`` (atomically) and return its path."""
-        os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, PIPELINE_FILE)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.pipeline_dict(), f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
+        write_json(self.pipeline_dict(), path)
         return path
 
     @classmethod

@@ -35,6 +35,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 from .config import DROConfig, check_field_types
 from .data import check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
+from .files import write_json
 from .models import load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
@@ -177,7 +178,7 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
             print(f"resume: no checkpoint in {dro.output_dir} yet; finished stages are reused, DRO starts at step 0")
         else:
             print(f"resume: DRO continues from {checkpoint}; finished stages are reused", flush=True)
-    _write_json(config, saved_path)
+    write_json(config, saved_path, default=str)
     return checkpoint
 
 
@@ -384,7 +385,7 @@ def evaluation_stage(name: str, dro: DROConfig, eval_rows, selector, tok, gramma
     if step is not None:
         results[STEP_KEY] = step
     if dro.process_index == 0:
-        _write_json(results, path)
+        write_json(results, path, default=str)
     return results
 
 
@@ -447,9 +448,4 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     return report
 
 
-def _write_json(value: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, default=str)
-    os.replace(tmp, path)
 

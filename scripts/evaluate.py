@@ -18,12 +18,12 @@ from `--corpus`. `--strategies` picks the selections to score (default: retrieva
 the generator read no passage). Writes, per dataset, `<name>.<strategy>.predictions.jsonl` (with each question's
 scores), plus `metrics.json` and `metrics.md` for all of them: each metric with its 95 % bootstrap interval over
 questions, and each strategy's wall time and throughput (non-padding tokens through the models' forwards, prompts and
-decoding steps, per second).
+decoding steps, per second). An output_dir holding an earlier evaluation's files (the same names) is refused before
+any model loads, unless `--overwrite true`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -36,7 +36,9 @@ import torch
 from peft import PeftModel
 from trl import TrlParser
 
+from dro_rl.cli import refusals_in_one_line
 from dro_rl.evaluation import baseline_picks, bootstrap_interval, score_picks, select_greedy
+from dro_rl.files import atomic_write, write_json, write_lines
 from dro_rl.models import GENERATOR, SELECTOR, as_role
 from dro_rl.pipeline import load_ranked, make_retriever, parse_spec
 from dro_rl.pipeline_config import PipelineConfig
@@ -63,7 +65,12 @@ class EvaluateArguments:
     generator: str | None = field(
         default=None, metadata={"help": "Generator model (folder, name, or tiny:<tokenizer>); default: run_dir's."}
     )
-    output_dir: str = field(default="outputs/eval", metadata={"help": "Where predictions and metrics go."})
+    output_dir: str = field(
+        default="outputs/eval",
+        metadata={"help": "Where predictions and metrics go; a folder holding an earlier evaluation's files is refused "
+                  "unless --overwrite."},
+    )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an earlier evaluation's files in output_dir."})
     corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
     limit: int | None = field(default=None, metadata={"help": "At most this many questions per dataset."})
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
@@ -97,6 +104,11 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                          "; ".join(f"{n} ({', '.join(s for s, m in zip(args.datasets, names) if m == n)})"
                                    for n in repeated) + ". Evaluate them in separate calls (separate --output_dir) "
                          "or give the files different names.")
+    outputs = {"metrics.json", "metrics.md"} | {f"{n}.{s}.predictions.jsonl" for n in names for s in args.strategies}
+    earlier = sorted(name for name in outputs if os.path.exists(os.path.join(args.output_dir, name)))
+    if earlier and not args.overwrite:  # before any model loads: earlier results are never replaced silently
+        raise FileExistsError(f"output_dir {args.output_dir} holds an earlier evaluation's {', '.join(earlier)}: pass "
+                              "--overwrite true to replace them, or choose another --output_dir")
     os.makedirs(args.output_dir, exist_ok=True)
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
     selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
@@ -128,18 +140,15 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                 "ci95": {m: bootstrap_interval(scores["per_question"][m]) for m in METRICS},
                 "wall_seconds": seconds, "tokens": tokens[0], "tokens_per_second": tokens[0] / seconds,
             }
-            path = os.path.join(args.output_dir, f"{name}.{strategy}.predictions.jsonl")
-            with open(path, "w", encoding="utf-8") as f:
-                for i, (r, p, pred) in enumerate(zip(rows, chosen, scores["predictions"])):
-                    record = {"id": r["id"], "question": r["question"], "answers": r["answers"], "prediction": pred,
-                              "selected": [r["passages"][j]["id"] for j in p],
-                              "scores": {m: scores["per_question"][m][i] for m in METRICS}}
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            write_lines(({"id": r["id"], "question": r["question"], "answers": r["answers"], "prediction": pred,
+                          "selected": [r["passages"][j]["id"] for j in p],
+                          "scores": {m: scores["per_question"][m][i] for m in METRICS}}
+                         for i, (r, p, pred) in enumerate(zip(rows, chosen, scores["predictions"]))),
+                        os.path.join(args.output_dir, f"{name}.{strategy}.predictions.jsonl"))
         results[name]["n"] = len(rows)
-    with open(os.path.join(args.output_dir, "metrics.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(results, os.path.join(args.output_dir, "metrics.json"))
     table = markdown_table(results, k)
-    with open(os.path.join(args.output_dir, "metrics.md"), "w") as f:
+    with atomic_write(os.path.join(args.output_dir, "metrics.md")) as f:
         f.write(table + "\n")
     print("\n" + table, flush=True)
     return results
@@ -191,4 +200,5 @@ def make_parser() -> TrlParser:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config(), given=given_settings(sys.argv[1:]))
+    with refusals_in_one_line("evaluate.py"):
+        main(*make_parser().parse_args_and_config(), given=given_settings(sys.argv[1:]))

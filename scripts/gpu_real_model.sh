@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The real-model recipe (configs/hotpotqa_smollm2.yaml: SmolLM2-135M-Instruct as selector and generator, DRO on
-# HotpotQA train300, evaluated on dev300) on one GPU, with its figures written to a folder. ~5 minutes on an H100.
+# HotpotQA train300, evaluated on dev300) on one GPU, with its figures written to a folder. About 10 minutes on an
+# H200, estimated from its one run (stopped at step ~110: ~1.5 min to the first DRO step, then 3.0-4.1 s per step;
+# docs/real_model.md) — above the 8 minutes the recipe is meant to fit on an H100.
 #
 # On a GPU machine where `make install` works, this is just:
 #     python scripts/train_rl.py --config configs/hotpotqa_smollm2.yaml

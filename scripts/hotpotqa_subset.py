@@ -16,15 +16,14 @@ named in the summary.
 
 from __future__ import annotations
 
-import json
 import os
-import sys
-import tempfile
 from dataclasses import dataclass, field
 
 from trl import TrlParser
 
-from dro_rl.data import DataError, iter_records, load
+from dro_rl.cli import refusals_in_one_line
+from dro_rl.data import iter_records, load
+from dro_rl.files import refuse_existing, write_lines
 
 
 @dataclass
@@ -77,8 +76,8 @@ def main(args: SubsetArguments) -> int:
         raise ValueError(f"--distractors must be an integer >= 0, got {args.distractors!r}")
     if os.path.isdir(args.output):
         raise IsADirectoryError(f"--output {args.output} is a folder: give a file path")
-    if os.path.exists(args.output) and not args.overwrite:
-        raise FileExistsError(f"{args.output} exists: pass --overwrite to replace it")
+    if not args.overwrite:
+        refuse_existing([args.output], "--overwrite")
     if os.path.isdir(args.input):
         raise IsADirectoryError(f"--input {args.input} is a folder: give a HotpotQA file")
     rows, _ = load(args.input, "hotpotqa")  # every row checked (file, line, field) before anything is written
@@ -89,17 +88,7 @@ def main(args: SubsetArguments) -> int:
              if n < args.distractors]  # the source has fewer distractors than asked: every paragraph is kept
     no_gold = [i for i in picked if not rows[i]["gold"]]
 
-    folder = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=os.path.basename(args.output) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in subset:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, args.output)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_lines(subset, args.output)  # atomically: nothing partial is left if this stops
     print(f"wrote {len(subset)} questions (rows {picked.start}-{picked.stop - 1} of {args.input}) to {args.output}: "
           f"the gold paragraphs and the first {args.distractors} distractors of each")
     if short:
@@ -116,7 +105,5 @@ def _rows(n: int) -> str:
 
 
 if __name__ == "__main__":
-    try:
+    with refusals_in_one_line("hotpotqa_subset.py"):
         main(TrlParser(SubsetArguments).parse_args_and_config()[0])
-    except (DataError, ValueError, OSError) as err:
-        sys.exit(f"hotpotqa_subset.py: {err}")

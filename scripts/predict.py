@@ -7,12 +7,12 @@
 the run's first-stage retrieval order) and `answers` (when present, EM / F1 / sub-EM are printed and written per
 question). Questions without passages retrieve the run's top-N from `--corpus` with the run's retriever. Every
 pipeline setting comes from the run folder (`pipeline.json`). Writes one JSON object per question: `id`, `question`,
-`prediction`, the `selected` passage ids in the selector's order and its `ranking`.
+`prediction`, the `selected` passage ids in the selector's order and its `ranking` — an existing file is refused
+before any model loads, unless `--overwrite`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -20,8 +20,10 @@ from typing import Literal
 from trl import TrlParser
 
 from dro_rl import DROPipeline
+from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import load_questions
 from dro_rl.evaluation import exact_match, f1_score, sub_exact_match
+from dro_rl.files import refuse_existing, write_lines
 
 
 @dataclass
@@ -29,8 +31,11 @@ class PredictArguments:
     run_dir: str = field(metadata={"help": "A DRO run or checkpoint folder (selector/, generator/, pipeline.json)."})
     input: str = field(metadata={"help": "Canonical JSONL of questions; `passages` and `answers` are optional."})
     output: str | None = field(
-        default=None, metadata={"help": "Predictions JSONL (default: <input name>.predictions.jsonl, here)."}
+        default=None,
+        metadata={"help": "Predictions JSONL (default: <input name>.predictions.jsonl in the current folder); an "
+                  "existing file is refused unless --overwrite."},
     )
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file."})
     corpus: str | None = field(
         default=None, metadata={"help": "Corpus JSONL for questions without passages (FlashRAG or id/title/text)."}
     )
@@ -40,23 +45,24 @@ class PredictArguments:
 
 
 def main(args: PredictArguments) -> dict:
+    output = args.output or os.path.splitext(os.path.basename(args.input))[0] + ".predictions.jsonl"
+    if not args.overwrite:  # before any model loads, not after the answers
+        refuse_existing([output], "--overwrite")
     rows, stats = load_questions(args.input, args.on_error, args.limit)
     print(stats.summary(), flush=True)
     pipe = DROPipeline.from_pretrained(args.run_dir, batch_size=args.batch_size)
     predictions = pipe([r["question"] for r in rows], [r["passages"] for r in rows], corpus=args.corpus)
-    output = args.output or os.path.splitext(os.path.basename(args.input))[0] + ".predictions.jsonl"
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    scored = []
-    with open(output, "w", encoding="utf-8") as f:
-        for row, p in zip(rows, predictions):
-            record = {"id": row["id"], "question": row["question"], "prediction": p.answer,
-                      "selected": [d["id"] for d in p.passages], "ranking": p.ranking}
-            if row["answers"]:
-                scores = {"em": exact_match(p.answer, row["answers"]), "f1": f1_score(p.answer, row["answers"]),
-                          "sub_em": sub_exact_match(p.answer, row["answers"])}
-                record.update(answers=row["answers"], **scores)
-                scored.append(scores)
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+    records, scored = [], []
+    for row, p in zip(rows, predictions):
+        record = {"id": row["id"], "question": row["question"], "prediction": p.answer,
+                  "selected": [d["id"] for d in p.passages], "ranking": p.ranking}
+        if row["answers"]:
+            scores = {"em": exact_match(p.answer, row["answers"]), "f1": f1_score(p.answer, row["answers"]),
+                      "sub_em": sub_exact_match(p.answer, row["answers"])}
+            record.update(answers=row["answers"], **scores)
+            scored.append(scores)
+        records.append(record)
+    write_lines(records, output)
     print(f"wrote {len(predictions)} predictions to {output}", flush=True)
     metrics = {key: sum(s[key] for s in scored) / len(scored) for key in ("em", "f1", "sub_em")} if scored else None
     if metrics:
@@ -70,4 +76,5 @@ def make_parser() -> TrlParser:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    with refusals_in_one_line("predict.py"):
+        main(*make_parser().parse_args_and_config())

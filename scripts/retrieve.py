@@ -19,7 +19,9 @@ from typing import Literal
 
 from trl import TrlParser
 
+from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import FORMATS, load, write_jsonl
+from dro_rl.files import refuse_existing
 from dro_rl.pipeline import make_retriever, retrieval_order
 from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidates
 
@@ -27,7 +29,7 @@ from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidat
 @dataclass
 class RetrieveArguments:
     questions: str = field(metadata={"help": "Question file (JSONL or JSON array)."})
-    output: str = field(metadata={"help": "Canonical JSONL to write."})
+    output: str = field(metadata={"help": "Canonical JSONL to write (an existing file is refused unless --overwrite)."})
     format: str = field(
         default="canonical",
         metadata={"help": "Source layout: " + " | ".join([*FORMATS, "json"]) + " (json: field names from --mapping)."},
@@ -43,9 +45,12 @@ class RetrieveArguments:
     retriever_model: str = field(default=DEFAULT_DENSE_MODEL, metadata={"help": "sentence-transformers model."})
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
     limit: int | None = field(default=None, metadata={"help": "Read at most this many questions."})
+    overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file."})
 
 
 def main(args: RetrieveArguments) -> list[dict]:
+    if not args.overwrite:  # before the retrieval, not after it
+        refuse_existing([args.output], "--overwrite")
     mapping = json.loads(args.mapping) if args.mapping else None
     rows, stats = load(args.questions, args.format, args.on_error, mapping, limit=args.limit)
     print(stats.summary(), flush=True)
@@ -68,4 +73,5 @@ def make_parser() -> TrlParser:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    with refusals_in_one_line("retrieve.py"):
+        main(*make_parser().parse_args_and_config())

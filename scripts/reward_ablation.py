@@ -400,4 +400,7 @@ def make_parser() -> TrlParser:
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    main(*make_parser().parse_args_and_config())
+    from dro_rl.cli import refusals_in_one_line
+
+    with refusals_in_one_line("reward_ablation.py"):
+        main(*make_parser().parse_args_and_config())

@@ -15,11 +15,13 @@ and its tokenizer are saved to `output_dir`, ready for `scripts/train_rl.py --mo
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Literal
 
 from trl import SFTConfig, TrlParser
 
+from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import load
 from dro_rl.models import load_model
 from dro_rl.pipeline_config import PipelineConfig
@@ -45,9 +47,16 @@ class WarmupArguments:
         default=True, metadata={"help": "Present the selector's candidates shuffled (the target follows them)."}
     )
     limit: int | None = field(default=None, metadata={"help": "Use at most this many rows."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Save into an output_dir that is not empty (an earlier model is replaced)."}
+    )
 
 
 def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
+    folder = sft_args.output_dir
+    if not args.overwrite and os.path.isdir(folder) and os.listdir(folder):  # refused before training, not after
+        raise FileExistsError(f"output_dir {folder} is not empty (an earlier warm-up?): pass --overwrite true to "
+                              "save over it, or choose another output_dir")
     rows, stats = load(args.data, "canonical", limit=args.limit)
     print(stats.summary(), flush=True)
     model, tok = load_model(args.model, seed=sft_args.seed)
@@ -76,4 +85,5 @@ def make_parser() -> TrlParser:
 
 
 if __name__ == "__main__":
-    main(*make_parser().parse_args_and_config())
+    with refusals_in_one_line("warmup_sft.py"):
+        main(*make_parser().parse_args_and_config())

@@ -117,3 +117,26 @@ def test_gpu_check_script_parses_and_names_the_presets():
     text = script.read_text()
     for preset in ("llama3-8b-qlora", "llama3-3b-selector", "gpu-smollm2", "gpu-paper-shape"):
         assert preset in text and preset in bench.PRESETS
+
+
+def test_count_step_ops_attributes_each_phase_and_does_not_depend_on_passage_length(tmp_path):
+    """scripts/count_step_ops.py: the recipe's own step (here the CPU recipe, LoRA included, on tiny models), each
+    phase counted once, and the same count for 2- and 16-token passages — the premise of counting at a small size."""
+    import count_step_ops
+    from test_data import SHARED, needs_shared
+
+    if not SHARED.exists():
+        pytest.skip(needs_shared.kwargs["reason"])
+    argv = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "hotpotqa_smollm2_cpu.yaml"),
+            "--dataset", f"hotpotqa:{SHARED}/hotpotqa_train300/hotpotqa_distractor_train300.jsonl",
+            "--model_name_or_path", "tiny:minilm", "--generator_model_name_or_path", "tiny:minilm",
+            "--per_device_train_batch_size", "8"]
+    counts = [count_step_ops.main(*count_step_ops.parse([*argv, "--passage_tokens", tokens], str(tmp_path / tokens)))
+              for tokens in ("2", "16")]
+    short, long = (c["steps"][-1] for c in counts)
+    phases = [*count_step_ops.PHASES, "backward"]
+    assert all(short[p] > 0 for p in phases) and sum(short[p] for p in phases) < short["total"]
+    assert {p: short[p] for p in [*phases, "total"]} == {p: long[p] for p in [*phases, "total"]}
+    assert counts[0]["shape"]["lora"] is True and counts[0]["shape"]["questions_per_step"] == 2
+    assert all(fn.__module__ != "count_step_ops" for fn in  # the trainer's functions are its own again
+               (count_step_ops.trainer_module.sample_rankings, count_step_ops.trainer_module.target_logprobs))

@@ -86,6 +86,21 @@ def test_two_datasets_with_one_file_name_are_refused_before_loading_models(tmp_p
                       PipelineConfig())
 
 
+def test_an_earlier_evaluation_is_refused_before_loading_models_unless_overwrite(tmp_path):
+    """Another evaluation into the same folder would replace metrics.json and the predictions of the same names."""
+    (tmp_path / "metrics.json").write_text("{}")
+    (tmp_path / "dev.retrieval.predictions.jsonl").write_text("earlier\n")
+    args = EvaluateArguments(datasets=["d/dev.jsonl"], selector="missing", generator="missing", output_dir=str(tmp_path))
+    with pytest.raises(FileExistsError, match=r"holds an earlier evaluation's dev.retrieval.predictions.jsonl, "
+                                              r"metrics.json: pass --overwrite true"):
+        evaluate_main(args, PipelineConfig())
+    assert (tmp_path / "metrics.json").read_text() == "{}"
+    args.overwrite = True  # then it goes on, to load the (missing) models
+    with pytest.raises(OSError) as err:
+        evaluate_main(args, PipelineConfig(retriever="bm25"))
+    assert not isinstance(err.value, FileExistsError)
+
+
 @needs_shared
 def test_closed_book_intervals_and_throughput_on_hotpotqa(tmp_path):
     args = EvaluateArguments(datasets=[f"hotpotqa:{HOTPOT}"], selector="tiny:minilm", generator="tiny:minilm",

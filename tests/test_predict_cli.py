@@ -62,8 +62,15 @@ def test_predict_without_any_answers_prints_no_metrics(run, inputs, tmp_path, ca
     questions, _ = inputs
     only_b = tmp_path / "b.jsonl"
     only_b.write_text(questions.read_text().splitlines()[1] + "\n")
-    result = predict_main(PredictArguments(run_dir=str(run), input=str(only_b), output=str(tmp_path / "o.jsonl")))
+    output = tmp_path / "o.jsonl"
+    result = predict_main(PredictArguments(run_dir=str(run), input=str(only_b), output=str(output)))
     assert result["metrics"] is None and "EM" not in capsys.readouterr().out
+    written = output.read_text()
+    with pytest.raises(FileExistsError, match="o.jsonl already exists: pass --overwrite"):  # before the run is read
+        predict_main(PredictArguments(run_dir=str(tmp_path / "no_run"), input=str(only_b), output=str(output)))
+    assert output.read_text() == written
+    predict_main(PredictArguments(run_dir=str(run), input=str(only_b), output=str(output), overwrite=True))
+    assert output.read_text() == written and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
 def test_predict_names_a_question_it_cannot_answer(run, inputs, tmp_path):
@@ -89,7 +96,7 @@ def test_dro_rl_predict_and_evaluate_run_the_scripts(run, inputs, tmp_path, caps
     predict_main(PredictArguments(run_dir=str(run), input=str(questions), corpus=str(corpus), output=str(direct)))
     assert output.read_text() == direct.read_text()
     # flags reach the script's own checks: a prompt flag against the run's settings is refused by name
-    with pytest.raises(ValueError, match="--repeat_ids False contradicts"):
+    with pytest.raises(SystemExit, match="^evaluate.py: error: .*--repeat_ids False contradicts"):  # one line
         cli.main(["evaluate", "--run_dir", str(run), "--datasets", str(questions), "--repeat_ids", "false"])
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["predict", "--help"])

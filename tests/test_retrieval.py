@@ -156,8 +156,13 @@ def test_retrieve_script_writes_every_kept_row_even_from_a_shortened_cache(tmp_p
     out = tmp_path / "out.jsonl"
     args = RetrieveArguments(questions=str(questions), output=str(out), corpus=str(corpus), top_n=2, retriever="bm25")
     retrieve_main(args)
+    written = out.read_text()
+    with pytest.raises(FileExistsError, match="out.jsonl already exists: pass --overwrite"):
+        retrieve_main(args)  # refused before retrieving, the first output untouched
+    assert out.read_text() == written
     cache = tmp_path / "out.jsonl.cache.json"
     cache.write_text(json.dumps({**json.loads(cache.read_text()), "hits": [[1, 0]]}))
+    args.overwrite = True
     with pytest.warns(UserWarning, match="recomputing"):
         retrieve_main(args)
     assert "3 rows kept" in capsys.readouterr().out and len(out.read_text().splitlines()) == 3

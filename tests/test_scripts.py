@@ -42,6 +42,10 @@ def test_warmup_then_evaluate_on_hotpotqa(tmp_path):
         assert (tmp_path / role / "model.safetensors").exists()
 
         assert PipelineConfig.load_pipeline(str(tmp_path / role)).max_passage_tokens == 24
+    again = warmup_parser().parse_args_and_config(args=[*common, "--role", "generator", "--output_dir",
+                                                        str(tmp_path / "generator")])
+    with pytest.raises(FileExistsError, match="generator is not empty .*--overwrite true"):  # before training
+        warmup_main(*again)
 
     results = evaluate_main(EvaluateArguments(
         datasets=[f"hotpotqa:{HOTPOT}"], selector=str(tmp_path / "selector"), generator=str(tmp_path / "generator"),

@@ -1,0 +1,66 @@
+"""Writing result files so that nothing is lost: a reader never finds half a file, and an existing result is replaced
+only when the user asked for it.
+
+Every JSON / JSONL file the project writes — run records, pipeline.json, retrieval caches, predictions, metrics —
+goes through ``atomic_write``: a uniquely named temporary file beside the target, flushed to disk, then renamed over
+it, so an interrupted write leaves the previous file (or none), never a truncated one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any, TextIO
+
+
+def refuse_existing(paths: Iterable[str], flag: str = "--overwrite true") -> None:
+    """Raise FileExistsError naming every path of ``paths`` that exists, and the flag that would replace them."""
+    found = [p for p in paths if os.path.exists(p)]
+    if found:
+        raise FileExistsError(f"{', '.join(found)} already exist{'s' if len(found) == 1 else ''}: pass {flag} to "
+                              "replace, or write elsewhere")
+
+
+@contextmanager
+def atomic_write(path: str, overwrite: bool = True, flag: str = "--overwrite true") -> Iterator[TextIO]:
+    """A text file opened for writing whose content replaces ``path`` only once the block has finished.
+
+    With ``overwrite=False`` an existing ``path`` is refused before anything is written (``refuse_existing``). The
+    temporary name is unique (pid and a random suffix), so two writers never share it; it is created with the
+    default permissions (umask), which ``tempfile.mkstemp``'s 0600 would not give the renamed result.
+    """
+    if not overwrite:
+        refuse_existing([path], flag)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(value: Any, path: str, overwrite: bool = True, **dump_kwargs) -> None:
+    """``json.dump(value)`` to ``path`` through ``atomic_write``, ending with a newline (indent 2 unless told)."""
+    with atomic_write(path, overwrite) as f:
+        json.dump(value, f, **{"indent": 2, **dump_kwargs})
+        f.write("\n")
+
+
+def write_lines(records: Iterable[Any], path: str, overwrite: bool = True, flag: str = "--overwrite true") -> int:
+    """One JSON object per line (JSONL, UTF-8 kept as is) through ``atomic_write``; returns the number written."""
+    n = 0
+    with atomic_write(path, overwrite, flag) as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
+    return n
