@@ -295,6 +295,13 @@ def sample_rankings(
     forward however many samples are drawn (on an sdpa model, under ``dro_rl.packed_attention``: causal attention
     without the padding mask). Each token is drawn from softmax(logits / T) renormalised over the
     grammar's allowed tokens; ``logps`` are the log-probabilities of exactly that distribution.
+
+    A step where every live row has one allowed token (``[``, ``]``, `` >``, the end) needs no logits: that token
+    has probability 1. So tokens wait in ``pending`` and go through the model together, in one forward, only when
+    a row has a choice to make — 2–4 forwards for two ids instead of one per token (a small model's step is bound by
+    the number of operations it launches, docs/real_model.md). A forced step still draws from a [B, V]
+    distribution, which consumes the random numbers any such draw does: every later sample is the one the
+    token-by-token loop drew.
     """
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_token_id, device)
@@ -312,25 +319,37 @@ def sample_rankings(
     ks = [min(k, n) for n in sizes]
     states = [_State(picked=[]) for _ in sizes]
     tokens, allowed_log, logps = [], [], torch.zeros(len(states), device=device)
+    pending: list[torch.Tensor] = []  # drawn tokens not yet through the model
+    vocab_size = next_logits.shape[-1]
     while not all(s.done for s in states):
-        if not torch.isfinite(next_logits).all():  # multinomial would fail with an obscure message
-            raise FloatingPointError("the selector's next-token logits are non-finite (NaN or inf): its parameters "
-                                     "or activations overflowed")
         options = [grammar.allowed(s, n, kk) if not s.done else [] for s, n, kk in zip(states, sizes, ks)]
+        forced = all(len(o) == 1 for s, o in zip(states, options) if not s.done)
+        if pending and not forced:  # a choice: the logits after every token drawn so far, in one forward
+            out = model(input_ids=torch.stack(pending, 1), attention_mask=mask,
+                        position_ids=positions(mask)[:, -len(pending):], cache=cache, use_cache=True, logits_to_keep=1)
+            cache, next_logits, pending = out.cache, out.logits[:, -1], []
         width = max(len(o) for o in options)
         allowed = torch.full((len(states), 1, width), -1, dtype=torch.long)
         for r, o in enumerate(options):
             allowed[r, 0, : len(o)] = torch.tensor(o, dtype=torch.long)
         allowed = allowed.to(device)
-        logits = next_logits.float() / temperature
-        logits = logits.masked_fill(~allowed_mask(allowed, logits.shape[-1])[:, 0], float("-inf"))
-        logprobs = torch.log_softmax(logits, -1)
-        if greedy:
-            token = logprobs.argmax(-1)
+        if forced:  # probability 1 for each live row's one token (log-probability 0): no logits needed
+            logprobs, probs = None, allowed_mask(allowed, vocab_size)[:, 0].float()
         else:
-            token = torch.multinomial(logprobs.exp(), 1, generator=generator).squeeze(-1)
+            if not torch.isfinite(next_logits).all():  # multinomial would fail with an obscure message
+                raise FloatingPointError("the selector's next-token logits are non-finite (NaN or inf): its "
+                                         "parameters or activations overflowed")
+            logits = next_logits.float() / temperature
+            logits = logits.masked_fill(~allowed_mask(allowed, vocab_size)[:, 0], float("-inf"))
+            logprobs = torch.log_softmax(logits, -1)
+            probs = logprobs.exp()
+        if greedy:
+            token = probs.argmax(-1)
+        else:
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         live = torch.tensor([not s.done for s in states], device=device)
-        logps += torch.where(live, logprobs.gather(-1, token[:, None]).squeeze(-1), 0.0)
+        if logprobs is not None:
+            logps += torch.where(live, logprobs.gather(-1, token[:, None]).squeeze(-1), 0.0)
         token = torch.where(live, token, pad_token_id)
         for r, s in enumerate(states):
             if not s.done:
@@ -340,14 +359,7 @@ def sample_rankings(
         if all(s.done for s in states):
             break
         mask = torch.cat([mask, live[:, None].long()], dim=1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=positions(mask)[:, -1:],
-            cache=cache,
-            use_cache=True,
-        )
-        cache, next_logits = out.cache, out.logits[:, -1]
+        pending.append(token)
     completion = torch.stack(tokens, 1)  # [B, C], -1 after the end
     width = max(a.shape[1] for a in allowed_log)
     allowed = torch.stack([nn.functional.pad(a, (0, width - a.shape[1]), value=-1) for a in allowed_log], 1)

@@ -15,6 +15,7 @@ from train_rl import main, make_parser  # noqa: E402
 
 from dro_rl import DROConfig, DROTrainer  # noqa: E402
 from dro_rl.recipe import with_default_config  # noqa: E402
+from dro_rl.warmup import warmup_config  # noqa: E402
 from tiny_run import tiny_config, tiny_task  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
@@ -382,3 +383,11 @@ def test_report_pairs_answer_recall_of_the_selector_with_the_retrieval_order():
     assert table.splitlines()[0] == "| selection | support recall@K | answer recall@K | answer EM | answer F1 |"
     assert "| selector after DRO | 0.500 [0.500, 0.500] | 0.750 [" in table
     assert "answer_recall_at_k 0.500 [" in table
+
+
+def test_a_short_warm_up_still_reaches_its_learning_rate(tmp_path):
+    """The warm-up's linear ramp is 20 steps, but never more than two thirds of the warm-up (a 9-step warm-up with a
+    20-step ramp would end at 45 % of its learning rate); the measured recipes' warm-ups (30, 60, 300 steps) keep 20."""
+    dro = DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    ramps = {steps: warmup_config(str(tmp_path), steps, 4, 1e-3, dro).warmup_steps for steps in (300, 60, 30, 9, 1)}
+    assert ramps == {300: 20, 60: 20, 30: 20, 9: 6, 1: 0}

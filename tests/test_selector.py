@@ -64,6 +64,34 @@ def test_sampled_logprob_equals_teacher_forced_constrained_logprob(bpe_tok):
     assert (out.logps < 0).all()
 
 
+def test_forced_tokens_wait_for_the_next_choice_and_keep_the_random_stream(bpe_tok):
+    """A token the grammar forces (`[`, `]`, ` >`, EOS) has probability 1: no forward of its own — the model runs once
+    for the prompt and once per step at which some row has a choice. Every step still draws from a [B, V]
+    distribution, so the generator's stream after sampling is that of one draw per token."""
+    model = make_model(bpe_tok, seed=1)
+    grammar = IdGrammar(bpe_tok, 12)
+    prompt = SelectorPrompt(3, 16, use_chat_template=False)
+    prompts = [prompt(bpe_tok, "q", passages(12)), prompt(bpe_tok, "a longer question here", passages(7))]
+    calls = []
+    hook = model.register_forward_pre_hook(lambda module, args, kwargs: calls.append(kwargs["input_ids"].shape),
+                                           with_kwargs=True)
+    try:
+        out = sample(model, bpe_tok, grammar, prompts, [12, 7], 3, m=8, seed=5)
+    finally:
+        hook.remove()
+    live = out.completion_mask.bool()
+    choices = ((out.allowed >= 0).sum(-1) > 1) & live  # [B, C]: rows with more than one allowed token
+    steps = out.completion_ids.shape[1]
+    assert len(calls) == 1 + int(choices[:, 1:].any(0).sum()) < steps  # the prompt, then one per choice step
+    assert sum(shape[1] for shape in calls[1:]) <= steps - 1  # each drawn token enters the cache once
+    replay = torch.Generator().manual_seed(5)
+    for _ in range(steps):
+        torch.multinomial(torch.ones(len(out.picks), len(bpe_tok)), 1, generator=replay)
+    after = torch.Generator().manual_seed(5)
+    sample_rankings(model, grammar, prompts, [12, 7], 3, 8, pad_token_id=bpe_tok.pad_token_id, generator=after)
+    assert torch.equal(torch.rand(4, generator=after), torch.rand(4, generator=replay))
+
+
 def test_sampling_frequencies_match_constrained_probabilities(word_tok):
     """Draw 6000 rankings of K = 2 of N = 3 and compare with the exact probabilities of the 6 permutations."""
     torch.manual_seed(0)
