@@ -71,26 +71,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# The command-line parsers (TRL's and transformers'): their errors are about the flags or the --config YAML a user gave.
+PARSER_FILES = ("trl/scripts/_hf_argparser.py", "trl/scripts/utils.py", "transformers/hf_argparser.py")
+
+
 @contextmanager
 def refusals_in_one_line(prog: str) -> Iterator[None]:
     """Print a refusal raised by this project's own code — a missing file, a malformed row, a setting it cannot
-    honour — as one line, ``prog: error: <message>``, and exit with status 1.
+    honour — as one line, ``prog: error: <message>``, and exit with status 1; an unknown flag or YAML key, refused by
+    the command-line parser, the same way with status 2 (argparse's, as for a bad flag value); Ctrl-C as
+    ``prog: interrupted`` with status 130 (every result is written atomically: nothing half-written is left).
 
     The message already names the file, row and field; a traceback above it only buries it (and is printed once per
     process under ``accelerate launch``). Errors raised inside a library (torch, transformers, ...) keep their
     traceback, since there the frames are the information; ``DRO_RL_TRACEBACK=1`` keeps it for every error.
     """
+    keep_traceback = os.environ.get("DRO_RL_TRACEBACK") == "1"
     try:
         yield
+    except KeyboardInterrupt:
+        if keep_traceback:
+            raise
+        print(f"{prog}: interrupted", file=sys.stderr)
+        sys.exit(130)
     except (ValueError, OSError) as err:
         frame = err.__traceback__
         while frame.tb_next is not None:
             frame = frame.tb_next
         where = Path(frame.tb_frame.f_code.co_filename).resolve()
         raised_here = any(where.is_relative_to(ROOT / folder) for folder in ("dro_rl", "scripts", "rewards"))
-        if not raised_here or os.environ.get("DRO_RL_TRACEBACK") == "1":
+        from_parser = where.as_posix().endswith(PARSER_FILES)
+        if keep_traceback or not (raised_here or from_parser):
             raise
-        sys.exit(f"{prog}: error: {err}")
+        print(f"{prog}: error: {err}" + (" (see --help)" if from_parser else ""), file=sys.stderr)
+        sys.exit(2 if from_parser else 1)
 
 
 def run(script: Path, args: list[str]) -> None:

@@ -256,6 +256,9 @@ def _canonical(where: str, r: dict, answers_required: bool = True) -> dict:
         _fail(where, "passages", "must be a list")
     gold = [_label(p.get("gold", False), where, f"passages[{j}].gold") if isinstance(p, dict) else False
             for j, p in enumerate(passages or [])]
+    hint = None if answers_required else _format_hint(r)
+    if hint:  # a raw source row would pass as a bare question, its own paragraphs and answer silently ignored
+        raise DataError(f"{where}: {hint}")
     try:
         return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"),
                         answers_required=answers_required)

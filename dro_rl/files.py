@@ -24,6 +24,35 @@ def refuse_existing(paths: Iterable[str], flag: str = "--overwrite true") -> Non
                               "replace, or write elsewhere")
 
 
+def claim_output(path: str, overwrite: bool = False, flag: str = "--overwrite true", inputs: Iterable[str] = ()) -> None:
+    """Check, before any work, that ``path`` can be written as a new result file: not a folder, not one of the
+    command's ``inputs``, not an existing file unless ``overwrite``, in a folder that exists (made here) and that this
+    process may write. Each refusal names the user's path, not a temporary file that a late failure would name."""
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder: give a file path")
+    for source in inputs:
+        if os.path.abspath(source) == os.path.abspath(path) or (
+                os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path)):
+            raise ValueError(f"{path} is also the input: write the output elsewhere")
+    if not overwrite:
+        refuse_existing([path], flag)
+    claim_folder(os.path.dirname(os.path.abspath(path)))
+
+
+def claim_folder(folder: str) -> None:
+    """Make ``folder`` (and its parents) and check that this process may create files in it."""
+    try:
+        os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(folder, f".write-check.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        with open(probe, "x"):
+            pass
+        os.unlink(probe)
+    except FileExistsError:
+        raise NotADirectoryError(f"{folder} is a file, not a folder: nothing can be written under it") from None
+    except OSError as err:
+        raise PermissionError(f"cannot write in {folder}: {err.strerror}") from None
+
+
 @contextmanager
 def atomic_write(path: str, overwrite: bool = True, flag: str = "--overwrite true") -> Iterator[TextIO]:
     """A text file opened for writing whose content replaces ``path`` only once the block has finished.

@@ -69,10 +69,10 @@ class PipelineConfig:
         """Refuse values no pipeline can honour, with the field's name."""
         for name in ("num_docs_selected", "max_passage_tokens", "generator_max_passage_tokens", "max_answer_tokens",
                      "top_n"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         for name in ("max_prompt_length", "generator_max_prompt_length"):
             if getattr(self, name) is not None:
-                _positive_int(name, getattr(self, name))
+                check_positive_int(name, getattr(self, name))
         for name in ("repeat_ids", "use_chat_template"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -130,7 +130,8 @@ class PipelineConfig:
         return [f"{k}: {mine[k]!r} != {theirs[k]!r}" for k in mine if mine[k] != theirs[k]]
 
 
-def _positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any) -> None:
+    """Refuse ``value`` unless it is an integer >= 1, naming the setting."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     if value < 1:

@@ -225,7 +225,7 @@ def check_model_name(name: str, trust_remote_code: bool = False) -> None:
 def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[dict]]:
     """Training and evaluation rows in retrieval order, read back from ``data/`` when the stage already ran."""
     folder = os.path.join(dro.output_dir, "data")
-    if os.path.isdir(folder):
+    if os.path.exists(os.path.join(folder, "train.jsonl")):  # written last: the stage finished
         print(f"data: reusing {folder}", flush=True)
         rows = {split: load(os.path.join(folder, f"{split}.jsonl"))[0] if
                 os.path.exists(os.path.join(folder, f"{split}.jsonl")) else [] for split in ("train", "eval")}
@@ -260,12 +260,12 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
     train = checked(train, "demo training questions" if demo else parse_spec(args.dataset)[1])
     if evals:
         evals = checked(evals, "demo evaluation questions" if demo else parse_spec(args.eval_dataset)[1])
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    write_jsonl(train, os.path.join(tmp, "train.jsonl"))
+    eval_path = os.path.join(folder, "eval.jsonl")
     if evals:
-        write_jsonl(evals, os.path.join(tmp, "eval.jsonl"))
-    os.replace(tmp, folder)
+        write_jsonl(evals, eval_path)  # each file atomically, train.jsonl last: it marks the stage as finished
+    elif os.path.exists(eval_path):
+        os.remove(eval_path)  # an interrupted earlier attempt's, not this run's
+    write_jsonl(train, os.path.join(folder, "train.jsonl"))
     return load(os.path.join(folder, "train.jsonl"))[0], (load(os.path.join(folder, "eval.jsonl"))[0] if evals
                                                              else [])
 

@@ -195,6 +195,7 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
 
 
 # What a DRO run writes into its output_dir: checkpoints, the final models, and what the recipe adds beside them.
+RUN_DATA_FILES = ("train.jsonl", "eval.jsonl")  # what the data stage writes into data/
 RUN_ARTEFACTS = ("selector", "generator", RUN_FILE, "pipeline.json", "trainer_state.json", "report.json",
                  "curves.png", "run_config.json", "data", "warmup", "eval_before.json", "eval_after.json",
                  "README.md", "final_complete")
@@ -233,7 +234,19 @@ def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool, names: tu
         warn(f"overwrite_output_dir: removing the earlier run's {', '.join(found)} from {output_dir}")
     for name in found:
         path = os.path.join(output_dir, name)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        if name == "data":  # the one folder a user may have put files in (beside the rows): only the run's rows go
+            for split in RUN_DATA_FILES:
+                if os.path.exists(os.path.join(path, split)):
+                    os.remove(os.path.join(path, split))
+            kept = os.listdir(path)
+            if kept and warn is not None:
+                warn(f"overwrite_output_dir: kept {', '.join(sorted(kept))} in {path} (not written by a run)")
+            if not kept:
+                os.rmdir(path)
+        elif os.path.isdir(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
 
 
 def check_writable(output_dir: str) -> None:

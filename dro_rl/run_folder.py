@@ -22,6 +22,7 @@ import os
 import shutil
 import warnings
 from collections.abc import Collection, Iterable, Sequence
+from dataclasses import fields
 
 import yaml
 from transformers import HfArgumentParser
@@ -125,21 +126,24 @@ def stale_results(folder: str, since: float) -> list[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def given_settings(argv: Iterable[str]) -> set[str]:
+def given_settings(argv: Iterable[str], dataclass_types: Sequence[type] = ()) -> set[str]:
     """Names of the PipelineConfig fields that ``argv`` sets, on the command line or in its ``--config`` YAML.
 
-    Parsed with the real field definitions (so ``--no_use_chat_template`` and abbreviations count), with every
-    default suppressed: what remains was given.
+    Parsed with the real field definitions — PipelineConfig's and those of the command's other ``dataclass_types``,
+    so that an option resolves as the command resolves it (``--generator`` is the command's own flag, not an
+    abbreviation of ``--generator_max_passage_tokens``; ``--no_use_chat_template`` and abbreviations count) — with
+    every default suppressed: what remains was given.
     """
     argv = list(argv)
-    parser = HfArgumentParser(PipelineConfig)
+    parser = HfArgumentParser([*dataclass_types, PipelineConfig])
     for action in parser._actions:
         if action.dest != "help":
             action.default, action.required = argparse.SUPPRESS, False
-    given = set(vars(parser.parse_known_args(argv)[0]))
+    pipeline_fields = {f.name for f in fields(PipelineConfig)}
+    given = set(vars(parser.parse_known_args(argv)[0])) & pipeline_fields
     if "--config" in argv and argv.index("--config") + 1 < len(argv):
         with open(argv[argv.index("--config") + 1]) as f:
-            given |= set(yaml.safe_load(f) or {}) & {a.dest for a in parser._actions}
+            given |= set(yaml.safe_load(f) or {}) & pipeline_fields
     return given
 
 

@@ -18,8 +18,8 @@ from `--corpus`. `--strategies` picks the selections to score (default: retrieva
 the generator read no passage). Writes, per dataset, `<name>.<strategy>.predictions.jsonl` (with each question's
 scores), plus `metrics.json` and `metrics.md` for all of them: each metric with its 95 % bootstrap interval over
 questions, and each strategy's wall time and throughput (non-padding tokens through the models' forwards, prompts and
-decoding steps, per second). An output_dir holding an earlier evaluation's files (the same names) is refused before
-any model loads, unless `--overwrite true`.
+decoding steps, per second). An output_dir holding an earlier evaluation's files is refused before any model loads,
+unless `--overwrite true`, which removes all of them first (a folder never mixes two evaluations).
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.evaluation import baseline_picks, bootstrap_interval, score_picks, select_greedy
-from dro_rl.files import atomic_write, write_json, write_lines
+from dro_rl.files import atomic_write, claim_folder, write_json, write_lines
 from dro_rl.models import GENERATOR, SELECTOR, as_role
 from dro_rl.pipeline import load_ranked, make_retriever, parse_spec
-from dro_rl.pipeline_config import PipelineConfig
+from dro_rl.pipeline_config import PipelineConfig, check_positive_int
 from dro_rl.run_folder import check_complete, given_settings, run_settings
 from dro_rl.run_models import load_pair
 from dro_rl.selector import IdGrammar
@@ -68,7 +68,7 @@ class EvaluateArguments:
     output_dir: str = field(
         default="outputs/eval",
         metadata={"help": "Where predictions and metrics go; a folder holding an earlier evaluation's files is refused "
-                  "unless --overwrite."},
+                  "unless --overwrite true (which removes them first)."},
     )
     overwrite: bool = field(default=False, metadata={"help": "Replace an earlier evaluation's files in output_dir."})
     corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
@@ -78,8 +78,12 @@ class EvaluateArguments:
         default_factory=lambda: ["retrieval", "selector", "oracle"],
         metadata={"help": f"Selections to score, of {list(STRATEGIES)}: `closed_book` (the generator reads no "
                   "passage), `retrieval` (top-K in retrieval order), `selector` (its greedy pick), `oracle` (gold "
-                  "passages first; only on rows with gold labels)."},
+                  "passages first; scored on the rows with gold labels only, their number as its `n`)."},
     )
+
+    def __post_init__(self):
+        if self.limit is not None:
+            check_positive_int("--limit", self.limit)
 
 
 def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[str] = ()) -> dict:
@@ -104,12 +108,16 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                          "; ".join(f"{n} ({', '.join(s for s, m in zip(args.datasets, names) if m == n)})"
                                    for n in repeated) + ". Evaluate them in separate calls (separate --output_dir) "
                          "or give the files different names.")
-    outputs = {"metrics.json", "metrics.md"} | {f"{n}.{s}.predictions.jsonl" for n in names for s in args.strategies}
-    earlier = sorted(name for name in outputs if os.path.exists(os.path.join(args.output_dir, name)))
-    if earlier and not args.overwrite:  # before any model loads: earlier results are never replaced silently
+    claim_folder(args.output_dir)  # before any model loads: a folder this process can write in
+    earlier = sorted(name for name in os.listdir(args.output_dir)
+                     if name in ("metrics.json", "metrics.md") or name.endswith(".predictions.jsonl"))
+    if earlier and not args.overwrite:  # earlier results are never replaced silently
         raise FileExistsError(f"output_dir {args.output_dir} holds an earlier evaluation's {', '.join(earlier)}: pass "
                               "--overwrite true to replace them, or choose another --output_dir")
-    os.makedirs(args.output_dir, exist_ok=True)
+    for name in earlier:  # all of them, first: a folder never mixes two evaluations, even if this one stops midway
+        os.remove(os.path.join(args.output_dir, name))
+    if earlier:
+        print(f"--overwrite: removed the earlier evaluation's {', '.join(earlier)} from {args.output_dir}", flush=True)
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
     selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
                                                args.generator or os.path.join(args.run_dir, GENERATOR))
@@ -121,8 +129,10 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                                  args.limit, f"{pipeline.retriever}:{pipeline.retriever_model}")
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
         results[name] = {}
+        labelled = [r for r in rows if any(r["gold"] or [])]
         for strategy in args.strategies:
-            if strategy == "oracle" and not any(r["gold"] for r in rows):
+            scored_rows = labelled if strategy == "oracle" else rows  # gold passages exist only on labelled rows
+            if not scored_rows:
                 continue
             start = time.perf_counter()
             with count_tokens(selector, generator) as tokens:
@@ -130,12 +140,13 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                     with as_role(selector, SELECTOR):  # one base with two adapters plays each role with its own
                         chosen = select_greedy(selector, tok, grammar, sprompt, rows, progress=True)
                 else:
-                    chosen = [[]] * len(rows) if strategy == "closed_book" else baseline_picks(rows, k, strategy)
+                    chosen = [[]] * len(rows) if strategy == "closed_book" else baseline_picks(scored_rows, k, strategy)
                 with as_role(generator, GENERATOR):
-                    scores = score_picks(rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens,
+                    scores = score_picks(scored_rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens,
                                          progress=True)
             seconds = time.perf_counter() - start
             results[name][strategy] = {
+                **({"n": len(scored_rows)} if len(scored_rows) < len(rows) else {}),
                 **{m: scores.get(m) for m in METRICS + COUNTS},
                 "ci95": {m: bootstrap_interval(scores["per_question"][m]) for m in METRICS},
                 "wall_seconds": seconds, "tokens": tokens[0], "tokens_per_second": tokens[0] / seconds,
@@ -143,7 +154,7 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
             write_lines(({"id": r["id"], "question": r["question"], "answers": r["answers"], "prediction": pred,
                           "selected": [r["passages"][j]["id"] for j in p],
                           "scores": {m: scores["per_question"][m][i] for m in METRICS}}
-                         for i, (r, p, pred) in enumerate(zip(rows, chosen, scores["predictions"]))),
+                         for i, (r, p, pred) in enumerate(zip(scored_rows, chosen, scores["predictions"]))),
                         os.path.join(args.output_dir, f"{name}.{strategy}.predictions.jsonl"))
         results[name]["n"] = len(rows)
     write_json(results, os.path.join(args.output_dir, "metrics.json"))
@@ -191,7 +202,7 @@ def markdown_table(results: dict, k: int) -> str:
             if strategy != "n":
                 cells = [cell(m, metric) for metric in METRICS] + [f"{m['wall_seconds']:.0f}",
                                                                    f"{m['tokens_per_second']:.0f}"]
-                lines.append(f"| {name} (n={by_strategy['n']}) | {strategy} | " + " | ".join(cells) + " |")
+                lines.append(f"| {name} (n={m.get('n', by_strategy['n'])}) | {strategy} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -201,4 +212,4 @@ def make_parser() -> TrlParser:
 
 if __name__ == "__main__":
     with refusals_in_one_line("evaluate.py"):
-        main(*make_parser().parse_args_and_config(), given=given_settings(sys.argv[1:]))
+        main(*make_parser().parse_args_and_config(), given=given_settings(sys.argv[1:], [EvaluateArguments]))

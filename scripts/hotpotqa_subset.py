@@ -23,7 +23,7 @@ from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import iter_records, load
-from dro_rl.files import refuse_existing, write_lines
+from dro_rl.files import claim_output, write_lines
 
 
 @dataclass
@@ -74,10 +74,7 @@ def main(args: SubsetArguments) -> int:
     """Write the subset; returns the number of questions written."""
     if isinstance(args.distractors, bool) or not isinstance(args.distractors, int) or args.distractors < 0:
         raise ValueError(f"--distractors must be an integer >= 0, got {args.distractors!r}")
-    if os.path.isdir(args.output):
-        raise IsADirectoryError(f"--output {args.output} is a folder: give a file path")
-    if not args.overwrite:
-        refuse_existing([args.output], "--overwrite")
+    claim_output(args.output, args.overwrite, "--overwrite", [args.input])
     if os.path.isdir(args.input):
         raise IsADirectoryError(f"--input {args.input} is a folder: give a HotpotQA file")
     rows, _ = load(args.input, "hotpotqa")  # every row checked (file, line, field) before anything is written

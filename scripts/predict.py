@@ -23,7 +23,8 @@ from dro_rl import DROPipeline
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import load_questions
 from dro_rl.evaluation import exact_match, f1_score, sub_exact_match
-from dro_rl.files import refuse_existing, write_lines
+from dro_rl.files import claim_output, write_lines
+from dro_rl.pipeline_config import check_positive_int
 
 
 @dataclass
@@ -43,13 +44,28 @@ class PredictArguments:
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
     batch_size: int = field(default=32, metadata={"help": "Questions per forward pass."})
 
+    def __post_init__(self):
+        check_positive_int("--batch_size", self.batch_size)
+        if self.limit is not None:
+            check_positive_int("--limit", self.limit)
+
 
 def main(args: PredictArguments) -> dict:
     output = args.output or os.path.splitext(os.path.basename(args.input))[0] + ".predictions.jsonl"
-    if not args.overwrite:  # before any model loads, not after the answers
-        refuse_existing([output], "--overwrite")
+    claim_output(output, args.overwrite, "--overwrite", [args.input])  # before any model loads, not after the answers
     rows, stats = load_questions(args.input, args.on_error, args.limit)
     print(stats.summary(), flush=True)
+    bare = [i for i, r in enumerate(rows) if not r["passages"]]
+    if bare and not args.corpus:  # found before any model loads
+        named = ", ".join(f"question {i + 1} (id {rows[i]['id']!r})" for i in bare[:5]) + (" ..." if len(bare) > 5 else "")
+        if args.on_error == "raise":
+            raise ValueError(f"{args.input}: {len(bare)} of {len(rows)} questions have no `passages` and no --corpus "
+                             f"was given to retrieve them from: {named}; add candidates, give --corpus, or pass "
+                             "--on_error skip")
+        rows = [r for i, r in enumerate(rows) if i not in set(bare)]
+        print(f"skipped {len(bare)} questions without `passages` (no --corpus): {named}", flush=True)
+        if not rows:
+            raise ValueError(f"{args.input}: no question has `passages`, and no --corpus was given")
     pipe = DROPipeline.from_pretrained(args.run_dir, batch_size=args.batch_size)
     predictions = pipe([r["question"] for r in rows], [r["passages"] for r in rows], corpus=args.corpus)
     records, scored = [], []

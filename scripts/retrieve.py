@@ -21,8 +21,9 @@ from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import FORMATS, load, write_jsonl
-from dro_rl.files import refuse_existing
+from dro_rl.files import claim_output
 from dro_rl.pipeline import make_retriever, retrieval_order
+from dro_rl.pipeline_config import check_positive_int
 from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidates
 
 
@@ -47,10 +48,14 @@ class RetrieveArguments:
     limit: int | None = field(default=None, metadata={"help": "Read at most this many questions."})
     overwrite: bool = field(default=False, metadata={"help": "Replace an existing --output file."})
 
+    def __post_init__(self):
+        check_positive_int("--top_n", self.top_n)
+        if self.limit is not None:
+            check_positive_int("--limit", self.limit)
+
 
 def main(args: RetrieveArguments) -> list[dict]:
-    if not args.overwrite:  # before the retrieval, not after it
-        refuse_existing([args.output], "--overwrite")
+    claim_output(args.output, args.overwrite, "--overwrite", [args.questions])  # before the retrieval, not after it
     mapping = json.loads(args.mapping) if args.mapping else None
     rows, stats = load(args.questions, args.format, args.on_error, mapping, limit=args.limit)
     print(stats.summary(), flush=True)

@@ -325,3 +325,19 @@ def test_retrieve_help_lists_every_format():
 
     text = make_parser().format_help()
     assert all(name in text for name in [*FORMATS, "json"])
+
+
+def test_a_raw_source_row_is_not_taken_as_a_bare_new_question(tmp_path):
+    """predict.py reads questions whose answers and passages are optional: a raw HotpotQA or NQ-open row passed as a
+    bare question, its own paragraphs and answer silently ignored. It is refused with the format it looks like."""
+    from dro_rl.data import load_questions
+
+    hotpot = write(tmp_path, "raw.jsonl", [{"question": "q?", "answer": "a", "context": [["T", ["s."]]],
+                                            "supporting_facts": [["T", 0]]}])
+    with pytest.raises(DataError, match=r"raw.jsonl:1: this row looks like format 'hotpotqa'.*--format hotpotqa"):
+        load_questions(hotpot)
+    nq = write(tmp_path, "nq.jsonl", [{"question": "q?", "answer": ["a"]}])
+    with pytest.raises(DataError, match="looks like format 'nq_open'"):
+        load_questions(nq)
+    rows, _ = load_questions(write(tmp_path, "ok.jsonl", [{"question": "q?"}]))  # a bare question is fine
+    assert rows[0]["passages"] == [] and rows[0]["answers"] == []

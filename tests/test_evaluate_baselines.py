@@ -95,10 +95,36 @@ def test_an_earlier_evaluation_is_refused_before_loading_models_unless_overwrite
                                               r"metrics.json: pass --overwrite true"):
         evaluate_main(args, PipelineConfig())
     assert (tmp_path / "metrics.json").read_text() == "{}"
-    args.overwrite = True  # then it goes on, to load the (missing) models
+    (tmp_path / "other.selector.predictions.jsonl").write_text("another dataset's\n")
+    (tmp_path / "other.ranked.jsonl").write_text("a retrieval cache\n")
+    args.overwrite = True  # the earlier evaluation's files all go first; then it goes on, to load the missing models
     with pytest.raises(OSError) as err:
         evaluate_main(args, PipelineConfig(retriever="bm25"))
     assert not isinstance(err.value, FileExistsError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.ranked.jsonl"]  # a folder never mixes two
+
+
+def test_the_oracle_is_scored_on_the_labelled_rows_only(tmp_path):
+    """A row without gold labels has no oracle pick: scoring its retrieval picks under "oracle" lowered the oracle."""
+    passages = [{"id": f"p{i}", "text": f"passage {i} about things"} for i in range(3)]
+    rows = [{"id": "a", "question": "q a ?", "answers": ["x"], "passages": [{**p, "gold": i == 1}
+                                                                          for i, p in enumerate(passages)]},
+            {"id": "b", "question": "q b ?", "answers": ["y"], "passages": passages},
+            {"id": "c", "question": "q c ?", "answers": ["z"], "passages": [{**p, "gold": i == 2}
+                                                                          for i, p in enumerate(passages)]}]
+    data = tmp_path / "mixed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = EvaluateArguments(datasets=[str(data)], selector="tiny:minilm", generator="tiny:minilm",
+                             output_dir=str(tmp_path / "eval"), strategies=["retrieval", "oracle"])
+    table = evaluate_main(args, PipelineConfig(retriever="none", num_docs_selected=1, max_passage_tokens=8,
+                                               generator_max_passage_tokens=8, max_answer_tokens=2,
+                                               use_chat_template=False))["mixed"]
+    assert (table["n"], table["oracle"]["n"], "n" in table["retrieval"]) == (3, 2, False)
+    assert table["oracle"]["support_recall_at_k"] == 1.0
+    oracle = [json.loads(line) for line in (tmp_path / "eval" / "mixed.oracle.predictions.jsonl").read_text()
+              .splitlines()]
+    assert [(r["id"], r["selected"]) for r in oracle] == [("a", ["p1"]), ("c", ["p2"])]
+    assert "| mixed (n=2) | oracle |" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
 @needs_shared

@@ -4,12 +4,14 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
-from dro_rl.files import atomic_write, refuse_existing, write_lines
+from dro_rl.files import atomic_write, claim_output, refuse_existing, write_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,11 +41,38 @@ def test_overwrite_false_refuses_before_writing(tmp_path):
         refuse_existing([str(path), str(tmp_path / "missing"), str(tmp_path / "other")])
 
 
-def test_a_refusal_of_ours_is_one_line_and_a_library_error_keeps_its_traceback(tmp_path, monkeypatch):
+def test_an_output_that_cannot_be_written_is_refused_by_its_own_name_before_any_work(tmp_path):
+    afile, questions = tmp_path / "afile", tmp_path / "q.jsonl"
+    afile.write_text("")
+    questions.write_text("{}\n")
+    with pytest.raises(IsADirectoryError, match=f"{tmp_path} is a folder: give a file path"):
+        claim_output(str(tmp_path))
+    with pytest.raises(NotADirectoryError, match=f"{afile} is a file, not a folder"):
+        claim_output(str(afile / "p.jsonl"))
+    with pytest.raises(ValueError, match="is also the input: write the output elsewhere"):
+        claim_output(str(questions), overwrite=True, inputs=[str(tmp_path / "." / "q.jsonl")])
+    with pytest.raises(PermissionError, match="cannot write in /proc/dro_rl_nowhere"):
+        claim_output("/proc/dro_rl_nowhere/p.jsonl")
+    claim_output(str(tmp_path / "new" / "p.jsonl"))  # a missing folder is made; nothing is left in it
+    assert os.listdir(tmp_path / "new") == []
+
+
+def test_a_refusal_of_ours_is_one_line_and_a_library_error_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     (tmp_path / "x").write_text("")
-    with pytest.raises(SystemExit, match=r"^tool.py: error: .*x already exists: pass --overwrite true"):
+    with pytest.raises(SystemExit) as exit_info:
         with refusals_in_one_line("tool.py"):
             refuse_existing([str(tmp_path / "x")])  # raised in dro_rl/
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"tool.py: error: {tmp_path / 'x'} already exists: pass --overwrite true to " \
+                                      "replace, or write elsewhere\n"
+    with pytest.raises(SystemExit) as exit_info:  # a flag the command does not have: the parser's refusal, status 2
+        with refusals_in_one_line("tool.py"):
+            TrlParser((Flags,)).parse_args_and_config(args=["--ouput", "a.jsonl"])
+    assert exit_info.value.code == 2 and "tool.py: error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        with refusals_in_one_line("tool.py"):
+            raise KeyboardInterrupt
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "tool.py: interrupted\n"
     with pytest.raises(json.JSONDecodeError):
         with refusals_in_one_line("tool.py"):
             json.loads("{")  # raised inside the standard library: the frames are the information
@@ -51,6 +80,11 @@ def test_a_refusal_of_ours_is_one_line_and_a_library_error_keeps_its_traceback(t
     with pytest.raises(FileExistsError):
         with refusals_in_one_line("tool.py"):
             refuse_existing([str(tmp_path / "x")])
+
+
+@dataclass
+class Flags:
+    output: str = "out.jsonl"
 
 
 def test_a_command_prints_its_refusal_without_a_traceback(tmp_path):
@@ -64,3 +98,20 @@ def test_a_command_prints_its_refusal_without_a_traceback(tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (f"predict.py: error: {output} already exists: pass --overwrite "
                                                      "to replace, or write elsewhere")
     assert output.read_text() == "earlier\n"
+
+
+def test_counts_below_one_are_refused_by_their_flag():
+    """--batch_size -1 wrote an empty predictions file, --top_n 0 rows without candidates, --limit 0 'the input is
+    empty'; each is now refused when the flags are read."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from evaluate import EvaluateArguments
+    from predict import PredictArguments
+    from retrieve import RetrieveArguments
+
+    for make, flag, value in ((lambda v: PredictArguments("run", "q.jsonl", batch_size=v), "--batch_size", -1),
+                              (lambda v: PredictArguments("run", "q.jsonl", limit=v), "--limit", 0),
+                              (lambda v: RetrieveArguments("q.jsonl", "o.jsonl", top_n=v), "--top_n", 0),
+                              (lambda v: RetrieveArguments("q.jsonl", "o.jsonl", limit=v), "--limit", -1),
+                              (lambda v: EvaluateArguments(["d.jsonl"], limit=v), "--limit", 0)):
+        with pytest.raises(ValueError, match=f"^{flag} must be >= 1, got {value}$"):
+            make(value)

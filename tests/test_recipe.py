@@ -179,9 +179,11 @@ def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path):
     (out / "notes.txt").write_text("mine")
     (out / "checkpoint-99").mkdir()
     (out / "checkpoint-99" / "mine.txt").write_text("mine")  # named like a checkpoint, but no run wrote it
+    (out / "data" / "mydata.jsonl").write_text("mine")  # a user's file beside the run's rows
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1", "--overwrite_output_dir", "true")
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-99"]  # the earlier run's are gone
     assert (out / "notes.txt").read_text() == (out / "checkpoint-99" / "mine.txt").read_text() == "mine"
+    assert (out / "data" / "mydata.jsonl").read_text() == "mine"
     with pytest.raises(ValueError, match="no complete checkpoint"):
         run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--resume_from_checkpoint", "true")
 

@@ -137,6 +137,14 @@ def test_a_flag_that_contradicts_the_runs_prompts_is_refused_by_name(evaluated_r
     assert rf.run_settings(str(tmp / "run"), PipelineConfig(repeat_ids=True), {"repeat_ids"}).repeat_ids is True
 
 
+def test_the_commands_own_flags_are_not_read_as_abbreviated_pipeline_settings():
+    """evaluate.py --generator is its own flag: read against PipelineConfig alone it was an ambiguous abbreviation of
+    --generator_max_passage_tokens / --generator_max_prompt_length, and the command could not run."""
+    argv = ["--datasets", "d.jsonl", "--selector", "s", "--generator", "g", "--generator_max_passage_tokens", "8"]
+    assert rf.given_settings(argv, [EvaluateArguments]) == {"generator_max_passage_tokens"}
+    assert rf.given_settings(["--generator", "g", "--max_passage", "8"], [EvaluateArguments]) == {"max_passage_tokens"}
+
+
 def test_a_flag_that_changes_the_retrieval_is_honoured_with_a_warning(evaluated_run, tmp_path):
     tmp, _, _ = evaluated_run
     config = tmp_path / "eval.yaml"
