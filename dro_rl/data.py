@@ -258,7 +258,8 @@ def _canonical(where: str, r: dict, answers_required: bool = True) -> dict:
             for j, p in enumerate(passages or [])]
     hint = None if answers_required else _format_hint(r)
     if hint:  # a raw source row would pass as a bare question, its own paragraphs and answer silently ignored
-        raise DataError(f"{where}: {hint}")
+        raise DataError(f"{where}: {hint}; predict.py and DROPipeline read canonical questions: convert the file "
+                        "first with scripts/retrieve.py and that --format")
     try:
         return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"),
                         answers_required=answers_required)

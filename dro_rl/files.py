@@ -24,7 +24,9 @@ def refuse_existing(paths: Iterable[str], flag: str = "--overwrite true") -> Non
                               "replace, or write elsewhere")
 
 
-def claim_output(path: str, overwrite: bool = False, flag: str = "--overwrite true", inputs: Iterable[str] = ()) -> None:
+def claim_output(
+    path: str, overwrite: bool = False, flag: str = "--overwrite true", inputs: Iterable[str] = ()
+) -> None:
     """Check, before any work, that ``path`` can be written as a new result file: not a folder, not one of the
     command's ``inputs``, not an existing file unless ``overwrite``, in a folder that exists (made here) and that this
     process may write. Each refusal names the user's path, not a temporary file that a late failure would name."""

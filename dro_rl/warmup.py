@@ -53,7 +53,8 @@ def warmup_config(output_dir: str, steps: int, batch_size: int, learning_rate: f
     the device, precision and seed of the DRO run ``dro`` (a DROConfig)."""
     values = dict(
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, 2 * steps // 3), logging_steps=max(1, steps // 6),
+        lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, 2 * steps // 3),
+        logging_steps=max(1, steps // 6),
         save_strategy="no", report_to="none", bf16=dro.bf16, use_cpu=dro.use_cpu,
         gradient_checkpointing=dro.gradient_checkpointing, weight_decay=0.0, seed=dro.seed, max_length=None,
     )

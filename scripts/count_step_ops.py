@@ -7,9 +7,10 @@ Why count: a small model's step on a GPU is far below the GPU's FLOP limit, and 
 every operation it runs (Python, dispatch, kernel launch), so the number of operations bounds such a step. That
 number depends on the model's depth, the step's structure (sampling steps, forwards, backward) and the precision
 (autocast adds casts) — not on the model's width, the passages' length or the device. So it is counted here, on CPU,
-with models of the recipe's architecture (depth, heads, vocabulary) but ``--head_dim``-wide heads (random weights), on the recipe's own data,
-prompts, K, m and batch, through the real ``DROTrainer`` step, with passages cut to ``--passage_tokens`` to keep it
-fast. Every aten operation the step dispatches counts once (a ``TorchDispatchMode``).
+with models of the recipe's architecture (depth, heads, vocabulary) but ``--head_dim``-wide heads (random weights),
+on the recipe's own data, prompts, K, m and batch, through the real ``DROTrainer`` step (LoRA adapters too, with
+``use_peft``), with passages cut to ``--passage_tokens`` to keep it fast. Every aten operation the step dispatches
+counts once (a ``TorchDispatchMode``). The figures of docs/real_model.md come from the first command.
 """
 
 from __future__ import annotations

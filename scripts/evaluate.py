@@ -19,7 +19,8 @@ the generator read no passage). Writes, per dataset, `<name>.<strategy>.predicti
 scores), plus `metrics.json` and `metrics.md` for all of them: each metric with its 95 % bootstrap interval over
 questions, and each strategy's wall time and throughput (non-padding tokens through the models' forwards, prompts and
 decoding steps, per second). An output_dir holding an earlier evaluation's files is refused before any model loads,
-unless `--overwrite true`, which removes all of them first (a folder never mixes two evaluations).
+unless `--overwrite true`, which removes all of them once the inputs are read and the models loaded (a folder never
+mixes two evaluations, and a mistyped path costs nothing).
 """
 
 from __future__ import annotations
@@ -114,19 +115,21 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
     if earlier and not args.overwrite:  # earlier results are never replaced silently
         raise FileExistsError(f"output_dir {args.output_dir} holds an earlier evaluation's {', '.join(earlier)}: pass "
                               "--overwrite true to replace them, or choose another --output_dir")
-    for name in earlier:  # all of them, first: a folder never mixes two evaluations, even if this one stops midway
+    retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
+    datasets = [load_ranked(spec, retriever, args.corpus, pipeline.top_n, args.output_dir, args.on_error, args.limit,
+                            f"{pipeline.retriever}:{pipeline.retriever_model}") for spec in args.datasets]
+    selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
+                                               args.generator or os.path.join(args.run_dir, GENERATOR))
+    # Every input read and both models loaded: only now does the earlier evaluation go, all of it, so that a typo in
+    # a path costs nothing and the folder never mixes two evaluations, even if this one stops midway.
+    for name in earlier:
         os.remove(os.path.join(args.output_dir, name))
     if earlier:
         print(f"--overwrite: removed the earlier evaluation's {', '.join(earlier)} from {args.output_dir}", flush=True)
-    retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
-    selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
-                                               args.generator or os.path.join(args.run_dir, GENERATOR))
     sprompt, gprompt = pipeline.selector_prompt(), pipeline.generator_prompt()
     k = pipeline.num_docs_selected
     results: dict[str, dict] = {}
-    for spec in args.datasets:
-        name, rows = load_ranked(spec, retriever, args.corpus, pipeline.top_n, args.output_dir, args.on_error,
-                                 args.limit, f"{pipeline.retriever}:{pipeline.retriever_model}")
+    for name, rows in datasets:
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
         results[name] = {}
         labelled = [r for r in rows if any(r["gold"] or [])]

@@ -57,7 +57,8 @@ def main(args: PredictArguments) -> dict:
     print(stats.summary(), flush=True)
     bare = [i for i, r in enumerate(rows) if not r["passages"]]
     if bare and not args.corpus:  # found before any model loads
-        named = ", ".join(f"question {i + 1} (id {rows[i]['id']!r})" for i in bare[:5]) + (" ..." if len(bare) > 5 else "")
+        named = ", ".join(f"question {i + 1} (id {rows[i]['id']!r})" for i in bare[:5])
+        named += " ..." if len(bare) > 5 else ""
         if args.on_error == "raise":
             raise ValueError(f"{args.input}: {len(bare)} of {len(rows)} questions have no `passages` and no --corpus "
                              f"was given to retrieve them from: {named}; add candidates, give --corpus, or pass "
