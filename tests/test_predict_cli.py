@@ -122,6 +122,17 @@ def test_dro_rl_train_hands_launch_flags_to_accelerate_and_the_rest_to_the_scrip
     assert args.training_script_args == ["--config", str(ROOT / "configs" / "demo.yaml"), "--max_steps", "3"]
 
 
+def test_dro_rl_train_returns_the_scripts_status_without_the_launchers_traceback(monkeypatch):
+    """The launched script has printed its one-line refusal; accelerate's CalledProcessError would add a traceback."""
+    import subprocess
+
+    def failed(args):
+        raise subprocess.CalledProcessError(1, ["python", args.training_script])
+
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", failed)
+    assert cli.main(["train", "--config", str(ROOT / "configs" / "demo.yaml")]) == 1
+
+
 def test_dro_rl_train_with_no_flags_launches_the_demo_like_the_script(monkeypatch):
     launched = []
     monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
