@@ -116,10 +116,10 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
         raise FileExistsError(f"output_dir {args.output_dir} holds an earlier evaluation's {', '.join(earlier)}: pass "
                               "--overwrite true to replace them, or choose another --output_dir")
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
-    datasets = [load_ranked(spec, retriever, args.corpus, pipeline.top_n, args.output_dir, args.on_error, args.limit,
-                            f"{pipeline.retriever}:{pipeline.retriever_model}") for spec in args.datasets]
     selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
                                                args.generator or os.path.join(args.run_dir, GENERATOR))
+    datasets = [load_ranked(spec, retriever, args.corpus, pipeline.top_n, args.output_dir, args.on_error, args.limit,
+                            f"{pipeline.retriever}:{pipeline.retriever_model}") for spec in args.datasets]
     # Every input read and both models loaded: only now does the earlier evaluation go, all of it, so that a typo in
     # a path costs nothing and the folder never mixes two evaluations, even if this one stops midway.
     for name in earlier:

@@ -97,14 +97,13 @@ def test_an_earlier_evaluation_is_refused_before_loading_models_unless_overwrite
     assert (tmp_path / "metrics.json").read_text() == "{}"
     (tmp_path / "other.selector.predictions.jsonl").write_text("another dataset's\n")
     (tmp_path / "other.ranked.jsonl").write_text("a retrieval cache\n")
-    args.overwrite = True
+    args.overwrite, args.selector, args.generator = True, "tiny:minilm", "tiny:minilm"
     with pytest.raises(FileNotFoundError, match="d/dev.jsonl"):  # a typo in a path costs nothing: nothing removed
         evaluate_main(args, PipelineConfig(retriever="bm25"))
     assert len(list(tmp_path.iterdir())) == 4
     data = tmp_path / "dev.jsonl"
     data.write_text(json.dumps({"question": "q?", "answers": ["paris"], "passages": [{"text": "paris"}]}) + "\n")
     args.datasets, args.strategies = [str(data)], ["retrieval"]
-    args.selector = args.generator = "tiny:minilm"
     evaluate_main(args, PipelineConfig(retriever="none", num_docs_selected=1, max_answer_tokens=2))
     assert sorted(p.name for p in tmp_path.iterdir()) == [  # the earlier evaluation gone, whole; the rest kept
         "dev.jsonl", "dev.retrieval.predictions.jsonl", "metrics.json", "metrics.md", "other.ranked.jsonl"]
