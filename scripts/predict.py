@@ -63,7 +63,8 @@ def main(args: PredictArguments) -> dict:
             raise ValueError(f"{args.input}: {len(bare)} of {len(rows)} questions have no `passages` and no --corpus "
                              f"was given to retrieve them from: {named}; add candidates, give --corpus, or pass "
                              "--on_error skip")
-        rows = [r for i, r in enumerate(rows) if i not in set(bare)]
+        skipped = set(bare)
+        rows = [r for i, r in enumerate(rows) if i not in skipped]
         print(f"skipped {len(bare)} questions without `passages` (no --corpus): {named}", flush=True)
         if not rows:
             raise ValueError(f"{args.input}: no question has `passages`, and no --corpus was given")
