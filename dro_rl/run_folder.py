@@ -80,6 +80,10 @@ def check_complete(folder: str) -> None:
             "saving) or it is not a dro-rl run/checkpoint folder. Its selector/ and generator/ may come from two "
             "different saves; use the newest complete checkpoint-N inside it, or save again."
         )
+    missing = [role for role in (SELECTOR, GENERATOR) if not os.path.isdir(os.path.join(folder, role))]
+    if missing:  # a complete save has both: something removed them since
+        raise FileNotFoundError(f"run folder {folder} has no {' or '.join(f'{m}/' for m in missing)} although its save "
+                                "finished: it was changed since; use a complete checkpoint-N inside it, or save again")
 
 
 def check_model_folder(path: str) -> None:

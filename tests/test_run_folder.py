@@ -154,3 +154,20 @@ def test_a_flag_that_changes_the_retrieval_is_honoured_with_a_warning(evaluated_
     with pytest.warns(UserWarning, match="--top_n 3 departs from the run's top_n: 4"):
         settings = rf.run_settings(str(tmp / "run"), PipelineConfig(top_n=3, max_answer_tokens=2), given)
     assert (settings.top_n, settings.max_answer_tokens, settings.num_docs_selected) == (3, 2, 2)
+
+
+def test_a_complete_run_folder_missing_a_model_is_refused_by_name(evaluated_run, tmp_path):
+    """A generator/ deleted after the save read as a Hub id ('couldn't connect to huggingface.co')."""
+    import shutil
+
+    from dro_rl import DROPipeline
+
+    tmp, _, path = evaluated_run
+    damaged = tmp_path / "run"
+    shutil.copytree(tmp / "run", damaged)
+    shutil.rmtree(damaged / "generator")
+    for read in (lambda: DROPipeline.from_pretrained(str(damaged)),
+                 lambda: evaluate_main(EvaluateArguments(datasets=[str(path)], run_dir=str(damaged),
+                                                         output_dir=str(tmp_path / "eval")), PipelineConfig())):
+        with pytest.raises(FileNotFoundError, match=r"run folder .*run has no generator/ although its save finished"):
+            read()
