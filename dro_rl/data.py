@@ -439,9 +439,8 @@ def read_jsonl(path: str) -> list[dict]:
     return load(path)[0]
 
 
-def write_jsonl(rows: Iterable[dict], path: str, overwrite: bool = True) -> None:
-    """Canonical rows to JSONL (passages' gold flags written inline), atomically; ``overwrite=False`` refuses an
-    existing file."""
+def write_jsonl(rows: Iterable[dict], path: str) -> None:
+    """Canonical rows to JSONL (passages' gold flags written inline), atomically."""
 
     def records() -> Iterator[dict]:
         for r in rows:
@@ -449,7 +448,7 @@ def write_jsonl(rows: Iterable[dict], path: str, overwrite: bool = True) -> None
             passages = [{**p, "gold": g} for p, g in zip(r["passages"], gold)]
             yield {**{k: v for k, v in r.items() if k != "gold"}, "passages": passages}
 
-    write_lines(records(), path, overwrite)
+    write_lines(records(), path)
 
 
 def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "train_dataset"):

@@ -157,14 +157,15 @@ def score_picks(
     """Support and answer recall@K of the picks and, with a generator, EM / F1 / sub-EM of its greedy answers.
 
     Each metric is the mean of ``per_question[metric]``, one value per row; None marks a row the metric does not
-    apply to (support recall without gold labels, answer recall of a yes/no question), left out of the mean and
-    counted (``answer_recall_undefined``). The per-question values are kept so that intervals and paired comparisons
+    apply to (support recall without gold labels, answer recall of a yes/no question, recall of no picks: a
+    closed-book row), left out of the mean and counted (``answer_recall_undefined``). The per-question values are kept so that intervals and paired comparisons
     can be drawn over questions (``bootstrap_interval``). ``empty_predictions`` counts answers that are empty after
     normalisation (a generator that stops at once): they score 0 on every metric, and a warning says how many.
     """
-    per_question: dict[str, list[float | None]] = {
-        "support_recall_at_k": [support_recall(p, r.get("gold")) for p, r in zip(picks, rows)],
-        "answer_recall_at_k": [answer_recall([r["passages"][i] for i in p], r["answers"]) for p, r in zip(picks, rows)],
+    per_question: dict[str, list[float | None]] = {  # no pick (closed-book): nothing read, recall does not apply
+        "support_recall_at_k": [support_recall(p, r.get("gold")) if p else None for p, r in zip(picks, rows)],
+        "answer_recall_at_k": [answer_recall([r["passages"][i] for i in p], r["answers"]) if p else None
+                               for p, r in zip(picks, rows)],
     }
     answers = None
     if generator is not None:

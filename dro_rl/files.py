@@ -16,14 +16,6 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 
-def refuse_existing(paths: Iterable[str], flag: str = "--overwrite true") -> None:
-    """Raise FileExistsError naming every path of ``paths`` that exists, and the flag that would replace them."""
-    found = [p for p in paths if os.path.exists(p)]
-    if found:
-        raise FileExistsError(f"{', '.join(found)} already exist{'s' if len(found) == 1 else ''}: pass {flag} to "
-                              "replace, or write elsewhere")
-
-
 def claim_output(
     path: str, overwrite: bool = False, flag: str = "--overwrite true", inputs: Iterable[str] = ()
 ) -> None:
@@ -36,8 +28,8 @@ def claim_output(
         if os.path.abspath(source) == os.path.abspath(path) or (
                 os.path.exists(source) and os.path.exists(path) and os.path.samefile(source, path)):
             raise ValueError(f"{path} is also the input: write the output elsewhere")
-    if not overwrite:
-        refuse_existing([path], flag)
+    if not overwrite and os.path.exists(path):
+        raise FileExistsError(f"{path} already exists: pass {flag} to replace it, or write elsewhere")
     claim_folder(os.path.dirname(os.path.abspath(path)))
 
 
@@ -56,15 +48,13 @@ def claim_folder(folder: str) -> None:
 
 
 @contextmanager
-def atomic_write(path: str, overwrite: bool = True, flag: str = "--overwrite true") -> Iterator[TextIO]:
+def atomic_write(path: str) -> Iterator[TextIO]:
     """A text file opened for writing whose content replaces ``path`` only once the block has finished.
 
-    With ``overwrite=False`` an existing ``path`` is refused before anything is written (``refuse_existing``). The
+    Whether ``path`` may be replaced is the command's decision, taken before its work (``claim_output``). The
     temporary name is unique (pid and a random suffix), so two writers never share it; it is created with the
     default permissions (umask), which ``tempfile.mkstemp``'s 0600 would not give the renamed result.
     """
-    if not overwrite:
-        refuse_existing([path], flag)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
@@ -80,17 +70,17 @@ def atomic_write(path: str, overwrite: bool = True, flag: str = "--overwrite tru
         raise
 
 
-def write_json(value: Any, path: str, overwrite: bool = True, **dump_kwargs) -> None:
+def write_json(value: Any, path: str, **dump_kwargs) -> None:
     """``json.dump(value)`` to ``path`` through ``atomic_write``, ending with a newline (indent 2 unless told)."""
-    with atomic_write(path, overwrite) as f:
+    with atomic_write(path) as f:
         json.dump(value, f, **{"indent": 2, **dump_kwargs})
         f.write("\n")
 
 
-def write_lines(records: Iterable[Any], path: str, overwrite: bool = True, flag: str = "--overwrite true") -> int:
+def write_lines(records: Iterable[Any], path: str) -> int:
     """One JSON object per line (JSONL, UTF-8 kept as is) through ``atomic_write``; returns the number written."""
     n = 0
-    with atomic_write(path, overwrite, flag) as f:
+    with atomic_write(path) as f:
         for record in records:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             n += 1

@@ -446,6 +446,3 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     if dro.push_to_hub:
         trainer.push_to_hub(commit_message="End of training")
     return report
-
-
-

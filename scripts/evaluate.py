@@ -148,9 +148,6 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                     scores = score_picks(scored_rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens,
                                          progress=True)
             seconds = time.perf_counter() - start
-            if strategy == "closed_book":  # no passage is read: recall is not 0 but not applicable ("–" in the table)
-                for m in ("support_recall_at_k", "answer_recall_at_k"):
-                    scores[m], scores["per_question"][m] = None, [None] * len(scored_rows)
             results[name][strategy] = {
                 **({"n": len(scored_rows)} if len(scored_rows) < len(rows) else {}),
                 **{m: scores.get(m) for m in METRICS + COUNTS},

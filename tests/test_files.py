@@ -11,7 +11,7 @@ import pytest
 from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
-from dro_rl.files import atomic_write, claim_output, refuse_existing, write_lines
+from dro_rl.files import atomic_write, claim_output, write_lines
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,15 +30,14 @@ def test_an_interrupted_write_keeps_the_previous_file_and_leaves_no_temporary(tm
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
 
 
-def test_overwrite_false_refuses_before_writing(tmp_path):
+def test_an_existing_output_is_refused_unless_overwrite(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_text("mine\n")
-    with pytest.raises(FileExistsError, match="out.jsonl already exists: pass --force"):
-        write_lines([{"x": 1}], str(path), overwrite=False, flag="--force")
+    with pytest.raises(FileExistsError, match="out.jsonl already exists: pass --force to replace it"):
+        claim_output(str(path), flag="--force")
     assert path.read_text() == "mine\n"
-    (tmp_path / "other").write_text("")
-    with pytest.raises(FileExistsError, match=r"out.jsonl, \S*other already exist: "):  # every one named, only those
-        refuse_existing([str(path), str(tmp_path / "missing"), str(tmp_path / "other")])
+    claim_output(str(path), overwrite=True)  # allowed; nothing written yet
+    assert path.read_text() == "mine\n" and sorted(os.listdir(tmp_path)) == ["out.jsonl"]
 
 
 def test_an_output_that_cannot_be_written_is_refused_by_its_own_name_before_any_work(tmp_path):
@@ -61,10 +60,10 @@ def test_a_refusal_of_ours_is_one_line_and_a_library_error_keeps_its_traceback(t
     (tmp_path / "x").write_text("")
     with pytest.raises(SystemExit) as exit_info:
         with refusals_in_one_line("tool.py"):
-            refuse_existing([str(tmp_path / "x")])  # raised in dro_rl/
+            claim_output(str(tmp_path / "x"))  # raised in dro_rl/
     assert exit_info.value.code == 1
     assert capsys.readouterr().err == f"tool.py: error: {tmp_path / 'x'} already exists: pass --overwrite true to " \
-                                      "replace, or write elsewhere\n"
+                                      "replace it, or write elsewhere\n"
     with pytest.raises(SystemExit) as exit_info:  # a flag the command does not have: the parser's refusal, status 2
         with refusals_in_one_line("tool.py"):
             TrlParser((Flags,)).parse_args_and_config(args=["--ouput", "a.jsonl"])
@@ -79,7 +78,7 @@ def test_a_refusal_of_ours_is_one_line_and_a_library_error_keeps_its_traceback(t
     monkeypatch.setenv("DRO_RL_TRACEBACK", "1")
     with pytest.raises(FileExistsError):
         with refusals_in_one_line("tool.py"):
-            refuse_existing([str(tmp_path / "x")])
+            claim_output(str(tmp_path / "x"))
 
 
 @dataclass
@@ -96,7 +95,7 @@ def test_a_command_prints_its_refusal_without_a_traceback(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == (f"predict.py: error: {output} already exists: pass --overwrite "
-                                                     "to replace, or write elsewhere")
+                                                     "to replace it, or write elsewhere")
     assert output.read_text() == "earlier\n"
 
 
