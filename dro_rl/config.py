@@ -37,6 +37,15 @@ class DROConfig(GRPOConfig, PipelineConfig):
                   "scoring) runs in eval mode either way; `false` keeps dropout in the M-step's forwards only."},
     )
 
+    shuffle_candidates: bool = field(
+        default=False,
+        metadata={"help": "Show each training question's candidates to the selector in a random order, drawn anew at "
+                  "every step (from seed, the step and the question's id), instead of in retrieval order. An "
+                  "instruct selector's zero-shot pick is the first position, and from there DRO tends to learn "
+                  "position: groups whose m samples agree give no gradient, so the policy can collapse onto [1] "
+                  "(docs/real_model.md). Shuffled, only the passages' text predicts the reward. Evaluation, the "
+                  "'before'/'after' tables and prediction keep the retrieval order."},
+    )
     selector_loss_forward: Literal["packed", "per_row", "kv_cache"] = field(
         default="packed",
         metadata={"help": "How the selector loss scores the m rankings of a question: `packed` = one sequence per "

@@ -340,6 +340,26 @@ def _qa_only(answer_key: str) -> Callable[[str, dict], dict]:
     return to_row
 
 
+MAPPED_FIELDS = ("id", "question", "answers", "passages", "passage_id", "title", "text", "gold")
+
+
+def parse_mapping(text: str) -> dict[str, str]:
+    """A ``--mapping`` argument: a JSON object from canonical field names (``MAPPED_FIELDS``) to source field names
+    (dotted for nested ones), checked here so that a typo is named instead of surfacing as a missing field."""
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--mapping is not valid JSON ({e}): give an object such as "
+                         '\'{"question": "query", "answers": "golds"}\'') from None
+    if not isinstance(mapping, dict) or not all(isinstance(v, str) and v for v in mapping.values()):
+        raise ValueError(f"--mapping must be a JSON object of field names (strings), got {text!r}")
+    unknown = sorted(set(mapping) - set(MAPPED_FIELDS))
+    if unknown:
+        raise ValueError(f"--mapping: unknown canonical field(s) {unknown}; the keys are {list(MAPPED_FIELDS)} and "
+                         "the values the source file's names")
+    return mapping
+
+
 def _mapped(mapping: dict[str, str]) -> Callable[[str, dict], dict]:
     """Generic JSON: ``mapping`` names the source field of ``question``, ``answers``, ``passages`` (and ``id``,
     ``title``, ``text``, ``gold`` inside passages)."""
@@ -351,6 +371,10 @@ def _mapped(mapping: dict[str, str]) -> Callable[[str, dict], dict]:
         return value
 
     def to_row(where: str, r: dict) -> dict:
+        for key in ("question", "answers"):
+            if get(r, key) is None:  # named by its source field, which is what the user can fix
+                _fail(where, mapping.get(key, key), "is missing" + ("" if key in mapping else
+                      f" (format json reads '{key}' unless the mapping names another field)"))
         raw = get(r, "passages") or []
         if not isinstance(raw, list):
             _fail(where, mapping.get("passages", "passages"), "must be a list")
@@ -385,6 +409,8 @@ FORMATS: dict[str, Callable[[str, dict], dict]] = {
 
 
 def _converter(format: str, mapping: dict[str, str] | None) -> Callable[[str, dict], dict]:
+    if mapping and format != "json":
+        raise ValueError(f"a field mapping applies to format 'json' only; format {format!r} has fixed field names")
     if format == "json":
         return _mapped(mapping or {})
     if format in FORMATS:

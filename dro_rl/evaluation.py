@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .generator import GeneratorPrompt, generate_answers
+from .generator import GeneratorPrompt, batch_answer_logprobs, generate_answers
 from .selector import IdGrammar, SelectorPrompt, sample_rankings
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -148,6 +148,54 @@ def baseline_picks(rows: Sequence[dict], k: int, kind: str, seed: int = 0) -> li
         else:
             raise ValueError(f"unknown baseline {kind!r}")
     return out
+
+
+def reward_picks(
+    rows: Sequence[dict], k: int, generator, generator_tokenizer, prompt: GeneratorPrompt, batch_size: int = 64,
+    progress: bool = False,
+) -> list[list[int]]:
+    """The K passages under which the generator gives the gold answer the highest likelihood — DRO's reward — one
+    position at a time: the best single passage, then the best second one read after it, and so on (N + (N - 1) +
+    ... scorings per row, not all N! / (N - K)! orderings).
+
+    The pick a selector trained on this reward is pushed towards, so its EM is the room a selector has above
+    retrieval for this generator. It reads the gold answer (the first, as the trainer's reward does): a ceiling, not
+    a system. With K = 1 it is exact.
+    """
+    picks: list[list[int]] = [[] for _ in rows]
+    was_training = generator.training
+    generator.eval()
+    bar = tqdm(total=sum(len(r["passages"]) - t for r in rows for t in range(min(k, len(r["passages"])))),
+               desc="best reward", unit="prompt", disable=not progress)
+    for _ in range(k):
+        prompts, targets, owners = [], [], []
+        for i, r in enumerate(rows):
+            if len(picks[i]) == len(r["passages"]):
+                continue
+            target = prompt.target(generator_tokenizer, r["answers"][0])
+            for j in range(len(r["passages"])):
+                if j not in picks[i]:
+                    prompts.append(prompt(generator_tokenizer, r["question"],
+                                          [r["passages"][c] for c in picks[i] + [j]]))
+                    targets.append(target)
+                    owners.append((i, j))
+        if not owners:
+            break
+        scores: list[float] = []
+        for start in range(0, len(prompts), batch_size):
+            chunk = slice(start, start + batch_size)
+            scores += batch_answer_logprobs(generator, prompts[chunk], targets[chunk], generator_tokenizer.pad_token_id,
+                                            batch_size).tolist()
+            bar.update(len(prompts[chunk]))
+        best: dict[int, tuple[float, int]] = {}
+        for (i, j), score in zip(owners, scores):
+            if i not in best or score > best[i][0]:  # ties: the earlier passage in retrieval order
+                best[i] = (score, j)
+        for i, (_, j) in best.items():
+            picks[i].append(j)
+    bar.close()
+    generator.train(was_training)
+    return picks
 
 
 def score_picks(

@@ -39,7 +39,7 @@ from .files import write_json
 from .models import load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
-from .resume import check_writable, claim_output_dir, resolve_checkpoint, run_defining_settings
+from .resume import check_writable, claim_output_dir, resolve_checkpoint, run_artefacts, run_defining_settings
 from .selector import IdGrammar
 from .trainer import DROTrainer
 from .warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets, warmup_config
@@ -155,7 +155,11 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
         if name is not None:
             check_model_name(name, dro.trust_remote_code)
     check_writable(dro.output_dir)
-    claim_output_dir(dro.output_dir, resuming, dro.overwrite_output_dir, warn=print)
+    if not resuming and run_artefacts(dro.output_dir) == [RUN_CONFIG]:  # no stage finished: nothing of it to keep
+        print(f"{dro.output_dir} holds only the {RUN_CONFIG} of a start that stopped before its data stage finished: "
+              "starting over", flush=True)
+    else:
+        claim_output_dir(dro.output_dir, resuming, dro.overwrite_output_dir, warn=print)
 
     config = run_config(args, dro, model_args)
     saved_path = os.path.join(dro.output_dir, RUN_CONFIG)

@@ -32,6 +32,7 @@ reward-function protocol and its cross-process gather, metric logging.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import time
 from collections.abc import Iterator
@@ -392,6 +393,10 @@ class DROTrainer(GRPOTrainer):
         questions = inputs[::m]  # RepeatSampler puts the m copies of a question next to each other
         if any(inputs[q * m + j]["question"] != row["question"] for q, row in enumerate(questions) for j in range(m)):
             raise RuntimeError("a generation batch must hold whole groups of num_generations copies per question")
+        if mode == "train" and args.shuffle_candidates:  # one order per question: its m samples share the prompt
+            questions = [shuffled_candidates(r, f"{args.seed}:{self.state.global_step}:{r.get('id') or r['question']}")
+                         for r in questions]
+            inputs = [r for r in questions for _ in range(m)]
 
         # Sampling and scoring in eval mode: the weights and the sampled log-probs are functions of the parameters,
         # never of a dropout mask (METHOD.md §2, "Finite m").
@@ -731,6 +736,16 @@ class DROTrainer(GRPOTrainer):
 
 
 MAX_SKIPPED_IN_A_ROW = 10
+
+
+def shuffled_candidates(row: dict[str, Any], seed: str) -> dict[str, Any]:
+    """The row with its passages (and their gold labels) in a random order drawn from ``seed``."""
+    order = list(range(len(row["passages"])))
+    random.Random(seed).shuffle(order)
+    shuffled = {**row, "passages": [row["passages"][i] for i in order]}
+    if row.get("gold"):
+        shuffled["gold"] = [row["gold"][i] for i in order]
+    return shuffled
 
 
 @contextmanager

@@ -15,8 +15,8 @@ top_n or answer length is honoured with a warning. A folder whose save did not f
 Each `--datasets` entry is `[format:]path` (default format: canonical). Rows with their own candidates are re-ranked
 by the first-stage retriever (`--retriever none` keeps the file's order); question-only rows retrieve their top-N
 from `--corpus`. `--strategies` picks the selections to score (default: retrieval, selector, oracle; `closed_book` has
-the generator read no passage). Writes, per dataset, `<name>.<strategy>.predictions.jsonl` (with each question's
-scores), plus `metrics.json` and `metrics.md` for all of them: each metric with its 95 % bootstrap interval over
+the generator read no passage; `best_reward` is the pick DRO's reward points to, a ceiling). Writes, per dataset,
+`<name>.<strategy>.predictions.jsonl` (with each question's scores), plus `metrics.json` and `metrics.md` for all of them: each metric with its 95 % bootstrap interval over
 questions, and each strategy's wall time and throughput (non-padding tokens through the models' forwards, prompts and
 decoding steps, per second). An output_dir holding an earlier evaluation's files is refused before any model loads,
 unless `--overwrite true`, which removes all of them once the inputs are read and the models loaded (a folder never
@@ -38,7 +38,7 @@ from peft import PeftModel
 from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
-from dro_rl.evaluation import baseline_picks, bootstrap_interval, score_picks, select_greedy
+from dro_rl.evaluation import baseline_picks, bootstrap_interval, reward_picks, score_picks, select_greedy
 from dro_rl.files import atomic_write, claim_folder, write_json, write_lines
 from dro_rl.models import GENERATOR, SELECTOR, as_role
 from dro_rl.pipeline import load_ranked, make_retriever, parse_spec
@@ -49,7 +49,7 @@ from dro_rl.selector import IdGrammar
 
 METRICS = ["support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1", "answer_sub_em"]
 COUNTS = ["empty_predictions", "answer_recall_undefined"]  # in metrics.json beside the metrics
-STRATEGIES = ("closed_book", "retrieval", "selector", "oracle")
+STRATEGIES = ("closed_book", "retrieval", "selector", "oracle", "best_reward")
 
 
 @dataclass
@@ -79,7 +79,9 @@ class EvaluateArguments:
         default_factory=lambda: ["retrieval", "selector", "oracle"],
         metadata={"help": f"Selections to score, of {list(STRATEGIES)}: `closed_book` (the generator reads no "
                   "passage), `retrieval` (top-K in retrieval order), `selector` (its greedy pick), `oracle` (gold "
-                  "passages first; scored on the rows with gold labels only, their number as its `n`)."},
+                  "passages first; scored on the rows with gold labels only, their number as its `n`), `best_reward` "
+                  "(the K passages under which the generator gives the gold answer the highest likelihood, DRO's "
+                  "reward: a ceiling for a selector trained on it, since it reads the gold answer)."},
     )
 
     def __post_init__(self):
@@ -142,6 +144,9 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                 if strategy == "selector":
                     with as_role(selector, SELECTOR):  # one base with two adapters plays each role with its own
                         chosen = select_greedy(selector, tok, grammar, sprompt, rows, progress=True)
+                elif strategy == "best_reward":
+                    with as_role(generator, GENERATOR):
+                        chosen = reward_picks(rows, k, generator, gtok, gprompt, progress=True)
                 else:
                     chosen = [[]] * len(rows) if strategy == "closed_book" else baseline_picks(scored_rows, k, strategy)
                 with as_role(generator, GENERATOR):

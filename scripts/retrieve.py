@@ -13,14 +13,13 @@ an error. An input with no rows (empty, or every row skipped) is an error too: n
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from typing import Literal
 
 from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
-from dro_rl.data import FORMATS, load, write_jsonl
+from dro_rl.data import FORMATS, load, parse_mapping, write_jsonl
 from dro_rl.files import claim_output
 from dro_rl.pipeline import make_retriever, retrieval_order
 from dro_rl.pipeline_config import check_positive_int
@@ -55,8 +54,8 @@ class RetrieveArguments:
 
 
 def main(args: RetrieveArguments) -> list[dict]:
+    mapping = parse_mapping(args.mapping) if args.mapping is not None else None
     claim_output(args.output, args.overwrite, "--overwrite", [args.questions])  # before the retrieval, not after it
-    mapping = json.loads(args.mapping) if args.mapping else None
     rows, stats = load(args.questions, args.format, args.on_error, mapping, limit=args.limit)
     print(stats.summary(), flush=True)
     retriever = make_retriever(args.retriever, args.retriever_model)

@@ -331,6 +331,38 @@ def test_in_loss_scoring_is_refused_where_it_cannot_hold():
     assert not DROConfig(**base, generator_scoring="separate").scores_in_loss
 
 
+def test_shuffled_candidates_one_order_per_group_labels_kept_and_read_by_both_models(tmp_path, demo_rows, word_tok):
+    """shuffle_candidates: each question's m samples share one order (the weights compare them), its gold labels
+    move with the passages (or support recall scores the wrong ones), the selector's prompt and the generator's
+    picks use that order, a new step draws a new one, and evaluation keeps the retrieval order."""
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, shuffle_candidates=True)
+    m, questions = trainer.num_generations, 6
+    trainer.model.train()
+    batch = generation_batch(trainer, questions)
+    out = trainer._generate_and_score_completions(batch)
+    orders = []
+    for q, original in enumerate(batch[::m]):
+        group = out["rows"][q * m:(q + 1) * m]
+        shown = group[0]["passages"]
+        assert all(r["passages"] == shown for r in group)
+        label = {p["text"]: g for p, g in zip(original["passages"], original["gold"])}
+        assert sorted(p["text"] for p in shown) == sorted(label)
+        assert group[0]["gold"] == [label[p["text"]] for p in shown]
+        prompt = out["prompt_ids"][q * m][out["prompt_mask"][q * m].bool()].tolist()
+        assert prompt == trainer.selector_prompt(word_tok, original["question"], shown)
+        for i, r in enumerate(group, q * m):
+            read = out["gen_prompt_ids"][i][out["gen_prompt_mask"][i].bool()].tolist()
+            assert read == trainer.generator_prompt(word_tok, r["question"], [shown[j] for j in r["picks"]])
+        orders.append([p["text"] for p in shown])
+    assert any(o != [p["text"] for p in r["passages"]] for o, r in zip(orders, batch[::m]))
+    trainer.state.global_step = 1
+    again = trainer._generate_and_score_completions(batch)
+    assert [[p["text"] for p in r["passages"]] for r in again["rows"][::m]] != orders
+    trainer.model.eval()
+    evaluated = trainer._generate_and_score_completions(batch)
+    assert [r["passages"] for r in evaluated["rows"]] == [r["passages"] for r in batch]
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # 2. fp16: the grad scaler unscales the one optimizer once
 # ------------------------------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from dro_rl.data import DataError, load, read_jsonl, write_jsonl
+from dro_rl.data import DataError, load, parse_mapping, read_jsonl, write_jsonl
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 needs_shared = pytest.mark.skipif(not SHARED.exists(), reason=f"shared data not found at {SHARED}")
@@ -59,6 +59,29 @@ def test_json_array_files_and_field_mapping(tmp_path):
     (r,), _ = load(str(path), "json", mapping={"question": "q.text", "answers": "golds", "passages": "ctxs",
                                               "text": "body", "gold": "label"})
     assert r["question"] == "what?" and r["passages"][0]["text"] == "p" and r["gold"] == [True]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("{bad", "--mapping is not valid JSON"),
+    ("[1]", "must be a JSON object of field names"),
+    ('{"question": 3}', "must be a JSON object of field names"),
+    ('{"questoin": "q"}', "unknown canonical field\\(s\\) \\['questoin'\\]"),
+])
+def test_a_bad_field_mapping_is_named_before_reading(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_mapping(text)
+
+
+def test_json_format_names_the_missing_source_field_and_other_formats_refuse_a_mapping(tmp_path):
+    path = write(tmp_path, "m.jsonl", [{"q": "who?", "a": ["x"]}])
+    with pytest.raises(DataError, match="m.jsonl:1: field 'question' is missing \\(format json reads 'question' unless"):
+        load(path, "json")  # no mapping: the canonical names, and the error says where they come from
+    with pytest.raises(DataError, match="m.jsonl:1: field 'golds' is missing$"):
+        load(path, "json", mapping=parse_mapping('{"question": "q", "answers": "golds"}'))
+    (row,), _ = load(path, "json", mapping=parse_mapping('{"question": "q", "answers": "a"}'))
+    assert (row["question"], row["answers"]) == ("who?", ["x"])
+    with pytest.raises(ValueError, match="applies to format 'json' only"):  # else silently ignored
+        load(path, "canonical", mapping={"question": "q"})
 
 
 def test_canonical_round_trip(tmp_path, demo_rows):

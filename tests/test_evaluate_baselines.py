@@ -136,11 +136,12 @@ def test_the_oracle_is_scored_on_the_labelled_rows_only(tmp_path):
 @needs_shared
 def test_closed_book_intervals_and_throughput_on_hotpotqa(tmp_path):
     args = EvaluateArguments(datasets=[f"hotpotqa:{HOTPOT}"], selector="tiny:minilm", generator="tiny:minilm",
-                             output_dir=str(tmp_path), limit=6, strategies=["closed_book", "retrieval", "oracle"])
+                             output_dir=str(tmp_path), limit=6,
+                             strategies=["closed_book", "retrieval", "oracle", "best_reward"])
     pipeline = PipelineConfig(retriever="bm25", num_docs_selected=2, max_passage_tokens=16,
                               generator_max_passage_tokens=16, max_answer_tokens=2, use_chat_template=False)
     table = evaluate_main(args, pipeline)["hotpotqa_distractor_dev300"]
-    assert set(table) == {"closed_book", "retrieval", "oracle", "n"}
+    assert set(table) == {"closed_book", "retrieval", "oracle", "best_reward", "n"}
     closed, oracle = table["closed_book"], table["oracle"]
     assert closed["support_recall_at_k"] is closed["answer_recall_at_k"] is None  # it reads nothing: not applicable
     assert oracle["support_recall_at_k"] == 1.0 and oracle["ci95"]["support_recall_at_k"] == (1.0, 1.0)
@@ -158,4 +159,7 @@ def test_closed_book_intervals_and_throughput_on_hotpotqa(tmp_path):
     assert record["selected"] == [] and set(record["scores"]) >= {"answer_em", "support_recall_at_k"}
     md = (tmp_path / "metrics.md").read_text()
     assert "| hotpotqa_distractor_dev300 (n=6) | closed_book | – | – |" in md
+    best = [json.loads(line) for line in (tmp_path / "hotpotqa_distractor_dev300.best_reward.predictions.jsonl")
+            .read_text().splitlines()]
+    assert len(best) == 6 and all(len(set(r["selected"])) == 2 for r in best)
     assert "| support R@2 | answer R@2 |" in md  # the K picked, not the 10 candidates

@@ -6,8 +6,8 @@ import torch
 from conftest import make_model
 
 from dro_rl import evaluation as evaluation_module
-from dro_rl.evaluation import answer_recall, f1_score, score_picks, select_greedy, sub_exact_match
-from dro_rl.generator import GeneratorPrompt
+from dro_rl.evaluation import answer_recall, f1_score, reward_picks, score_picks, select_greedy, sub_exact_match
+from dro_rl.generator import GeneratorPrompt, batch_answer_logprobs
 from dro_rl.selector import IdGrammar, SelectorPrompt, sample_rankings
 
 
@@ -79,3 +79,29 @@ def test_score_picks_averages_each_metric_over_the_rows(word_tok, monkeypatch):
     assert scores["answer_sub_em"] == pytest.approx(2 / 3)
     assert scores["answer_f1"] == pytest.approx((1 + 2 * (1 / 2) / (3 / 2) + 0) / 3)  # "rome city" vs "rome": 2/3
     assert score_picks([], [])["answer_recall_at_k"] is None  # no rows: no figure, not a 0.0 that reads as measured
+
+
+def test_best_reward_picks_the_generator_s_likeliest_passages_one_position_at_a_time(word_tok, demo_rows):
+    """Each pick against a brute-force scoring, one prompt at a time (no padding): a mix-up of rows and candidates
+    in the batched scoring, a wrong argmax or a second position scored without the first would all show."""
+    generator = make_model(word_tok, seed=6)
+    prompt = GeneratorPrompt(8, False)
+    rows = [dict(r) for r in demo_rows[:6]]
+    rows[2]["passages"] = rows[2]["passages"][:3]  # rows of different N share the batches
+
+    def score(row, chosen):
+        return batch_answer_logprobs(generator, [prompt(word_tok, row["question"], [row["passages"][c] for c in chosen])],
+                                     [prompt.target(word_tok, row["answers"][0])], word_tok.pad_token_id, 1).item()
+
+    def best(row, before):
+        options = [j for j in range(len(row["passages"])) if j not in before]
+        return max(options, key=lambda j: score(row, before + [j]))
+
+    one = reward_picks(rows, 1, generator, word_tok, prompt, batch_size=5)  # chunks cut across rows
+    assert one == [[best(r, [])] for r in rows]
+    assert any(p != [0] for p in one)  # the scores differ between passages: the check above is not vacuous
+    two = reward_picks(rows, 2, generator, word_tok, prompt, batch_size=5)
+    assert [p[0] for p in two] == [p[0] for p in one]
+    assert [p[1] for p in two] == [best(r, p[:1]) for r, p in zip(rows, two)]
+    assert [len(set(p)) for p in two] == [2] * len(rows)
+    assert sorted(reward_picks(rows[2:3], 5, generator, word_tok, prompt)[0]) == [0, 1, 2]  # K > N: every passage

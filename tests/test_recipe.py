@@ -14,6 +14,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from train_rl import main, make_parser  # noqa: E402
 
 from dro_rl import DROConfig, DROTrainer  # noqa: E402
+from dro_rl.data import DataError  # noqa: E402
 from dro_rl.recipe import with_default_config  # noqa: E402
 from dro_rl.warmup import warmup_config  # noqa: E402
 from tiny_run import tiny_config, tiny_task  # noqa: E402
@@ -171,6 +172,20 @@ def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path, finished_run):
     with pytest.raises(ValueError, match="already holds a run"):
         run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--seed", "1")
     assert tree_digest(out) == before
+
+
+def test_a_start_that_stopped_before_its_data_stage_does_not_block_the_next(tmp_path, capsys):
+    out = tmp_path / "run"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q?"}\n')  # no answers: the data stage refuses it after run_config.json is written
+    with pytest.raises(DataError, match="bad.jsonl:1"):
+        run(*TINY_DEMO, "--output_dir", str(out), "--dataset", str(bad))
+    assert sorted(p.name for p in out.iterdir()) == ["run_config.json"]
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1")  # the corrected command needs no overwrite flag
+    assert "starting over" in capsys.readouterr().out and (out / "selector").is_dir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already holds a run"):  # a run that did work is still protected
+        run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1")
 
 
 def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path):
