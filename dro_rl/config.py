@@ -37,15 +37,6 @@ class DROConfig(GRPOConfig, PipelineConfig):
                   "scoring) runs in eval mode either way; `false` keeps dropout in the M-step's forwards only."},
     )
 
-    shuffle_candidates: bool = field(
-        default=False,
-        metadata={"help": "Show each training question's candidates to the selector in a random order, drawn anew at "
-                  "every step (from seed, the step and the question's id), instead of in retrieval order. An "
-                  "instruct selector's zero-shot pick is the first position, and from there DRO tends to learn "
-                  "position: groups whose m samples agree give no gradient, so the policy can collapse onto [1] "
-                  "(docs/real_model.md). Shuffled, only the passages' text predicts the reward. Evaluation, the "
-                  "'before'/'after' tables and prediction keep the retrieval order."},
-    )
     selector_loss_forward: Literal["packed", "per_row", "kv_cache"] = field(
         default="packed",
         metadata={"help": "How the selector loss scores the m rankings of a question: `packed` = one sequence per "
@@ -53,6 +44,25 @@ class DROConfig(GRPOConfig, PipelineConfig):
                   "eager attention), `per_row` = the prompt once per ranking (the reference), `kv_cache` = the "
                   "prompt once with its KV cache kept for backward (not with gradient checkpointing). All three give "
                   "the same values and gradients."},
+    )
+
+    # ---- Exploration: what keeps the selector from settling on one pick ---------------------------------------
+    entropy_coef: float = field(
+        default=0.0,
+        metadata={"help": "TRL's entropy bonus, for the selector: the loss subtracts entropy_coef times the mean over "
+                  "sampled rankings of the constrained distribution's entropy at each choice, summed along the "
+                  "ranking (for K = 1, the entropy of the pick; forced tokens have none). DRO's selector gradient "
+                  "is zero for a question whose m samples agree, so a policy that becomes deterministic stays so; "
+                  "the bonus keeps a gradient there. 0 (default, the paper): off."},
+    )
+    shuffle_candidates: bool = field(
+        default=False,
+        metadata={"help": "Show each training question's candidates to the selector in a random order, drawn anew at "
+                  "every step (from seed, the step and the question's id), instead of in retrieval order, so that "
+                  "no position is rewarded and only the passages' text can predict the reward (an instruct "
+                  "selector's zero-shot pick is the first position). It does not by itself stop a policy from "
+                  "settling on one pick (docs/real_model.md). Evaluation, the 'before'/'after' tables and "
+                  "prediction keep the retrieval order."},
     )
 
     # ---- Weights and advantages ---------------------------------------------------------------------------------
@@ -142,7 +152,7 @@ class DROConfig(GRPOConfig, PipelineConfig):
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0 (the selector samples from softmax(logits / "
                              f"T)), got {self.temperature}")
-        for name in ("learning_rate", "generator_learning_rate", "generator_loss_coef"):
+        for name in ("learning_rate", "generator_learning_rate", "generator_loss_coef", "entropy_coef"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
@@ -181,6 +191,9 @@ class DROConfig(GRPOConfig, PipelineConfig):
         self.check_pipeline()
         if self.freeze_selector and self.generator_update == "none":
             raise ValueError("freeze_selector=True with generator_update='none' leaves nothing to train")
+        if self.freeze_selector and self.entropy_coef:
+            raise ValueError(f"entropy_coef={self.entropy_coef} is a bonus for the selector's training, which "
+                             "freeze_selector=True turns off: set entropy_coef to 0 or train the selector")
         local_rows = self.per_device_train_batch_size * self.steps_per_generation
         if local_rows % self.num_generations != 0:
             raise ValueError(
@@ -231,7 +244,7 @@ UNUSED_GRPO_SETTINGS: tuple[str, ...] = (
     "cache_implementation", "max_completion_length", "use_vllm", "beta", "num_iterations", "epsilon", "delta",
     "epsilon_high", "importance_sampling_level", "multi_objective_aggregation", "loss_type",
     "mask_truncated_completions", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
-    "top_entropy_quantile", "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
+    "top_entropy_quantile", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max",
     "entropy_coef_delta", "entropy_target", "max_tool_calling_iterations", "off_policy_mask_threshold",
     "use_bias_correction_kl", "use_transformers_continuous_batching", "transformers_continuous_batching_config",
     "use_transformers_paged", "num_generations_eval", "router_aux_loss_coef", "pad_to_multiple_of",
@@ -279,6 +292,8 @@ def check_field_types(config: Any) -> None:
                 raise ValueError(f"{f.name} must be an integer, got {value!r} ({type(value).__name__})")
         elif hint is bool and not isinstance(value, bool):
             raise ValueError(f"{f.name} must be true or false, got {value!r} ({type(value).__name__})")
+        elif hint is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{f.name} must be a number, got {value!r} ({type(value).__name__})")
         elif _accepts(hint, list) and not _accepts(hint, str) and isinstance(value, str):
             raise ValueError(f"{f.name} must be a list (YAML: `{f.name}: [{value}]`), got the string {value!r}")
 

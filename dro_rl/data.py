@@ -382,6 +382,10 @@ def _mapped(mapping: dict[str, str]) -> Callable[[str, dict], dict]:
         gold_key = mapping.get("gold", "gold")
         for j, p in enumerate(raw):
             if isinstance(p, dict):
+                for key in ("passage_id", "title", "text", "gold"):  # a field the mapping names must be there
+                    if key in mapping and mapping[key] not in p:
+                        _fail(where, f"{mapping.get('passages', 'passages')}[{j}].{mapping[key]}",
+                              f"is missing (the mapping's {key!r})")
                 passages.append({
                     "id": p.get(mapping.get("passage_id", "id")), "title": p.get(mapping.get("title", "title")),
                     "text": p.get(mapping.get("text", "text")),

@@ -19,11 +19,16 @@ NOT_USED = "[not used by DRO: refused unless left at its default] "
 
 
 class DROParser(TrlParser):
+    def format_usage(self) -> str:
+        """The one usage line an error prints above itself (argparse's would list every one of the ~250 flags)."""
+        return f"usage: {self.prog} [--config FILE.yaml] [--<setting> VALUE ...]   (every setting: --help)\n"
+
     def _add_dataclass_arguments(self, dtype) -> None:
         if not (isinstance(dtype, type) and issubclass(dtype, DROConfig)):
             return super()._add_dataclass_arguments(dtype)
         hints = get_type_hints(dtype)
-        inherited = {f.name for f in dataclasses.fields(GRPOConfig)}
+        # Declared again by DROConfig (a changed default, or DRO's meaning of a TRL setting): listed with DRO's own.
+        inherited = {f.name for f in dataclasses.fields(GRPOConfig)} - set(DROConfig.__annotations__)
         own = self.add_argument_group("DRO settings (DROConfig, with the pipeline's PipelineConfig)")
         rest = self.add_argument_group("Inherited from GRPOConfig and TrainingArguments")
         fields = [f for f in dataclasses.fields(dtype) if f.init]

@@ -33,7 +33,7 @@ RUN_DEFINING_INHERITED = (
     "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "lr_scheduler_type",
     "warmup_steps", "max_grad_norm", "per_device_train_batch_size", "gradient_accumulation_steps",
     "steps_per_generation", "num_generations", "temperature", "scale_rewards", "reward_weights", "seed",
-    "disable_dropout",
+    "disable_dropout", "entropy_coef",
 )
 EXECUTION_FIELDS = ("generator_batch_size", "selector_loss_forward", "generator_scoring", "overwrite_output_dir")
 

@@ -269,11 +269,36 @@ def allowed_mask(allowed: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return mask | empty
 
 
+def constrained_log_softmax(logits: torch.Tensor, allowed: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log softmax(logits / T) restricted to the allowed set (-inf elsewhere).  [B, C, V]"""
+    logits = logits.float() / temperature
+    return torch.log_softmax(logits.masked_fill(~allowed_mask(allowed, logits.shape[-1]), float("-inf")), dim=-1)
+
+
 def constrained_logprobs(logits: torch.Tensor, tokens: torch.Tensor, allowed: torch.Tensor, temperature: float):
     """Per-token log-probability of ``tokens`` under softmax(logits / T) restricted to the allowed set.  [B, C]"""
-    logits = logits.float() / temperature
-    logits = logits.masked_fill(~allowed_mask(allowed, logits.shape[-1]), float("-inf"))
-    return torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return constrained_log_softmax(logits, allowed, temperature).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def ranking_scores(
+    logits: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, allowed: torch.Tensor,
+    temperature: float, entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """log p(z | x, d) of each ranking from its completion positions' logits [B, C, V]; with ``entropy`` also the
+    entropy of the constrained distribution at each of its steps, summed along the ranking ([B] each).
+
+    Forced tokens (one allowed id) have entropy 0, so the sum runs over the choices; for K = 1 it is the entropy of
+    the policy's pick. It is what ``entropy_coef`` rewards: unlike the sampled rankings' advantages, it has a gradient
+    when all m samples of a question agree, the state in which DRO's selector otherwise stops learning.
+    """
+    logp = constrained_log_softmax(logits, allowed, temperature)  # [B, C, V]
+    mask = completion_mask.to(logp.dtype)
+    chosen = (logp.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * mask).sum(-1)
+    if not entropy:
+        return chosen
+    finite = logp.masked_fill(torch.isinf(logp), 0.0)  # 0 · log 0 = 0, and no NaN gradient through the -inf entries
+    per_step = -(logp.exp() * finite).sum(-1)  # [B, C]
+    return chosen, (per_step * mask).sum(-1)
 
 
 @torch.no_grad()
@@ -381,8 +406,10 @@ def ranking_logprobs(
     completion_mask: torch.Tensor,
     allowed: torch.Tensor,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(z | x, d; θ_s) under the constrained distribution that sampled z, with grad.  [B]
+    (With ``entropy``, also each ranking's summed step entropies: :func:`ranking_scores`.)
 
     One teacher-forced forward over prompt + completion; only the completion positions' logits are materialised.
     """
@@ -390,8 +417,7 @@ def ranking_logprobs(
     mask = torch.cat([prompt_mask, completion_mask], 1)
     c = completion_ids.shape[1]
     logits = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), logits_to_keep=c + 1).logits
-    per_token = constrained_logprobs(logits[:, :-1], completion_ids, allowed, temperature)  # [B, C]
-    return (per_token * completion_mask).sum(-1)
+    return ranking_scores(logits[:, :-1], completion_ids, completion_mask, allowed, temperature, entropy)
 
 
 def ranking_logprobs_shared(
@@ -403,7 +429,8 @@ def ranking_logprobs_shared(
     completion_mask: torch.Tensor,
     allowed: torch.Tensor,
     temperature: float = 1.0,
-) -> torch.Tensor:
+    entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same result as :func:`ranking_logprobs`, computing each distinct prompt once.  [B]
 
     Rows with equal ``group`` share a prompt (the m samples of a question). The prompt forward runs once per group
@@ -426,8 +453,7 @@ def ranking_logprobs_shared(
         cache=cache, use_cache=True,
     ).logits  # [B, C - 1, V]
     logits = torch.cat([first_logits, rest], 1)
-    per_token = constrained_logprobs(logits, completion_ids, allowed, temperature)  # [B, C]
-    return (per_token * completion_mask).sum(-1)
+    return ranking_scores(logits, completion_ids, completion_mask, allowed, temperature, entropy)
 
 
 @dataclass
@@ -520,7 +546,8 @@ def ranking_logprobs_packed(
     allowed: torch.Tensor,
     temperature: float = 1.0,
     pad_token_id: int = 0,
-) -> torch.Tensor:
+    entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Same result as :func:`ranking_logprobs`, with each distinct prompt run once.  [B]
 
     Rows with equal ``group`` share a prompt (the m samples of a question). Each group becomes one packed sequence
@@ -563,8 +590,7 @@ def ranking_logprobs_packed(
         logits_to_keep=packed.keep, use_cache=False, **extra,
     ).logits  # [G, keep, V]
     logits = logits[packed.sequence[:, None], packed.logit_index]  # [B, C, V]
-    per_token = constrained_logprobs(logits, completion_ids, allowed, temperature)  # [B, C]
-    return (per_token * completion_mask).sum(-1)
+    return ranking_scores(logits, completion_ids, completion_mask, allowed, temperature, entropy)
 
 
 LOSS_FORWARDS = ("packed", "per_row", "kv_cache")
@@ -581,19 +607,22 @@ def selector_logprobs(
     allowed: torch.Tensor,
     temperature: float = 1.0,
     pad_token_id: int = 0,
-) -> torch.Tensor:
+    entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(z | x, d; θ_s) of each row with grad, by the loss forward ``forward`` (one of ``LOSS_FORWARDS``).  [B]
+    With ``entropy``, also each ranking's summed step entropies (:func:`ranking_scores`).
 
     ``packed`` (the default in training) and ``kv_cache`` run each prompt once per group; ``per_row`` is the
     reference, one prompt per row. All three give the same values and gradients (tests/test_packed.py).
     """
     completion = (completion_ids, completion_mask, allowed, temperature)
     if forward == "per_row":
-        return ranking_logprobs(model, prompt_ids, prompt_mask, *completion)
+        return ranking_logprobs(model, prompt_ids, prompt_mask, *completion, entropy=entropy)
     if forward == "kv_cache":
-        return ranking_logprobs_shared(model, prompt_ids, prompt_mask, group, *completion)
+        return ranking_logprobs_shared(model, prompt_ids, prompt_mask, group, *completion, entropy=entropy)
     if forward == "packed":
-        return ranking_logprobs_packed(model, prompt_ids, prompt_mask, group, *completion, pad_token_id)
+        return ranking_logprobs_packed(model, prompt_ids, prompt_mask, group, *completion, pad_token_id,
+                                       entropy=entropy)
     raise ValueError(f"selector loss forward {forward!r} is not one of {LOSS_FORWARDS}")
 
 

@@ -560,15 +560,20 @@ class DROTrainer(GRPOTrainer):
             loss = loss + args.generator_loss_coef * generate
         if not args.freeze_selector:
             with self._role(SELECTOR):  # by default one packed forward per question: prompt + its m completions
-                logp = selector_logprobs(
+                scored = selector_logprobs(
                     args.selector_loss_forward, model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["group"],
                     inputs["completion_ids"], inputs["completion_mask"], inputs["allowed"], self.temperature,
-                    self.processing_class.pad_token_id,
+                    self.processing_class.pad_token_id, entropy=args.entropy_coef > 0,
                 )
             # logp: [B], under the constrained distribution that sampled
+            logp, entropy = scored if args.entropy_coef > 0 else (scored, None)
             select = E.selector_loss(advantages, logp, m)
             self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
             loss = loss + select
+            if entropy is not None:  # a gradient even where the advantages vanish (a group of m equal samples)
+                bonus = entropy.mean()
+                self._metrics[mode]["selector/entropy"].append(self.accelerator.gather(bonus.detach()).mean().item())
+                loss = loss - args.entropy_coef * bonus
         if not torch.isfinite(loss):
             # Counted, and the whole update is then skipped on every process (_skip_nonfinite_update). The zero keeps
             # the graph, so the backward still runs DDP's gradient all-reduce in step with the other processes.

@@ -117,6 +117,10 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
     if earlier and not args.overwrite:  # earlier results are never replaced silently
         raise FileExistsError(f"output_dir {args.output_dir} holds an earlier evaluation's {', '.join(earlier)}: pass "
                               "--overwrite true to replace them, or choose another --output_dir")
+    for path in [parse_spec(spec)[1] for spec in args.datasets] + ([args.corpus] if args.corpus else []):
+        if not os.path.isfile(path):  # before any model loads
+            raise FileNotFoundError(f"{path} is a folder, not a data file" if os.path.isdir(path) else
+                                    f"data file not found: {path}")
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
     selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
                                                args.generator or os.path.join(args.run_dir, GENERATOR))
@@ -135,9 +139,14 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
         results[name] = {}
         labelled = [r for r in rows if any(r["gold"] or [])]
+        short = sum(len(r["passages"]) < k for r in rows)
+        if short:
+            print(f"{name}: {short} of {len(rows)} questions have fewer than K = {k} candidates: every strategy picks "
+                  "all of theirs", flush=True)
         for strategy in args.strategies:
             scored_rows = labelled if strategy == "oracle" else rows  # gold passages exist only on labelled rows
             if not scored_rows:
+                print(f"{name}: no question has gold passage labels: no oracle row", flush=True)
                 continue
             start = time.perf_counter()
             with count_tokens(selector, generator) as tokens:

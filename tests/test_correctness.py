@@ -17,7 +17,7 @@ from dro_rl import DROConfig, DROTrainer
 from dro_rl import trainer as trainer_module
 from dro_rl.generator import target_logprobs
 from dro_rl.models import GENERATOR, SELECTOR, shared_base_model
-from dro_rl.selector import ranking_logprobs
+from dro_rl.selector import ranking_logprobs, selector_logprobs
 
 
 class Spy:
@@ -361,6 +361,37 @@ def test_shuffled_candidates_one_order_per_group_labels_kept_and_read_by_both_mo
     trainer.model.eval()
     evaluated = trainer._generate_and_score_completions(batch)
     assert [r["passages"] for r in evaluated["rows"]] == [r["passages"] for r in batch]
+
+
+def test_the_entropy_bonus_raises_the_selector_s_entropy_where_the_advantages_vanish(tmp_path, demo_rows, word_tok):
+    """entropy_coef: with every advantage 0 (as when a question's m samples agree) the selector still gets a
+    gradient, and a step along it makes the policy less peaked — a wrong sign would sharpen it; the bonus is
+    logged as selector/entropy. A frozen selector has nothing to regularise: refused."""
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, entropy_coef=0.5, generator_update="none",
+                           generator_scoring="separate")
+    trainer.model.train()
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 3))
+    out["advantages"] = torch.zeros_like(out["advantages"])
+    args = ("packed", trainer.model, out["prompt_ids"], out["prompt_mask"], out["group"], out["completion_ids"],
+            out["completion_mask"], out["allowed"], trainer.temperature, word_tok.pad_token_id)
+
+    def entropy() -> float:
+        with torch.no_grad():
+            return selector_logprobs(*args, entropy=True)[1].mean().item()
+
+    before = entropy()
+    loss = trainer._compute_loss(trainer.model, out)
+    assert loss.item() == pytest.approx(-0.5 * before, rel=1e-4)
+    loss.backward()
+    params = [p for p in trainer.model.parameters() if p.grad is not None]
+    assert params and any(p.grad.abs().sum() > 0 for p in params)
+    with torch.no_grad():
+        for p in params:
+            p -= 0.05 * p.grad
+    assert entropy() > before
+    assert trainer._metrics["train"]["selector/entropy"] == [pytest.approx(before, rel=1e-4)]
+    with pytest.raises(ValueError, match="entropy_coef=0.1 is a bonus for the selector"):
+        tiny_args(tmp_path, entropy_coef=0.1, freeze_selector=True)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -82,6 +82,12 @@ def test_json_format_names_the_missing_source_field_and_other_formats_refuse_a_m
     assert (row["question"], row["answers"]) == ("who?", ["x"])
     with pytest.raises(ValueError, match="applies to format 'json' only"):  # else silently ignored
         load(path, "canonical", mapping={"question": "q"})
+    with_passages = write(tmp_path, "p.jsonl", [{"q": "who?", "a": ["x"], "ctxs": [{"body": "t", "label": 1}]}])
+    mapping = {"question": "q", "answers": "a", "passages": "ctxs", "text": "body"}
+    with pytest.raises(DataError, match="p.jsonl:1: field 'ctxs\\[0\\].is_gold' is missing \\(the mapping's 'gold'\\)"):
+        load(with_passages, "json", mapping={**mapping, "gold": "is_gold"})  # else every label would read False
+    (row,), _ = load(with_passages, "json", mapping={**mapping, "gold": "label"})
+    assert row["gold"] == [True] and row["passages"][0]["text"] == "t"
 
 
 def test_canonical_round_trip(tmp_path, demo_rows):

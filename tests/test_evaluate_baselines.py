@@ -110,6 +110,30 @@ def test_an_earlier_evaluation_is_refused_before_loading_models_unless_overwrite
     assert json.loads((tmp_path / "metrics.json").read_text())["dev"]["n"] == 1
 
 
+def test_data_files_are_checked_before_models_load_and_skipped_strategies_say_why(tmp_path, capsys):
+    """A mistyped path fails in a second, not after the models load (the model path here does not exist, so
+    loading first would fail on it instead); no labels: the missing oracle row is explained, and so are rows with
+    fewer than K candidates."""
+    args = EvaluateArguments(datasets=[str(tmp_path / "nosuch.jsonl")], selector="/no/such/model",
+                             generator="/no/such/model", output_dir=str(tmp_path / "eval"))
+    with pytest.raises(FileNotFoundError, match="data file not found: .*nosuch.jsonl"):
+        evaluate_main(args, PipelineConfig())
+    args.datasets = [str(tmp_path)]
+    with pytest.raises(FileNotFoundError, match="is a folder, not a data file"):
+        evaluate_main(args, PipelineConfig())
+    data = tmp_path / "plain.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q{i}?", "answers": ["x"], "passages": [
+        {"text": f"passage {j}"} for j in range(1 + i)]}) + "\n" for i in range(3)))
+    args = EvaluateArguments(datasets=[str(data)], selector="tiny:minilm", generator="tiny:minilm",
+                             output_dir=str(tmp_path / "eval"), strategies=["retrieval", "oracle"])
+    table = evaluate_main(args, PipelineConfig(retriever="none", num_docs_selected=2, max_passage_tokens=8,
+                                               generator_max_passage_tokens=8, max_answer_tokens=2,
+                                               use_chat_template=False))["plain"]
+    out = capsys.readouterr().out
+    assert "plain: no question has gold passage labels: no oracle row" in out and "oracle" not in table
+    assert "plain: 1 of 3 questions have fewer than K = 2 candidates" in out
+
+
 def test_the_oracle_is_scored_on_the_labelled_rows_only(tmp_path):
     """A row without gold labels has no oracle pick: scoring its retrieval picks under "oracle" lowered the oracle."""
     passages = [{"id": f"p{i}", "text": f"passage {i} about things"} for i in range(3)]

@@ -71,6 +71,36 @@ def test_packed_forward_equals_the_per_row_forward(bpe_tok, attention, checkpoin
         assert_same(logprobs_and_grads("kv_cache", model, rows, params, bpe_tok.pad_token_id), reference)
 
 
+def test_each_ranking_s_entropy_is_exact_and_the_same_from_every_forward(bpe_tok):
+    """The entropy bonus's input: per row, the constrained distribution's entropy at each step, summed. Checked
+    against each row run alone without padding (a step with one allowed id adds 0), and across the three loss
+    forwards, values and gradients; asking for it leaves the log-probabilities as they were."""
+    model = make_model(bpe_tok, seed=8)
+    rows = scattered_rows(model, bpe_tok)
+    p_ids, p_mask, _, c_ids, c_mask, allowed = rows
+    expected = []
+    for b in range(len(p_ids)):
+        prompt, completion = p_ids[b][p_mask[b].bool()], c_ids[b][c_mask[b].bool()]
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([prompt, completion])[None]).logits[0, len(prompt) - 1 : -1]
+        total = 0.0
+        for t in range(len(completion)):
+            ids = allowed[b, t][allowed[b, t] >= 0]
+            p = torch.softmax(logits[t, ids].float() / 0.7, -1)
+            total += float(-(p * p.log()).sum()) if len(ids) > 1 else 0.0
+        expected.append(total)
+    params = [p for p in model.parameters()]
+    results = {}
+    for forward in ("per_row", "packed", "kv_cache"):
+        logp, entropy = selector_logprobs(forward, model, *rows, 0.7, bpe_tok.pad_token_id, entropy=True)
+        torch.testing.assert_close(logp, selector_logprobs(forward, model, *rows, 0.7, bpe_tok.pad_token_id))
+        results[forward] = entropy, torch.autograd.grad(entropy.sum(), params)
+    torch.testing.assert_close(results["per_row"][0], torch.tensor(expected), atol=1e-4, rtol=1e-4)
+    assert min(expected) > 0.1  # every ranking here has choices: the check is not all zeros
+    for forward in ("packed", "kv_cache"):
+        assert_same(results[forward], results["per_row"])
+
+
 def test_packed_forward_equals_the_per_row_forward_with_lora_under_checkpointing(bpe_tok):
     torch.manual_seed(0)
     model = get_peft_model(make_model(bpe_tok, seed=8), LoraConfig(**LORA)).train()

@@ -101,6 +101,8 @@ def finished_run(tmp_path_factory) -> Path:
     ("--num_docs_selected", "3", "num_docs_selected"),
     ("--num_generations", "2", "num_generations"),
     ("--estimator", "dro", "estimator"),
+    ("--entropy_coef", "0.5", "entropy_coef"),         # TRL's field, DRO's loss: run-defining too
+    ("--shuffle_candidates", "true", "shuffle_candidates"),
     ("--demo_num_train", "48", "demo_num_train"),      # another dataset
     ("--demo_hidden_size", "32", "demo_hidden_size"),  # another model
 ])
@@ -301,7 +303,8 @@ BAD_SETTINGS = [
     (["--num_iterations", "2"], "num_iterations"),
     (["--loss_type", "grpo"], "loss_type"),
     (["--epsilon", "0.3"], "epsilon"),
-    (["--entropy_coef", "0.1"], "entropy_coef"),
+    (["--use_adaptive_entropy", "true"], "use_adaptive_entropy"),
+    (["--entropy_coef", "-0.1"], "entropy_coef must be a finite number >= 0"),
     (["--beta", "0.04"], "beta"),
     (["--use_vllm", "true"], "use_vllm"),
     (["--model_name_or_path", "no-such-org/no-such-model"], "no-such-org/no-such-model"),
@@ -326,6 +329,8 @@ def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
     ("reward_funcs: log_likelihood\n", "reward_funcs must be a list"),
     ("repeat_ids: 3\n", "repeat_ids must be true or false"),
     ("max_train_questions: 2.5\n", "max_train_questions must be an integer"),
+    ("entropy_coef: true\n", "entropy_coef must be a number, got True"),
+    ("entropy_coef: [0.1]\n", "entropy_coef must be a number, got \\[0.1\\]"),
 ])
 def test_yaml_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, name):
     path = tmp_path / "recipe.yaml"

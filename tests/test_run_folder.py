@@ -75,9 +75,11 @@ def test_a_kill_during_the_final_save_never_leaves_a_mix_that_reads_as_complete(
     monkeypatch.undo()
     mixed = fingerprint(out) if (out / "selector").exists() else {}
     assert mixed.get("generator") != first["generator"]
+    data = tmp_path / "x.jsonl"  # a real file: the data is checked before the models
+    data.write_text(json.dumps({"question": "q?", "answers": ["a"], "passages": [{"text": "p"}]}) + "\n")
     for read in (lambda: DROPipeline.from_pretrained(str(out)),
-                 lambda: evaluate_main(EvaluateArguments(datasets=["x.jsonl"], run_dir=str(out)), PipelineConfig()),
-                 lambda: evaluate_main(EvaluateArguments(datasets=["x.jsonl"], selector=str(out / "selector"),
+                 lambda: evaluate_main(EvaluateArguments(datasets=[str(data)], run_dir=str(out)), PipelineConfig()),
+                 lambda: evaluate_main(EvaluateArguments(datasets=[str(data)], selector=str(out / "selector"),
                                                          generator=str(out / "generator")), PipelineConfig())):
         with pytest.raises(ValueError, match="checkpoint_complete"):
             read()
