@@ -413,3 +413,11 @@ def test_a_short_warm_up_still_reaches_its_learning_rate(tmp_path):
     dro = DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
     ramps = {steps: warmup_config(str(tmp_path), steps, 4, 1e-3, dro).warmup_steps for steps in (300, 60, 30, 9, 1)}
     assert ramps == {300: 20, 60: 20, 30: 20, 9: 6, 1: 0}
+
+
+def test_a_flag_value_that_does_not_parse_is_refused_in_two_lines_not_the_whole_usage(capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse("--entropy_coef", "abc")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 2 and err[0].startswith("usage: ")
+    assert "--entropy_coef" in err[1] and "invalid float value: 'abc'" in err[1]
