@@ -78,8 +78,10 @@ def test_a_kill_during_the_final_save_never_leaves_a_mix_that_reads_as_complete(
     data = tmp_path / "x.jsonl"  # a real file: the data is checked before the models
     data.write_text(json.dumps({"question": "q?", "answers": ["a"], "passages": [{"text": "p"}]}) + "\n")
     for read in (lambda: DROPipeline.from_pretrained(str(out)),
-                 lambda: evaluate_main(EvaluateArguments(datasets=[str(data)], run_dir=str(out)), PipelineConfig()),
+                 lambda: evaluate_main(EvaluateArguments(datasets=[str(data)], run_dir=str(out),
+                                                         output_dir=str(tmp_path / "eval")), PipelineConfig()),
                  lambda: evaluate_main(EvaluateArguments(datasets=[str(data)], selector=str(out / "selector"),
+                                                         output_dir=str(tmp_path / "eval"),
                                                          generator=str(out / "generator")), PipelineConfig())):
         with pytest.raises(ValueError, match="checkpoint_complete"):
             read()
