@@ -140,11 +140,17 @@ def make_row(
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def check_data_file(path: str) -> None:
+    """Refuse a data path that is missing or a folder — by commands before their models load, and by the reader."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is a folder, not a data file" if os.path.isdir(path) else
+                                f"data file not found: {path}")
+
+
 def iter_records(path: str) -> Iterator[tuple[str, Any]]:
     """(where, record) for each JSONL line, each element of a JSON array file, or each row of a pandas column-wise
     file (``DataFrame.to_json()``: ``{"question": {"0": ..., "1": ...}, ...}``); where = ``path:line``."""
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data file not found: {path}")
+    check_data_file(path)
     with open(path, "rb") as f:
         head = f.read(64).lstrip()
         f.seek(0)

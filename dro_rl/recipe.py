@@ -33,7 +33,7 @@ from transformers import AutoConfig
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .config import DROConfig, check_field_types
-from .data import check_dataset, load, write_jsonl
+from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .files import write_json
 from .models import load_model, load_tokenizer
@@ -148,9 +148,7 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
                          f"{dro.generator_model_name_or_path}")
     for spec in (args.dataset, args.eval_dataset, args.corpus):
         if spec and spec != "demo":
-            path = parse_spec(spec)[1]
-            if not os.path.exists(path):
-                raise FileNotFoundError(f"data file not found: {path}")
+            check_data_file(parse_spec(spec)[1])
     for name in (model_args.model_name_or_path, dro.generator_model_name_or_path):
         if name is not None:
             check_model_name(name, dro.trust_remote_code)

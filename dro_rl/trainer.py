@@ -559,14 +559,15 @@ class DROTrainer(GRPOTrainer):
             self._metrics[mode]["generator/loss"].append(self.accelerator.gather(generate.detach()).mean().item())
             loss = loss + args.generator_loss_coef * generate
         if not args.freeze_selector:
+            bonus_on = args.entropy_coef > 0
             with self._role(SELECTOR):  # by default one packed forward per question: prompt + its m completions
                 scored = selector_logprobs(
                     args.selector_loss_forward, model, inputs["prompt_ids"], inputs["prompt_mask"], inputs["group"],
                     inputs["completion_ids"], inputs["completion_mask"], inputs["allowed"], self.temperature,
-                    self.processing_class.pad_token_id, entropy=args.entropy_coef > 0,
+                    self.processing_class.pad_token_id, entropy=bonus_on,
                 )
             # logp: [B], under the constrained distribution that sampled
-            logp, entropy = scored if args.entropy_coef > 0 else (scored, None)
+            logp, entropy = scored if bonus_on else (scored, None)
             select = E.selector_loss(advantages, logp, m)
             self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
             loss = loss + select

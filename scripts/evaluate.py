@@ -38,6 +38,7 @@ from peft import PeftModel
 from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
+from dro_rl.data import check_data_file
 from dro_rl.evaluation import baseline_picks, bootstrap_interval, reward_picks, score_picks, select_greedy
 from dro_rl.files import atomic_write, claim_folder, write_json, write_lines
 from dro_rl.models import GENERATOR, SELECTOR, as_role
@@ -118,9 +119,7 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
         raise FileExistsError(f"output_dir {args.output_dir} holds an earlier evaluation's {', '.join(earlier)}: pass "
                               "--overwrite true to replace them, or choose another --output_dir")
     for path in [parse_spec(spec)[1] for spec in args.datasets] + ([args.corpus] if args.corpus else []):
-        if not os.path.isfile(path):  # before any model loads
-            raise FileNotFoundError(f"{path} is a folder, not a data file" if os.path.isdir(path) else
-                                    f"data file not found: {path}")
+        check_data_file(path)  # before any model loads
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
     selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
                                                args.generator or os.path.join(args.run_dir, GENERATOR))
