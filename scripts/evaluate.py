@@ -112,14 +112,14 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                          "; ".join(f"{n} ({', '.join(s for s, m in zip(args.datasets, names) if m == n)})"
                                    for n in repeated) + ". Evaluate them in separate calls (separate --output_dir) "
                          "or give the files different names.")
+    for path in [parse_spec(spec)[1] for spec in args.datasets] + ([args.corpus] if args.corpus else []):
+        check_data_file(path)  # before any model loads, and before the output folder is made
     claim_folder(args.output_dir)  # before any model loads: a folder this process can write in
     earlier = sorted(name for name in os.listdir(args.output_dir)
                      if name in ("metrics.json", "metrics.md") or name.endswith(".predictions.jsonl"))
     if earlier and not args.overwrite:  # earlier results are never replaced silently
         raise FileExistsError(f"output_dir {args.output_dir} holds an earlier evaluation's {', '.join(earlier)}: pass "
                               "--overwrite true to replace them, or choose another --output_dir")
-    for path in [parse_spec(spec)[1] for spec in args.datasets] + ([args.corpus] if args.corpus else []):
-        check_data_file(path)  # before any model loads
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
     selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
                                                args.generator or os.path.join(args.run_dir, GENERATOR))

@@ -15,6 +15,7 @@ from tiny_run import as_dataset
 
 from dro_rl import DROConfig, DROTrainer
 from dro_rl import trainer as trainer_module
+from dro_rl.evaluation import support_recall
 from dro_rl.generator import target_logprobs
 from dro_rl.models import GENERATOR, SELECTOR, shared_base_model
 from dro_rl.selector import ranking_logprobs, selector_logprobs
@@ -392,6 +393,65 @@ def test_the_entropy_bonus_raises_the_selector_s_entropy_where_the_advantages_va
     assert trainer._metrics["train"]["selector/entropy"] == [pytest.approx(before, rel=1e-4)]
     with pytest.raises(ValueError, match="entropy_coef=0.1 is a bonus for the selector"):
         tiny_args(tmp_path, entropy_coef=0.1, freeze_selector=True)
+
+
+@pytest.mark.parametrize("scoring", ["separate", "in_loss"])
+def test_without_replacement_at_m_equal_n_weighs_by_the_exact_posterior(tmp_path, demo_rows, word_tok, monkeypatch,
+                                                                        scoring):
+    """sample_without_replacement, K = 1, m = N = 4: each question's four samples are its four candidates, the
+    generator's weights are the posterior p(z | x, y) ∝ p(z | x) p(y | x, d_z) and dro_baseline's advantages are
+    posterior − prior (recomputed with the shipped scorers, outside the trainer) — whether the generator is scored
+    before the loss or in it. A question with 3 candidates: those 3, and a spare sample of weight 0. Catches the
+    sampler's ratios dropped on the way to the weights."""
+    rows = [dict(r) for r in demo_rows]
+    rows[1] = {**rows[1], "passages": rows[1]["passages"][:3], "gold": rows[1]["gold"][:3]}
+    trainer = make_trainer(tmp_path, rows, word_tok, num_docs_selected=1, estimator="dro_baseline",
+                           sample_without_replacement=True, generator_scoring=scoring)
+    sharpen(trainer.generator)
+    sharpen(trainer.model)
+    trainer.model.train()
+    m = trainer.num_generations
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 3))
+    for q, n in enumerate([4, 3, 4]):
+        assert sorted(r["picks"][0] for r in out["rows"][q * m:q * m + n]) == list(range(n))
+    if scoring == "in_loss":
+        assert "advantages" not in out
+        weighed = Spy(monkeypatch, trainer, "_weigh")
+        trainer._compute_loss(trainer.model, out)  # weighs the rows with its own generator forward
+        (_, (out["advantages"], out["gen_coef"])), = weighed.calls
+    prior, answer = (x.view(-1, m) for x in teacher_forced(trainer, out))
+    prior[1, 3] = float("-inf")  # the spare sample
+    posterior = torch.softmax(prior + answer, -1)
+    assert (posterior - torch.softmax(answer, -1)).abs().max() > 0.02  # the prior matters: the test can fail
+    torch.testing.assert_close(out["gen_coef"].view(-1, m), posterior, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["advantages"].view(-1, m), posterior - prior.exp(), atol=1e-4, rtol=0)
+    # The logged metrics describe the policy, not the proposal (which reads every candidate once)
+    recall = torch.tensor([support_recall(r["picks"], r["gold"]) for r in out["rows"]]).view(-1, m)
+    expected = (prior.exp() * recall).sum(-1).mean().item()
+    assert abs(expected - recall.mean().item()) > 0.01
+    assert trainer._metrics["train"]["selector/support_recall"][-1] == pytest.approx(expected, abs=1e-4)
+    logp = teacher_forced(trainer, out)[0].view(-1, m)
+    assert trainer._metrics["train"]["selector/ranking_logprob"][-1] == pytest.approx(
+        (prior.exp() * logp).sum(-1).mean().item(), abs=1e-4)
+
+
+def test_without_replacement_trains_with_the_ratios_through_micro_batches(tmp_path, demo_rows, word_tok, monkeypatch):
+    """A real step (K = 2, generator scored in the loss, two micro-batches per generation batch): every weighing sees
+    the ratios of its own rows, and the selector moves."""
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, sample_without_replacement=True, max_steps=1,
+                           gradient_accumulation_steps=2)
+    weights = Spy(monkeypatch, trainer_module.E, "importance_weights")
+    sel = snapshot(trainer.model)
+    trainer.train()
+    assert len(weights.calls) == 2 and all(args[1] is not None and args[1].shape == args[0].shape
+                                            for args, _ in weights.calls)
+    assert changed(sel, trainer.model)
+
+
+def test_without_replacement_is_refused_with_the_reward_estimators(tmp_path):
+    """Only the DRO estimators are corrected for it."""
+    with pytest.raises(ValueError, match="estimator='rloo' assumes samples drawn with replacement"):
+        tiny_args(tmp_path, sample_without_replacement=True, estimator="rloo")
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -370,3 +370,16 @@ def test_a_raw_source_row_is_not_taken_as_a_bare_new_question(tmp_path):
         load_questions(nq)
     rows, _ = load_questions(write(tmp_path, "ok.jsonl", [{"question": "q?"}]))  # a bare question is fine
     assert rows[0]["passages"] == [] and rows[0]["answers"] == []
+
+
+def test_a_repeated_question_id_is_named_with_the_row_it_repeats_or_skipped(tmp_path):
+    """Predictions, paired before/after comparisons and retrieval caches are keyed by id: a second row with the same
+    id would overwrite the first's results."""
+    path = tmp_path / "dup.jsonl"
+    rows = [{"id": i, "question": f"q{n}?", "answers": ["paris"], "passages": [{"text": "paris"}]}
+            for n, i in enumerate(["x", "y", "x"])]
+    write_jsonl(rows, str(path))
+    with pytest.raises(DataError, match=r"dup.jsonl:3: field 'id' repeats the id 'x' of .*dup.jsonl:1"):
+        load(str(path))
+    kept, stats = load(str(path), on_error="skip")
+    assert [r["question"] for r in kept] == ["q0?", "q1?"] and len(stats.skipped) == 1

@@ -88,26 +88,29 @@ def test_two_datasets_with_one_file_name_are_refused_before_loading_models(tmp_p
 
 def test_an_earlier_evaluation_is_refused_before_loading_models_unless_overwrite(tmp_path):
     """Another evaluation into the same folder would replace metrics.json and the predictions of the same names."""
-    (tmp_path / "metrics.json").write_text("{}")
-    (tmp_path / "dev.retrieval.predictions.jsonl").write_text("earlier\n")
-    args = EvaluateArguments(datasets=["d/dev.jsonl"], selector="missing", generator="missing", output_dir=str(tmp_path))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")
+    (out / "dev.retrieval.predictions.jsonl").write_text("earlier\n")
+    data = tmp_path / "dev.jsonl"
+    data.write_text(json.dumps({"question": "q?", "answers": ["paris"], "passages": [{"text": "paris"}]}) + "\n")
+    args = EvaluateArguments(datasets=[str(data)], selector="missing", generator="missing", output_dir=str(out))
     with pytest.raises(FileExistsError, match=r"holds an earlier evaluation's dev.retrieval.predictions.jsonl, "
                                               r"metrics.json: pass --overwrite true"):
         evaluate_main(args, PipelineConfig())
-    assert (tmp_path / "metrics.json").read_text() == "{}"
-    (tmp_path / "other.selector.predictions.jsonl").write_text("another dataset's\n")
-    (tmp_path / "other.ranked.jsonl").write_text("a retrieval cache\n")
+    assert (out / "metrics.json").read_text() == "{}"
+    (out / "other.selector.predictions.jsonl").write_text("another dataset's\n")
+    (out / "other.ranked.jsonl").write_text("a retrieval cache\n")
     args.overwrite, args.selector, args.generator = True, "tiny:minilm", "tiny:minilm"
+    args.datasets = ["d/dev.jsonl"]
     with pytest.raises(FileNotFoundError, match="d/dev.jsonl"):  # a typo in a path costs nothing: nothing removed
         evaluate_main(args, PipelineConfig(retriever="bm25"))
-    assert len(list(tmp_path.iterdir())) == 4
-    data = tmp_path / "dev.jsonl"
-    data.write_text(json.dumps({"question": "q?", "answers": ["paris"], "passages": [{"text": "paris"}]}) + "\n")
+    assert len(list(out.iterdir())) == 4
     args.datasets, args.strategies = [str(data)], ["retrieval"]
     evaluate_main(args, PipelineConfig(retriever="none", num_docs_selected=1, max_answer_tokens=2))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [  # the earlier evaluation gone, whole; the rest kept
-        "dev.jsonl", "dev.retrieval.predictions.jsonl", "metrics.json", "metrics.md", "other.ranked.jsonl"]
-    assert json.loads((tmp_path / "metrics.json").read_text())["dev"]["n"] == 1
+    assert sorted(p.name for p in out.iterdir()) == [  # the earlier evaluation gone, whole; the rest kept
+        "dev.retrieval.predictions.jsonl", "metrics.json", "metrics.md", "other.ranked.jsonl"]
+    assert json.loads((out / "metrics.json").read_text())["dev"]["n"] == 1
 
 
 def test_data_files_are_checked_before_models_load_and_skipped_strategies_say_why(tmp_path, capsys):
@@ -118,6 +121,7 @@ def test_data_files_are_checked_before_models_load_and_skipped_strategies_say_wh
                              generator="/no/such/model", output_dir=str(tmp_path / "eval"))
     with pytest.raises(FileNotFoundError, match="data file not found: .*nosuch.jsonl"):
         evaluate_main(args, PipelineConfig())
+    assert not (tmp_path / "eval").exists()  # no empty output folder left behind
     args.datasets = [str(tmp_path)]
     with pytest.raises(FileNotFoundError, match="is a folder, not a data file"):
         evaluate_main(args, PipelineConfig())

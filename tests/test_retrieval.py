@@ -272,3 +272,10 @@ def test_evaluate_and_train_score_the_files_own_order_with_retriever_none(tmp_pa
     train, evals = data_stage(script_args, dro)
     assert all(r["gold"] == [True, False, False] for r in train + evals)
     assert capsys.readouterr().out.count("file's own order") == 2
+
+
+def test_a_retriever_model_path_that_does_not_exist_is_refused_by_name(tmp_path):
+    from dro_rl.retrieval import DenseRetriever
+
+    with pytest.raises(FileNotFoundError, match="retriever_model path does not exist: .*nowhere"):
+        DenseRetriever(str(tmp_path / "nowhere"))

@@ -11,6 +11,7 @@ from dro_rl.selector import (
     left_pad,
     parse_ranking,
     ranking_logprobs,
+    right_pad,
     sample_rankings,
 )
 
@@ -200,3 +201,98 @@ def test_shared_prompt_forward_equals_the_per_row_forward(bpe_tok):
     torch.testing.assert_close(shared, plain, atol=1e-5, rtol=1e-5)
     for a, b in zip(grads_shared, grads_plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def first_id_logprobs(model, tok, grammar, prompt, n, k, temperature):
+    """log p(first id = i) for i < n, each teacher-forced through the shipped scorer on its own."""
+    completions = [list(grammar.first[i]) for i in range(n)]
+    allowed = [grammar.replay(c, n, k)[0] for c in completions]
+    width, length = max(len(a) for al in allowed for a in al), max(len(c) for c in completions)
+    allowed_t = torch.full((n, length, width), -1)
+    for r, al in enumerate(allowed):
+        for t, a in enumerate(al):
+            allowed_t[r, t, : len(a)] = torch.tensor(a)
+    c_ids, c_mask = right_pad(completions, tok.pad_token_id)
+    p_ids, p_mask = left_pad([prompt] * n, tok.pad_token_id)
+    with torch.no_grad():
+        return ranking_logprobs(model, p_ids, p_mask, c_ids, c_mask, allowed_t, temperature)
+
+
+def test_without_replacement_draws_distinct_first_ids_with_their_exact_ratios(bpe_tok):
+    """m = 5 rankings of K = 3 for a question with N = 12 (ids of several tokens) and one with N = 5.
+    Catches: repeated first ids, a log-probability that is not the ranking's, ratios from another row or question,
+    a threshold κ that differs within a question, a ratio not equal to p itself when every id is drawn."""
+    model = make_model(bpe_tok, seed=1)
+    grammar = IdGrammar(bpe_tok, 12)
+    assert min(len(p) for p in grammar.first) > 1  # each first id takes several tokens
+    prompt = SelectorPrompt(3, 16, use_chat_template=False)
+    prompts = [prompt(bpe_tok, "q", passages(12)), prompt(bpe_tok, "a longer question here", passages(5))]
+    m, t = 5, 0.7
+    out = sample_rankings(model, grammar, prompts, [12, 5], 3, m, temperature=t, pad_token_id=bpe_tok.pad_token_id,
+                          generator=torch.Generator().manual_seed(0), without_replacement=True)
+    p_ids, p_mask = left_pad([p for p in prompts for _ in range(m)], bpe_tok.pad_token_id)
+    with torch.no_grad():
+        scored = ranking_logprobs(model, p_ids, p_mask, out.completion_ids, out.completion_mask, out.allowed, t)
+    torch.testing.assert_close(scored, out.logps, atol=1e-4, rtol=1e-4)
+    for q, (p, n) in enumerate(zip(prompts, [12, 5])):
+        picks = out.picks[q * m : (q + 1) * m]
+        assert all(len(z) == 3 and len(set(z)) == 3 and max(z) < n for z in picks)
+        firsts = [z[0] for z in picks]
+        assert len(set(firsts)) == m
+        phi = first_id_logprobs(model, bpe_tok, grammar, p, n, 3, t)[firsts].double()
+        ratio = out.log_ratio[q * m : (q + 1) * m].double()
+        if n == m:  # every id drawn: κ = −∞, ρ = p
+            assert sorted(firsts) == list(range(n))
+            torch.testing.assert_close(ratio, phi, atol=1e-4, rtol=0)
+        else:  # q_i = 1 − exp(−p_i e^{−κ}): one e^{−κ} for the whole question
+            log_q = phi - ratio
+            assert (log_q < 0).all()
+            inv_kappa = -torch.log1p(-log_q.exp()) / phi.exp()
+            torch.testing.assert_close(inv_kappa, inv_kappa.mean().expand(m), rtol=1e-3, atol=0)
+
+
+def test_without_replacement_the_first_kept_ranking_follows_the_policy(word_tok):
+    """The largest Gumbel key's item is distributed as p, and the ranking continues under p: the first kept ranking
+    of each question is a draw from the constrained policy (6000 questions, K = 2 of N = 3, m = 2). Catches noise
+    added to the wrong log-probabilities and rankings that do not continue from their own first id."""
+    model = make_model(word_tok, seed=2)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    grammar = IdGrammar(word_tok, 3)
+    prompt = SelectorPrompt(2, 16, use_chat_template=False)(word_tok, "which one ?", passages(3))
+    draws = 6000
+    out = sample_rankings(model, grammar, [prompt] * draws, [3] * draws, 2, 2, pad_token_id=word_tok.pad_token_id,
+                          generator=torch.Generator().manual_seed(7), without_replacement=True)
+    perms = list(itertools.permutations(range(3), 2))
+    first_kept = out.picks[::2]
+    counts = torch.tensor([sum(p == list(perm) for p in first_kept) for perm in perms], dtype=torch.float64)
+    completions = [grammar.encode_ranking(perm) for perm in perms]
+    scored = []
+    for c in completions:
+        allowed = grammar.replay(c, 3, 2)[0]
+        allowed_t = torch.full((1, len(c), max(len(a) for a in allowed)), -1)
+        for i, a in enumerate(allowed):
+            allowed_t[0, i, : len(a)] = torch.tensor(a)
+        p_ids, p_mask = left_pad([prompt], word_tok.pad_token_id)
+        with torch.no_grad():
+            scored.append(ranking_logprobs(model, p_ids, p_mask, torch.tensor([c]), torch.ones(1, len(c)),
+                                           allowed_t).item())
+    probs = torch.tensor(scored, dtype=torch.float64).exp()
+    assert probs.max() > 2 * probs.min()
+    expected = probs * draws
+    assert ((counts - expected) ** 2 / expected).sum().item() < 20.5  # chi-square, 5 d.o.f., p = 0.001
+    assert all(a[0] != b[0] for a, b in zip(out.picks[::2], out.picks[1::2]))
+
+
+def test_without_replacement_with_fewer_candidates_than_samples_draws_each_once(word_tok):
+    """N = 3, m = 4: the three ids once each with ρ = p, and a spare row repeating the first with ρ = 0."""
+    model = make_model(word_tok)
+    grammar = IdGrammar(word_tok, 4)
+    prompt = SelectorPrompt(2, 16, use_chat_template=False)(word_tok, "q", passages(3))
+    out = sample_rankings(model, grammar, [prompt], [3], 2, 4, pad_token_id=word_tok.pad_token_id,
+                          generator=torch.Generator().manual_seed(0), without_replacement=True)
+    firsts = [z[0] for z in out.picks]
+    assert sorted(firsts[:3]) == [0, 1, 2] and firsts[3] == firsts[0] and len(out.picks[3]) == 2
+    assert torch.isfinite(out.log_ratio[:3]).all() and torch.isneginf(out.log_ratio[3])
+    with pytest.raises(ValueError, match="greedy"):
+        sample_rankings(model, grammar, [prompt], [3], 1, 2, greedy=True, without_replacement=True)

@@ -119,6 +119,23 @@ def test_sampled_and_teacher_forced_ranking_logprobs_agree(smollm2, sampled):
     assert (out.logps < 0).all()
 
 
+def test_without_replacement_first_id_probabilities_sum_to_one_on_bpe_digits(smollm2):
+    """m = N = 12 draws every first id once; then ρ_i = p(first id = i), so the ratios must sum to 1. SmolLM2 writes
+    digits one at a time, so `[1]` and `[10]`..`[12]` share the prefix `[1`: a first id whose probability is a
+    product over several choices. Catches a first-id probability cut short at its first choice."""
+    model, tok = smollm2
+    grammar = IdGrammar(tok, 12)
+    assert grammar.first[0] == grammar.first[9][: len(grammar.first[0]) - 1] + grammar.first[0][-1:]
+    prompt = PipelineConfig(num_docs_selected=1).selector_prompt()
+    short = [{"title": "", "text": f"topic {i}"} for i in range(12)]
+    out = sample_rankings(model, grammar, [prompt(tok, "Which topic is number 11?", short)], [12], 1, 12,
+                          temperature=3.0, pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0),
+                          without_replacement=True)
+    assert sorted(z[0] for z in out.picks) == list(range(12))
+    assert out.log_ratio.double().exp().sum().item() == pytest.approx(1.0, abs=1e-4)
+    torch.testing.assert_close(out.log_ratio, out.logps, atol=1e-5, rtol=0)  # K = 1: the ranking is its first id
+
+
 def test_greedy_answer_decodes_to_text(smollm2):
     model, tok = smollm2
     prompt = PipelineConfig().generator_prompt()
