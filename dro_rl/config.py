@@ -71,16 +71,18 @@ class DROConfig(GRPOConfig, PipelineConfig):
                   "whose exact probabilities the sampler computes; later ids are sampled as usual) and correct the "
                   "importance weights for it (priority sampling: w̃_i ∝ p(z_i,1) / q(z_i,1) · p(y | x, d_{z_i})). "
                   "Sampled with replacement, a selector that becomes near-deterministic draws m equal rankings "
-                  "and gets no gradient again; distinct samples always compare m candidates. With K = 1 and m = N "
-                  "the E-step is exact (the posterior over all N picks); a question with m candidates or fewer gets each "
-                  "once, and spare samples of weight 0. Needs estimator `dro` or `dro_baseline`."},
+                  "and gets no gradient again; distinct samples always compare m candidates. With K = 1 and m >= N "
+                  "the E-step is exact (the posterior over all N picks): a question with m candidates or fewer gets "
+                  "each once, and spare samples of weight 0. Generator updates: `weighted` uses the corrected "
+                  "weights, `uniform` each distinct sample equally, `best` the highest weight. Needs estimator `dro` "
+                  "or `dro_baseline` (docs/estimator.md)."},
     )
 
     # ---- Weights and advantages ---------------------------------------------------------------------------------
     estimator: Literal["dro", "dro_baseline", "reinforce", "rloo", "grpo"] = field(
         default="dro",
         metadata={
-            "help": "Selector advantage (METHOD.md §3): `dro` = self-normalised weights (the paper), `dro_baseline` = "
+            "help": "Selector advantage (README, 'How DRO is implemented'; docs/estimator.md): `dro` = self-normalised weights (the paper), `dro_baseline` = "
             "weights − 1/m, `reinforce` = reward, `rloo` = leave-one-out baseline, `grpo` = group-normalised reward "
             "(divided by the group std unless scale_rewards='none')."
         },
@@ -158,7 +160,7 @@ class DROConfig(GRPOConfig, PipelineConfig):
         # zero inside TRL) or silently on others (a YAML float where an int belongs, a string where a list belongs).
         check_field_types(self)
         refuse_unused_grpo_settings(self)
-        if self.num_generations < 1:
+        if self.num_generations is None or self.num_generations < 1:
             raise ValueError(f"num_generations (m) must be >= 1, got {self.num_generations}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0 (the selector samples from softmax(logits / "
@@ -294,12 +296,17 @@ def _accepts(hint: Any, kind: type) -> bool:
 
 
 def check_field_types(config: Any) -> None:
-    """Catch what YAML lets through untyped: a float or string where an int belongs, a non-boolean for a flag, a
-    string for a list (``reward_funcs: log_likelihood`` would be read one character at a time)."""
+    """Catch what YAML lets through untyped: a float or string where an int belongs, a non-boolean for a flag (``0``
+    equals ``False`` but is not a flag), ``null`` for a setting that has no such value, a string for a list
+    (``reward_funcs: log_likelihood`` would be read one character at a time)."""
     hints = typing.get_type_hints(type(config))
     for f in fields(config):
-        hint, value = hints.get(f.name), getattr(config, f.name)
-        if value is None or hint is None or value == _default(f):
+        hint, value, default = hints.get(f.name), getattr(config, f.name), _default(f)
+        if hint is None or (type(value) is type(default) and value == default):
+            continue
+        if value is None:
+            if hint in (bool, int, float) and default is not None:  # a flag or number with no "unset" value
+                raise ValueError(f"{f.name} cannot be null: leave it out for its default, {default!r}")
             continue
         if _accepts(hint, int) and not _accepts(hint, float) and not _accepts(hint, str):
             if isinstance(value, bool) or not isinstance(value, int):

@@ -121,7 +121,8 @@ def make_row(
         seen_ids.add(pid)
         out_passages.append({"id": pid, "title": str(p.get("title") or ""), "text": text})
     if len(out_passages) < min_passages:
-        _fail(where, "passages", f"has {len(out_passages)} candidates, fewer than the {min_passages} needed")
+        _fail(where, "passages", f"has {len(out_passages)} candidate{'' if len(out_passages) == 1 else 's'}, fewer than "
+                                 f"the {min_passages} needed")
     gold = [_label(g, where, f"gold[{j}]") for j, g in enumerate(gold or [])]
     if gold and len(gold) != len(out_passages):
         _fail(where, "gold", f"has {len(gold)} flags for {len(out_passages)} passages")

@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 
+from .models import BASE_IN_RUN
 from .pipeline_config import PipelineConfig
 from .report import format_table
 from .selector import passage_text
@@ -48,7 +49,7 @@ class ModelSummary:
 def summarize(model, role: str, adapter_name: str, saved_base_dir: str) -> ModelSummary:
     """What is saved for ``role`` and what it was trained from.
 
-    ``saved_base_dir``: where the save put a base no name can rebuild (``dro_rl.run_models.save_unnamed_base``).
+    ``saved_base_dir``: where the save put a base no name can rebuild (``dro_rl.run_models.name_adapter_base``).
     """
     if isinstance(model, PeftModel):
         lora = model.peft_config[adapter_name]
@@ -56,6 +57,10 @@ def summarize(model, role: str, adapter_name: str, saved_base_dir: str) -> Model
         kind = f"LoRA adapter (r={lora.r}, alpha={lora.lora_alpha}; {size:,} parameters)"
         name = model.get_base_model().name_or_path
         arch = model.get_base_model().config.model_type
+        in_run = getattr(model.get_base_model(), BASE_IN_RUN, None)
+        if in_run:
+            return ModelSummary(role, kind, f"`{in_run}/` in the run folder: `{name}` after this run's warm-up",
+                                None if not name or os.path.isdir(name) else name)
         if not name or name.startswith("tiny:"):
             return ModelSummary(role, kind, f"`{saved_base_dir}/` (a {arch} built from a config, saved with the run)",
                                 None)
@@ -83,6 +88,9 @@ def recipe_settings(args, global_step: int) -> dict[str, Any]:
         "per_device_train_batch_size (rankings)": args.per_device_train_batch_size,
         "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "temperature": args.temperature,
+        "sample_without_replacement": args.sample_without_replacement,
+        "shuffle_candidates": args.shuffle_candidates,
+        "entropy_coef": args.entropy_coef,
         "lr_scheduler_type": getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
         "freeze_selector": args.freeze_selector,
         "share_base_model": args.share_base_model,

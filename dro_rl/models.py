@@ -75,13 +75,31 @@ def load_adapter(folder: str, seed: int = 0, **init_kwargs) -> tuple[PeftModel, 
 
     The tokenizer is the one saved beside the adapter when there is one (training saves it), else the base's.
     """
-    base_name = PeftConfig.from_pretrained(folder).base_model_name_or_path
-    if not base_name:
-        raise ValueError(f"{folder}/adapter_config.json names no base model (base_model_name_or_path)")
-    base, tok = load_model(base_name, seed, **init_kwargs)
+    base, tok = load_model(adapter_base(folder), seed, **init_kwargs)
     if os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
         tok = load_tokenizer(folder, init_kwargs.get("trust_remote_code", False))
     return PeftModel.from_pretrained(base, folder, is_trainable=True), tok
+
+
+# A base that a run trained before its adapters (the recipe's warm-up) is saved in the run folder, and the model keeps
+# that folder's path, relative to the run folder, in this attribute: the adapters name it there (run_models).
+BASE_IN_RUN = "dro_rl_base_in_run"
+
+
+def adapter_base(path: str) -> str:
+    """The base named in ``path/adapter_config.json``: a relative folder found from the adapter's folder or from the
+    run folder above it (``../base`` saved beside the adapters, ``warmup/generator`` of ``run/generator`` or of
+    ``run/checkpoint-N/generator``), else the name ``load_model`` resolves."""
+    name = PeftConfig.from_pretrained(path).base_model_name_or_path
+    if not name:
+        raise ValueError(f"{os.path.join(path, 'adapter_config.json')} names no base model (base_model_name_or_path "
+                         "is empty): set it to the base the adapter was trained on")
+    if not os.path.isabs(name):
+        folder = os.path.normpath(path)
+        for root in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
+            if os.path.isdir(os.path.join(root, name)):
+                return os.path.normpath(os.path.join(root, name))
+    return name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

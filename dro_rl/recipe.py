@@ -36,7 +36,7 @@ from .config import DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .files import write_json
-from .models import load_model, load_tokenizer
+from .models import BASE_IN_RUN, load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
 from .resume import check_writable, claim_output_dir, resolve_checkpoint, run_artefacts, run_defining_settings
@@ -316,13 +316,15 @@ def build_models(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig,
 def _warmed_up(dro: DROConfig, role: str, name: str, seed: int = 0, **init):
     """The model the warm-up stage saved for ``role``, if that stage already ran (else None).
 
-    It keeps the name of the model it was warmed up from, which is what the run's record (dro_rl.resume) calls it.
+    It keeps the name of the model it was warmed up from, which is what the run's record (dro_rl.resume) calls it,
+    and its folder in the run (``BASE_IN_RUN``), which is what adapters trained on it name as their base.
     """
     saved = os.path.join(dro.output_dir, "warmup", role)
     if not os.path.isdir(saved):
         return None
     model = load_model(saved, seed, **init)[0]
     model.name_or_path = model.config.name_or_path = name
+    setattr(model, BASE_IN_RUN, os.path.join("warmup", role))
     return model
 
 
@@ -348,6 +350,7 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         os.replace(tmp, saved)
+        setattr(model, BASE_IN_RUN, os.path.join("warmup", role))  # what the DRO adapters on it must name
         shutil.rmtree(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), ignore_errors=True)
 
     if generator is not None:

@@ -39,7 +39,7 @@ SHARED_BASE = "base"
 
 def base_dir(role: str) -> str:
     """Where the base of ``role``'s own LoRA adapter is saved when no name can rebuild it (``SHARED_BASE``: the one
-    base of both adapters; dro_rl.run_models.save_unnamed_base)."""
+    base of both adapters; dro_rl.run_models.name_adapter_base)."""
     return f"{role}_base"
 
 

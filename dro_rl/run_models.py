@@ -13,7 +13,7 @@ import os
 import torch
 from peft import PeftConfig, PeftModel
 
-from .models import GENERATOR, SELECTOR, load_model, load_tokenizer
+from .models import BASE_IN_RUN, GENERATOR, SELECTOR, adapter_base, load_model, load_tokenizer
 from .run_folder import check_model_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -35,32 +35,27 @@ def base_state_dict(model: PeftModel) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_unnamed_base(model: PeftModel, tokenizer, folder: str, base_dir: str, adapter_dirs: list[str]) -> None:
-    """Save ``model``'s base (with ``tokenizer``: a loadable model on its own) into ``folder/base_dir`` when no
-    name rebuilds it, and point the adapters at it."""
-    if not unnamed(model.get_base_model().name_or_path):
+def name_adapter_base(model: PeftModel, tokenizer, folder: str, base_dir: str, adapter_dirs: list[str]) -> None:
+    """Point the adapters saved in ``folder/<adapter_dirs>`` at a base that no name rebuilds: one this run trained
+    before them (``BASE_IN_RUN``: the recipe's warm-up, named by its path in the run folder — the name it was
+    loaded as would give the weights before the warm-up), or one built from a config (saved into
+    ``folder/base_dir`` with ``tokenizer``, a loadable model on its own)."""
+    base = model.get_base_model()
+    in_run = getattr(base, BASE_IN_RUN, None)
+    if in_run is None and not unnamed(base.name_or_path):
         return
-    model.get_base_model().save_pretrained(os.path.join(folder, base_dir), state_dict=base_state_dict(model))
-    tokenizer.save_pretrained(os.path.join(folder, base_dir))
+    if in_run is None:
+        base.save_pretrained(os.path.join(folder, base_dir), state_dict=base_state_dict(model))
+        tokenizer.save_pretrained(os.path.join(folder, base_dir))
     for adapter_dir in adapter_dirs:
         config = PeftConfig.from_pretrained(os.path.join(folder, adapter_dir))
-        config.base_model_name_or_path = os.path.relpath(os.path.join(folder, base_dir), os.path.join(folder, adapter_dir))
+        config.base_model_name_or_path = in_run or os.path.relpath(os.path.join(folder, base_dir),
+                                                                   os.path.join(folder, adapter_dir))
         config.save_pretrained(os.path.join(folder, adapter_dir))
 
 
 def is_adapter(path: str) -> bool:
     return os.path.exists(os.path.join(path, ADAPTER_CONFIG))
-
-
-def adapter_base(path: str) -> str:
-    """The base of the adapter saved in ``path``: a folder saved beside it, or the name ``load_model`` resolves."""
-    name = PeftConfig.from_pretrained(path).base_model_name_or_path
-    if name and os.path.isdir(os.path.join(path, name)):
-        return os.path.normpath(os.path.join(path, name))
-    if not name:
-        raise ValueError(f"{os.path.join(path, ADAPTER_CONFIG)} names no base model (base_model_name_or_path is "
-                         "empty): set it to the base the adapter was trained on")
-    return name
 
 
 def load_saved_model(path: str, adapter_name: str = "default", **init_kwargs):

@@ -31,6 +31,7 @@ reward-function protocol and its cross-process gather, metric logging.
 
 from __future__ import annotations
 
+import copy
 import os
 import random
 import shutil
@@ -89,7 +90,7 @@ from .run_folder import (
     publish,
     stale_results,
 )
-from .run_models import save_unnamed_base
+from .run_models import name_adapter_base
 from .selector import (
     IdGrammar,
     left_pad,
@@ -232,8 +233,9 @@ class DROTrainer(GRPOTrainer):
             generator_processing_class = generator_processing_class or loaded_tokenizer
         if generator_processing_class is None:
             raise ValueError("pass `generator_processing_class` with a generator model instance")
-        if generator_peft_config is not None:
-            generator = get_peft_model(generator, generator_peft_config)
+        if generator_peft_config is not None:  # a copy: PEFT writes the base's name into the config it is given, and
+            # the selector's may be the same object (it would then name the generator's base)
+            generator = get_peft_model(generator, copy.deepcopy(generator_peft_config))
             cast_adapters_to_bf16(generator)
         if args.generator_update == "none":
             generator.requires_grad_(False)
@@ -261,7 +263,7 @@ class DROTrainer(GRPOTrainer):
             return model, model
         if peft_config is None:
             raise ValueError("share_base_model needs a LoRA config (use_peft: true, or `peft_config=`)")
-        model = shared_base_model(model, peft_config, generator_peft_config or peft_config)
+        model = shared_base_model(model, peft_config, copy.deepcopy(generator_peft_config or peft_config))
         return model, model
 
     def _init_shared_generator(self, generator_processing_class):
@@ -527,10 +529,15 @@ class DROTrainer(GRPOTrainer):
         metrics["weights/entropy"].append(gathered(E.weight_entropy(weights)).mean().item())
         for i, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(policy_mean(rewards_per_func[:, i]))
-        grouped = rewards_global.view(-1, m)
         metrics["reward"].append(policy_mean(rewards_global))
-        metrics["reward_std"].append(grouped.std(-1).mean().item() if m > 1 else 0.0)
-        metrics["frac_reward_zero_std"].append((grouped.std(-1) < 1e-8).float().mean().item() if m > 1 else 1.0)
+        # The spread of the rewards among each question's samples, spare samples (weight 0) left out.
+        drawn = (share > 0).view(-1, m)
+        grouped = torch.where(drawn, rewards_global.view(-1, m), float("nan"))
+        count = drawn.sum(-1)
+        centred = grouped - grouped.nanmean(-1, keepdim=True)
+        std = (centred.nan_to_num() ** 2).sum(-1).div((count - 1).clamp_min(1)).sqrt()  # unbiased, as torch.std
+        metrics["reward_std"].append(std[count > 1].mean().item() if (count > 1).any() else 0.0)
+        metrics["frac_reward_zero_std"].append(((std < 1e-8) | (count < 2)).float().mean().item())
         # One entry per row on every process (NaN without labels), so the gather has the same shape everywhere.
         recalls = [support_recall(r["picks"], r.get("gold")) for r in rows]
         recalls = gathered(torch.tensor([float("nan") if x is None else x for x in recalls], device=device))
@@ -660,7 +667,7 @@ class DROTrainer(GRPOTrainer):
                 model.save_pretrained(folder, safe_serialization=True)
                 self.processing_class.save_pretrained(os.path.join(folder, SELECTOR))
                 self.generator_processing_class.save_pretrained(os.path.join(folder, GENERATOR))
-                save_unnamed_base(model, self.processing_class, folder, SHARED_BASE, [SELECTOR, GENERATOR])
+                name_adapter_base(model, self.processing_class, folder, SHARED_BASE, [SELECTOR, GENERATOR])
         else:
             super().save_model(os.path.join(folder, SELECTOR), _internal_call=True)  # gathers FSDP shards
             if self.args.should_save:
@@ -671,7 +678,7 @@ class DROTrainer(GRPOTrainer):
                 for role, model, tok in ((SELECTOR, self.accelerator.unwrap_model(self.model), self.processing_class),
                                          (GENERATOR, generator, self.generator_processing_class)):
                     if isinstance(model, PeftModel):
-                        save_unnamed_base(model, tok, folder, base_dir(role), [role])
+                        name_adapter_base(model, tok, folder, base_dir(role), [role])
         if self.args.should_save:
             self.args.save_pipeline(folder)
             write_run_record(self._run_record(), folder)  # what a resume of this save must match

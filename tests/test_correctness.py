@@ -433,6 +433,8 @@ def test_without_replacement_at_m_equal_n_weighs_by_the_exact_posterior(tmp_path
     logp = teacher_forced(trainer, out)[0].view(-1, m)
     assert trainer._metrics["train"]["selector/ranking_logprob"][-1] == pytest.approx(
         (prior.exp() * logp).sum(-1).mean().item(), abs=1e-4)
+    spread = [answer[0].std(), answer[1, :3].std(), answer[2].std()]  # the reward: log p(y | x, d_z); no spare
+    assert trainer._metrics["train"]["reward_std"][-1] == pytest.approx(torch.stack(spread).mean().item(), rel=1e-4)
 
 
 def test_without_replacement_trains_with_the_ratios_through_micro_batches(tmp_path, demo_rows, word_tok, monkeypatch):

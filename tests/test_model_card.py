@@ -28,7 +28,8 @@ def test_the_card_describes_both_models_data_recipe_and_citations(runs):
     assert "`demo-world`: 16 training questions" in card
     for key, value in (("estimator", "dro"), ("num_generations (m, rankings per question)", "4"),
                        ("num_docs_selected", "2"), ("repeat_ids", "True"), ("retriever", "bm25"),
-                       ("steps trained", "1")):
+                       ("steps trained", "1"), ("sample_without_replacement", "False"),
+                       ("shuffle_candidates", "False"), ("entropy_coef", "0.0")):
         assert f"| `{key}` | {value} |" in card, key
     assert "eprint        = {2505.03075}" in card and "Zhengliang Shi" in card and "@software{vonwerra2020trl" in card
     assert "No evaluation report" in card  # none was written for this save

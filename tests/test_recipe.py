@@ -331,6 +331,8 @@ def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
     ("max_train_questions: 2.5\n", "max_train_questions must be an integer"),
     ("entropy_coef: true\n", "entropy_coef must be a number, got True"),
     ("entropy_coef: [0.1]\n", "entropy_coef must be a number, got \\[0.1\\]"),
+    ("sample_without_replacement: 0\n", "sample_without_replacement must be true or false, got 0 \\(int\\)"),
+    ("sample_without_replacement: null\n", "sample_without_replacement cannot be null"),  # resume then failed
 ])
 def test_yaml_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, name):
     path = tmp_path / "recipe.yaml"
@@ -355,7 +357,7 @@ def test_malformed_file_rows_are_named_or_skipped_by_on_bad_row(tmp_path):
     rows, _ = data_stage(args, tiny_config(str(tmp_path / "b"), retriever="none", on_bad_row="skip"))
     assert [r["question"] for r in rows] == ["q0?", "q1?", "q2?"]
     path.write_text("\n".join(json.dumps(r) for r in [good[0], {**good[2], "passages": [{"text": "only one"}]}]))
-    with pytest.raises(ValueError, match=r"train.jsonl row 1 .* 1 candidates, fewer than the 2 needed"):
+    with pytest.raises(ValueError, match=r"train.jsonl row 1 .* 1 candidate, fewer than the 2 needed"):
         data_stage(args, tiny_config(str(tmp_path / "c"), retriever="none"))
 
 
@@ -421,3 +423,38 @@ def test_a_flag_value_that_does_not_parse_is_refused_in_two_lines_not_the_whole_
     err = capsys.readouterr().err.strip().splitlines()
     assert stop.value.code == 2 and len(err) == 2 and err[0].startswith("usage: ")
     assert "--entropy_coef" in err[1] and "invalid float value: 'abc'" in err[1]
+
+
+def test_adapters_on_a_warmed_up_named_model_name_the_warm_up_as_their_base(tmp_path):
+    """The recipe's warm-up fine-tunes the named model in place; DRO's LoRA adapters on it must name warmup/<role>
+    (found from the run folder and from its checkpoints), or a loaded run puts them on the weights from before the
+    warm-up — a different generator, silently. Both models share one LoraConfig, which PEFT writes the base's name
+    into: the selector's adapter must still name its own base."""
+    import torch
+
+    from dro_rl.models import adapter_base, load_model
+    from dro_rl.run_models import load_pair
+
+    _, tok, model, other = tiny_task()
+    base, generator_base = tmp_path / "base", tmp_path / "generator-base"
+    for folder, weights in ((base, model), (generator_base, other)):
+        weights.save_pretrained(folder)
+        tok.save_pretrained(folder)
+    out = tmp_path / "run"
+    flags = [*TINY_DEMO, "--demo_num_candidates", "4", "--top_n", "4", "--model_name_or_path", str(base),
+             "--generator_model_name_or_path", str(generator_base), "--use_peft", "true", "--lora_target_modules",
+             "q_proj", "v_proj", "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(out)]
+    run(*flags, "--max_steps", "1")
+    run(*flags, "--max_steps", "2", "--resume_from_checkpoint", "true")  # the warm-up read back from warmup/
+    warm = str(out / "warmup" / "generator")
+    for folder in (out, out / "checkpoint-1", out / "checkpoint-2"):
+        assert adapter_base(str(folder / "generator")) == warm
+        assert adapter_base(str(folder / "selector")) == str(base)
+    selector, _, generator, _ = load_pair(str(out / "selector"), str(out / "generator"))
+    key = "model.layers.0.mlp.up_proj.weight"
+    warmed, original = (load_model(str(path))[0].state_dict()[key] for path in (warm, generator_base))
+    assert not torch.equal(warmed, original)  # the warm-up changed the weights: the test can fail
+    assert torch.equal(generator.get_base_model().state_dict()[key], warmed)
+    assert torch.equal(selector.get_base_model().state_dict()[key], load_model(str(base))[0].state_dict()[key])
+    card = (out / "README.md").read_text()
+    assert f"`warmup/generator/` in the run folder: `{generator_base}` after this run's warm-up" in card
