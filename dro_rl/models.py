@@ -94,12 +94,18 @@ def adapter_base(path: str) -> str:
     if not name:
         raise ValueError(f"{os.path.join(path, 'adapter_config.json')} names no base model (base_model_name_or_path "
                          "is empty): set it to the base the adapter was trained on")
-    if not os.path.isabs(name):
-        folder = os.path.normpath(path)
-        for root in (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder))):
-            if os.path.isdir(os.path.join(root, name)):
-                return os.path.normpath(os.path.join(root, name))
-    return name
+    folder = os.path.normpath(path)
+    roots = (folder, os.path.dirname(folder), os.path.dirname(os.path.dirname(folder)))
+    found = next((os.path.normpath(os.path.join(root, name)) for root in roots
+                  if not os.path.isabs(name) and os.path.isdir(os.path.join(root, name))), name)
+    for root in roots[1:]:  # a run that warmed this model up trained the adapter on the warm-up, whatever it names
+        warm = os.path.join(root, "warmup", os.path.basename(folder))
+        if os.path.isdir(warm) and found != os.path.normpath(warm):
+            raise ValueError(f"{os.path.join(path, 'adapter_config.json')} names {name!r} as its base, but its run "
+                             f"warmed that model up first ({warm}): the adapter was trained on the warm-up (saved by "
+                             f"a dro-rl from before this was recorded). Set \"base_model_name_or_path\": "
+                             f"\"warmup/{os.path.basename(folder)}\" in that file.")
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -458,3 +458,8 @@ def test_adapters_on_a_warmed_up_named_model_name_the_warm_up_as_their_base(tmp_
     assert torch.equal(selector.get_base_model().state_dict()[key], load_model(str(base))[0].state_dict()[key])
     card = (out / "README.md").read_text()
     assert f"`warmup/generator/` in the run folder: `{generator_base}` after this run's warm-up" in card
+    config = json.loads((out / "generator" / "adapter_config.json").read_text())  # as saved by an older dro-rl:
+    config["base_model_name_or_path"] = str(generator_base)
+    (out / "generator" / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="its run warmed that model up first .* \"warmup/generator\" in that file"):
+        load_pair(str(out / "selector"), str(out / "generator"))
