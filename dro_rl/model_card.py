@@ -17,6 +17,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 
 from .models import BASE_IN_RUN
+from .packaged_models import PACKAGED_MODELS
 from .pipeline_config import PipelineConfig
 from .report import format_table
 from .selector import passage_text
@@ -60,7 +61,7 @@ def summarize(model, role: str, adapter_name: str, saved_base_dir: str) -> Model
         in_run = getattr(model.get_base_model(), BASE_IN_RUN, None)
         if in_run:
             return ModelSummary(role, kind, f"`{in_run}/` in the run folder: `{name}` after this run's warm-up",
-                                None if not name or os.path.isdir(name) else name)
+                                None if not name or os.path.isdir(name) else hub_name(name))
         if not name or name.startswith("tiny:"):
             return ModelSummary(role, kind, f"`{saved_base_dir}/` (a {arch} built from a config, saved with the run)",
                                 None)
@@ -72,7 +73,16 @@ def summarize(model, role: str, adapter_name: str, saved_base_dir: str) -> Model
                                 None)
     if os.path.isdir(name):
         return ModelSummary(role, kind, f"`{name}` (local folder)", None)
+    if name in PACKAGED_MODELS:
+        spec = PACKAGED_MODELS[name]
+        return ModelSummary(role, kind, f"`{name}`: [{spec.hub_id}](https://huggingface.co/{spec.hub_id}) as the "
+                            f"4-bit GGUF of `{spec.requirement}`, de-quantised", spec.hub_id)
     return ModelSummary(role, kind, f"[{name}](https://huggingface.co/{name})", name)
+
+
+def hub_name(name: str) -> str:
+    """The Hub id behind a model name: a packaged model's original, else the name itself."""
+    return PACKAGED_MODELS[name].hub_id if name in PACKAGED_MODELS else name
 
 
 def recipe_settings(args, global_step: int) -> dict[str, Any]:

