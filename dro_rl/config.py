@@ -11,7 +11,7 @@ from typing import Any, Literal
 from transformers.integrations import get_available_reporting_integrations
 from trl import GRPOConfig
 
-from .estimators import ESTIMATORS, GENERATOR_UPDATES
+from .estimators import ESTIMATORS, GENERATOR_UPDATES, WEIGHT_ESTIMATORS
 from .pipeline_config import PipelineConfig
 from .selector import LOSS_FORWARDS
 
@@ -204,7 +204,7 @@ class DROConfig(GRPOConfig, PipelineConfig):
         self.check_pipeline()
         if self.freeze_selector and self.generator_update == "none":
             raise ValueError("freeze_selector=True with generator_update='none' leaves nothing to train")
-        if self.sample_without_replacement and self.estimator not in ("dro", "dro_baseline"):
+        if self.sample_without_replacement and self.estimator not in WEIGHT_ESTIMATORS:
             raise ValueError(f"sample_without_replacement corrects the weights of estimator 'dro' and "
                              f"'dro_baseline'; estimator={self.estimator!r} assumes samples drawn with replacement")
         if self.freeze_selector and self.entropy_coef:

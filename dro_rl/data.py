@@ -242,7 +242,7 @@ def convert(
                 raise DataError(f"{where}: a row must be a JSON object, not {type(record).__name__}")
             row = to_row(where, record)
             qid = row.get("id") if isinstance(row, dict) else None
-            if qid is not None and qid in first_seen:  # predictions, paired comparisons and caches are keyed by id
+            if qid in first_seen:  # predictions, paired comparisons and caches are keyed by id
                 _fail(where, "id", f"repeats the id {qid!r} of {first_seen[qid]}")
             if qid is not None:
                 first_seen[qid] = where

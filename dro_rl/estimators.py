@@ -20,6 +20,7 @@ import torch
 Estimator = Literal["dro", "dro_baseline", "reinforce", "rloo", "grpo"]
 GeneratorUpdate = Literal["weighted", "uniform", "best", "none"]
 ESTIMATORS: tuple[str, ...] = Estimator.__args__
+WEIGHT_ESTIMATORS = ("dro", "dro_baseline")  # advantages from the importance weights (the others: from rewards)
 GENERATOR_UPDATES: tuple[str, ...] = GeneratorUpdate.__args__
 
 
@@ -54,6 +55,14 @@ def priority_sample(
     return index, torch.where(spare, float("-inf"), chosen - log_q)
 
 
+def proposal_weights(log_ratio: torch.Tensor | None, m: int) -> torch.Tensor | float:
+    """ρ̃_i: the proposal's self-normalised weights of the m samples of each question, 1/m for samples drawn with
+    replacement, softmax of the log ratios without (0 for spare repeats).  [Q, m] -> [Q, m]
+
+    Σ_i ρ̃_i f(z_i) estimates the policy's expectation E_p[f], which is what a baseline or a logged mean must use."""
+    return 1.0 / m if log_ratio is None else torch.softmax(log_ratio.float(), dim=-1)
+
+
 def importance_weights(answer_logp: torch.Tensor, log_ratio: torch.Tensor | None = None) -> torch.Tensor:
     """Self-normalised E-step weights w̃ = softmax over the m samples of log p(y | x, d_z).  [Q, m] -> [Q, m]
 
@@ -83,13 +92,13 @@ def advantages(
     ``log_ratio`` without), whose term Σ ρ̃_i ∇log p(z_i) estimates E_p[∇log p] = 0.
     """
     m = rewards.shape[-1]
-    if log_ratio is not None and estimator not in ("dro", "dro_baseline"):
+    if log_ratio is not None and estimator not in WEIGHT_ESTIMATORS:
         raise ValueError(f"estimator {estimator!r} takes samples drawn with replacement; without replacement only "
                          "'dro' and 'dro_baseline' are corrected for it")
     if estimator == "dro":  # the paper, exactly
         return weights
     if estimator == "dro_baseline":  # same expected gradient (Σ w̃ = 1 and E[∇log p] = 0), lower variance
-        return weights - (1.0 / m if log_ratio is None else torch.softmax(log_ratio.float(), dim=-1))
+        return weights - proposal_weights(log_ratio, m)
     if estimator == "reinforce":  # no baseline
         return rewards
     if estimator == "rloo":  # leave-one-out baseline: r_i − mean_{j≠i} r_j

@@ -85,3 +85,10 @@ def write_lines(records: Iterable[Any], path: str) -> int:
             f.write(json.dumps(record, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def missing_local_path(name: str) -> bool:
+    """``name`` reads as a path (``./``, ``/``, ``~``, or more than the one slash of a Hub id ``org/name``) and no
+    folder is there: refused by name, rather than by the Hub client's error about a connection."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") >= 2
+    return looks_local and not os.path.isdir(os.path.expanduser(name))

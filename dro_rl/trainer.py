@@ -509,9 +509,9 @@ class DROTrainer(GRPOTrainer):
         metrics, m, gathered = self._metrics[mode], self.num_generations, self.accelerator.gather
         device, rows, args = answer_logp.device, batch["rows"], self.args
         log_ratio = batch.get("sample_log_ratio")
-        share = (torch.ones(len(rows), device=device) if log_ratio is None else
-                 torch.softmax(log_ratio.view(-1, m).float(), -1).reshape(-1) * m)  # mean 1 per question
-        share = gathered(share)
+        ratio = None if log_ratio is None else log_ratio.view(-1, m)
+        share = torch.ones(len(rows) // m, m, device=device) * E.proposal_weights(ratio, m) * m  # mean 1 per question
+        share = gathered(share.reshape(-1))
 
         def policy_mean(values: torch.Tensor) -> float:  # over all processes' rows; NaN or weightless rows left out
             values = values.float()
