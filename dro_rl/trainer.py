@@ -45,7 +45,8 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, gather_object
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
 from trl.trainer.utils import disable_dropout_in_model, split_tensor_dict
@@ -735,10 +736,23 @@ class DROTrainer(GRPOTrainer):
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir, logger.warning)
         if checkpoint is not None:
             check_same_run(checkpoint, self._run_record())
+            state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+            if 0 < self.args.max_steps <= state.global_step:
+                return self._nothing_left_to_train(checkpoint, state)
         else:
             claim_output_dir(self.args.output_dir, False, self.args.overwrite_output_dir, TRAINER_ARTEFACTS,
                              logger.warning)
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    def _nothing_left_to_train(self, checkpoint: str, state: TrainerState) -> TrainOutput:
+        """A checkpoint already at ``max_steps`` (e.g. a run stopped after its last save): its models and state, no
+        step. The Trainer's loop would skip to the checkpoint's batch and take one more step before it checks
+        ``max_steps`` — a resumed finished run would end one step past the run it continues."""
+        logger.warning(f"{checkpoint} is at step {state.global_step} and max_steps is {self.args.max_steps}: "
+                       "nothing left to train; its models are the final ones")
+        self._load_from_checkpoint(checkpoint)
+        self.state = state
+        return TrainOutput(state.global_step, 0.0, {})  # no step taken here, so no loss to average
 
     def _run_record(self) -> dict:
         """``dro_run.json``, computed once: settings, models and training rows do not change during a run, and the

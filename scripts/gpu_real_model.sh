@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The real-model recipe (configs/hotpotqa_smollm2.yaml: SmolLM2-135M-Instruct as selector and generator, DRO on
-# HotpotQA train300, evaluated on dev300) on one GPU, with its figures written to a folder. About 10 minutes on an
-# H200, estimated from its one run (stopped at step ~110: ~1.5 min to the first DRO step, then 3.0-4.1 s per step;
-# docs/real_model.md) — above the 8 minutes the recipe is meant to fit on an H100.
+# HotpotQA train300, evaluated on dev300) on one GPU, with its figures written to a folder. ~10 minutes on an H200
+# (measured: docs/real_model.md), above the 8 minutes the recipe is meant to fit.
 #
 # On a GPU machine where `make install` works, this is just:
 #     python scripts/train_rl.py --config configs/hotpotqa_smollm2.yaml
@@ -13,9 +12,15 @@
 # A machine that accepts at most ~64 MiB per transfer gets the model file in two parts: `fetch` splits it into
 # .gpu/part-a (with the wheels' share of the limit) and .gpu/part-b; `bash scripts/gpu_real_model.sh stash` run after
 # the first transfer keeps part-a (and installs the wheels) in /tmp/dro_gpu until the second transfer arrives.
+# Arguments after the mode-less form go to train_rl.py (e.g. `--max_steps 50`).
 #
-# Writes report.json, eval_before.json, eval_after.json, trainer_state.json, curves.png and run.log to $OUT
-# (default outputs/gpu_real_model); the run folder itself (models, checkpoints) stays in $RUN_DIR (/tmp/dro_run).
+# Writes to $OUT (default outputs/gpu_real_model): run.log (each line stamped with the wall-clock time), gpu_util.csv
+# (GPU utilisation and memory every 0.5 s while the recipe runs) and run_files.tgz (the run folder without model
+# weights and optimizer states: report.json, eval_before/after.json with per-question predictions, trainer_state.json,
+# curves.png, pipeline.json, README.md). With BEST_REWARD_S=<seconds>, the trained run is then also evaluated with
+# `--strategies best_reward retrieval` (the pick DRO's reward points to: a ceiling) within that many seconds, into
+# best_reward.tgz. RECIPE_S=<seconds> stops the recipe after that long (the files so far still come back; 0: no
+# limit). The run folder itself (models, checkpoints) stays in $RUN_DIR (/tmp/dro_run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -77,18 +82,28 @@ if ! python3 -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smol
 fi
 data() { [[ -f ../shared/data/$1/$2 ]] && echo ../shared/data/$1/$2 || echo $STASH/$2; }
 
+stamp() { while IFS= read -r line; do printf '%(%T)T %s\n' -1 "$line"; done; }
+nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv -lms 500 > "$OUT/gpu_util.csv" 2>/dev/null &
+sampler=$!
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
     python3 -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)"
     rm -rf "$RUN_DIR"
-    time python3 scripts/train_rl.py --config configs/hotpotqa_smollm2.yaml --output_dir "$RUN_DIR" \
+    time timeout "${RECIPE_S:-0}" python3 scripts/train_rl.py --config configs/hotpotqa_smollm2.yaml --output_dir "$RUN_DIR" \
         --dataset "hotpotqa:$(data hotpotqa_train300 $TRAIN)" --eval_dataset "hotpotqa:$(data hotpotqa_dev300 $DEV)" \
         --disable_tqdm true "$@"
-} 2>&1 | grep -v "FutureWarning\|warnings.warn" | tee "$OUT/run.log"
+} 2>&1 | grep --line-buffered -v "FutureWarning\|warnings.warn" | stamp | tee "$OUT/run.log"
 status=${PIPESTATUS[0]}
-for f in report.json eval_before.json eval_after.json trainer_state.json curves.png; do
-    [[ -f "$RUN_DIR/$f" ]] && cp "$RUN_DIR/$f" "$OUT/"
-done
+kill $sampler 2>/dev/null
+# The run folder's small files (the models and optimizer states stay in $RUN_DIR).
+[[ -d "$RUN_DIR" ]] && tar -C "$RUN_DIR" -czf "$OUT/run_files.tgz" --exclude='*.safetensors' --exclude='*.pt' \
+    --exclude='*.bin' --exclude='*.pth' --exclude=tokenizer.json .
+if [[ $status == 0 && ${BEST_REWARD_S:-0} -gt 0 ]]; then
+    timeout "$BEST_REWARD_S" python3 scripts/evaluate.py --run_dir "$RUN_DIR" \
+        --datasets "hotpotqa:$(data hotpotqa_dev300 $DEV)" --strategies best_reward retrieval \
+        --output_dir /tmp/best_reward 2>&1 | grep --line-buffered -v "FutureWarning\|warnings.warn" | stamp | tee -a "$OUT/run.log"
+    [[ -d /tmp/best_reward ]] && tar -C /tmp/best_reward -czf "$OUT/best_reward.tgz" .
+fi
 exit $status

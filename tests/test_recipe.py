@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -95,6 +97,25 @@ def finished_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("finished") / "run"
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2")
     return out
+
+
+def test_resuming_a_run_stopped_after_its_last_save_trains_no_further_step(tmp_path, finished_run):
+    """A run stopped during its "after" evaluation (the H200 run of docs/real_model.md) has a checkpoint at max_steps:
+    resuming evaluates that checkpoint's models. The Trainer's loop alone would take one more step (checkpoint-3),
+    and the "after" figures would describe models the run never meant to train."""
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    for name in ("eval_after.json", "report.json"):
+        (out / name).unlink()
+    saved = {role: load_file(out / "checkpoint-2" / role / "model.safetensors") for role in ("selector", "generator")}
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
+        "--resume_from_checkpoint", "true")
+    assert not (out / "checkpoint-3").exists()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    assert json.loads((out / "eval_after.json").read_text())["dro_step"] == 2 and (out / "report.json").exists()
+    for role, tensors in saved.items():
+        final = load_file(out / role / "model.safetensors")
+        assert all(torch.equal(final[key], value) for key, value in tensors.items()), role
 
 
 @pytest.mark.parametrize("flag,value,name", [
