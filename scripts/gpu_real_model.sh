@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The real-model recipe (configs/hotpotqa_smollm2.yaml: SmolLM2-135M-Instruct as selector and generator, DRO on
-# HotpotQA train300, evaluated on dev300) on one GPU, with its figures written to a folder. ~10 minutes on an H200
+# HotpotQA train300, evaluated on dev300) on one GPU, with its figures written to a folder. ~9.6 minutes on an H200
 # (measured: docs/real_model.md), above the 8 minutes the recipe is meant to fit.
 #
 # On a GPU machine where `make install` works, this is just:
