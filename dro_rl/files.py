@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
+from safetensors import safe_open
+
 
 def claim_output(
     path: str, overwrite: bool = False, flag: str = "--overwrite true", inputs: Iterable[str] = ()
@@ -92,3 +94,30 @@ def missing_local_path(name: str) -> bool:
     folder is there: refused by name, rather than by the Hub client's error about a connection."""
     looks_local = name.startswith((".", "/", "~")) or name.count("/") >= 2
     return looks_local and not os.path.isdir(os.path.expanduser(name))
+
+
+def safetensors_problem(path: str) -> str | None:
+    """Why a safetensors file cannot be read (truncated, corrupt header), naming it; None when it can."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():  # reading the header checks offsets; touching each tensor checks the data is there
+                f.get_slice(key)
+    except Exception as err:  # safetensors raises its own error types, without the path
+        return f"{path} is truncated or corrupt ({err})"
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if os.path.getsize(path) < 8 + header_len + end:
+        return f"{path} is truncated ({os.path.getsize(path)} bytes, its header needs {8 + header_len + end})"
+    return None
+
+
+def refuse_unreadable_weights(folder: str) -> None:
+    """Refuse a model folder whose weights file is truncated or corrupt, naming the file: loading it would fail deep
+    in safetensors with an error that names no file (a copy or download cut short)."""
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".safetensors"):
+            problem = safetensors_problem(os.path.join(folder, name))
+            if problem:
+                raise ValueError(f"{problem}: copy or save the model again")

@@ -24,7 +24,7 @@ from peft import PeftConfig, PeftModel, get_peft_model
 from transformers import AutoTokenizer, PreTrainedModel
 
 from .demo import tiny_llama
-from .files import missing_local_path
+from .files import missing_local_path, refuse_unreadable_weights
 from .packaged_models import resolve_packaged
 from .retrieval import DEFAULT_DENSE_MODEL, dense_model_path
 
@@ -58,6 +58,8 @@ def load_model(
         return model, tok
     if missing_local_path(name_or_path):
         raise FileNotFoundError(f"model path does not exist: {name_or_path}")
+    if os.path.isdir(os.path.expanduser(name_or_path)):
+        refuse_unreadable_weights(os.path.expanduser(name_or_path))
     if os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "adapter_config.json")):
         return load_adapter(name_or_path, seed, **init_kwargs)
     from trl.trainer.utils import create_model_from_path

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 from peft import PeftModel
-from safetensors import safe_open
 
+from .files import safetensors_problem
 from .pipeline_config import PipelineConfig
 from .run_folder import COMPLETE_MARKER
 
@@ -129,26 +129,10 @@ def checkpoint_problems(checkpoint: str) -> list[str]:
     for root, _, files in os.walk(checkpoint):
         for name in sorted(files):
             if name.endswith(".safetensors"):
-                problem = _safetensors_problem(os.path.join(root, name))
+                problem = safetensors_problem(os.path.join(root, name))
                 if problem:
                     problems.append(problem)
     return problems
-
-
-def _safetensors_problem(path: str) -> str | None:
-    try:
-        with safe_open(path, framework="pt") as f:
-            for key in f.keys():  # reading the header checks offsets; touching each tensor checks the data is there
-                f.get_slice(key)
-    except Exception as err:  # safetensors raises its own error types, without the path
-        return f"{path} is truncated or corrupt ({err})"
-    with open(path, "rb") as f:
-        header_len = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(header_len))
-    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if os.path.getsize(path) < 8 + header_len + end:
-        return f"{path} is truncated ({os.path.getsize(path)} bytes, its header needs {8 + header_len + end})"
-    return None
 
 
 def checkpoints(output_dir: str) -> list[str]:

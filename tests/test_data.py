@@ -170,6 +170,21 @@ def test_missing_model_path_is_a_clear_error(tmp_path):
         load_model(str(tmp_path / "no-such-model"))
 
 
+def test_truncated_model_weights_are_refused_by_file_name(tmp_path):
+    """A copy cut short fails inside safetensors with an error that names no file; load_model names it."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from dro_rl.models import load_model
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size - 100])
+    with pytest.raises(ValueError, match=f"{weights} is truncated"):
+        load_model(str(tmp_path / "model"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Labels, answers and empty inputs (docs/reliability.md, round two)
 # ---------------------------------------------------------------------------------------------------------------
