@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,6 +36,7 @@ from trl import ModelConfig, get_peft_config, get_quantization_config
 from .config import DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
+from .evaluation import reward_picks
 from .files import write_json
 from .models import BASE_IN_RUN, load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
@@ -70,10 +72,13 @@ class RecipeArguments:
     selector_warmup_steps: int = field(
         default=0, metadata={"help": "Selector SFT steps before DRO (0: none); the target is selector_warmup_target."}
     )
-    selector_warmup_target: Literal["retrieval", "gold_first"] = field(
+    selector_warmup_target: Literal["retrieval", "gold_first", "best_reward"] = field(
         default="retrieval",
-        metadata={"help": "Selector warm-up target: `retrieval` (imitate the first-stage ranking; no gold labels) or "
-                  "`gold_first` (labelled passages first: supervised)."},
+        metadata={"help": "Selector warm-up target: `retrieval` (imitate the first-stage ranking; no gold labels), "
+                  "`gold_first` (labelled passages first: supervised) or `best_reward` (the K passages under which "
+                  "the warmed-up generator gives a training question's gold answer the highest likelihood — the "
+                  "pick DRO's reward prefers, chosen one position at a time: the E-step's mode under a uniform "
+                  "prior)."},
     )
     warmup_learning_rate: float = field(default=2e-5, metadata={"help": "Learning rate of both warm-ups."})
     warmup_batch_size: int = field(default=16, metadata={"help": "Batch size of both warm-ups."})
@@ -334,7 +339,7 @@ def load_tokenizer_of(dro: DROConfig, role: str):
 
 def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator, gtok, train_rows, grammar) -> None:
     """Generator SFT on gold + retrieved passages; optional selector SFT. Each warmed-up model is saved to warmup/."""
-    def sft(role: str, model, tokenizer, rows: list[dict], steps: int) -> None:
+    def sft(role: str, model, tokenizer, make_rows: Callable[[], list[dict]], steps: int) -> None:
         saved = os.path.join(dro.output_dir, "warmup", role)
         if steps <= 0:
             return
@@ -344,7 +349,7 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
         print(f"warm-up: {role} SFT, {steps} steps", flush=True)
         config = warmup_config(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), steps,
                                args.warmup_batch_size, args.warmup_learning_rate, dro)
-        run_sft(model, tokenizer, rows, config)
+        run_sft(model, tokenizer, make_rows(), config)
         tmp = saved + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
@@ -353,14 +358,20 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
         setattr(model, BASE_IN_RUN, os.path.join("warmup", role))  # what the DRO adapters on it must name
         shutil.rmtree(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), ignore_errors=True)
 
+    def selector_rows() -> list[dict]:
+        picks = None
+        if args.selector_warmup_target == "best_reward":  # read from the generator just warmed up
+            print(f"warm-up: the reward's best {dro.num_docs_selected} passages of each training question", flush=True)
+            picks = reward_picks(train_rows, dro.num_docs_selected, generator, gtok, dro.generator_prompt(),
+                                 progress=not dro.disable_tqdm)
+        presented, rankings = selector_targets(train_rows, args.selector_warmup_target, dro.seed, picks=picks)
+        return selector_sft_rows(tok, grammar, dro.selector_prompt(), presented, rankings)
+
     if generator is not None:
         sft("generator", generator, gtok,
-            generator_sft_rows(gtok, dro.generator_prompt(), train_rows, dro.num_docs_selected, dro.seed),
+            lambda: generator_sft_rows(gtok, dro.generator_prompt(), train_rows, dro.num_docs_selected, dro.seed),
             args.generator_warmup_steps)
-    if args.selector_warmup_steps > 0:
-        presented, rankings = selector_targets(train_rows, args.selector_warmup_target, dro.seed)
-        sft("selector", selector, tok, selector_sft_rows(tok, grammar, dro.selector_prompt(), presented, rankings),
-            args.selector_warmup_steps)
+    sft("selector", selector, tok, selector_rows, args.selector_warmup_steps)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

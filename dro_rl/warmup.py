@@ -77,24 +77,32 @@ def run_sft(model, tokenizer, rows: list[dict], args: SFTConfig) -> SFTTrainer:
 
 
 def selector_targets(
-    rows: Sequence[dict], target: str, seed: int = 0, shuffle: bool = True, teacher: dict | None = None
+    rows: Sequence[dict], target: str, seed: int = 0, shuffle: bool = True, teacher: dict | None = None,
+    picks: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[dict], list[list[int]]]:
     """(rows as presented, target rankings) for selector SFT; rows must be in retrieval order.
 
     ``target``: ``retrieval`` (imitate the first-stage ranking), ``gold_first`` (labelled passages, then retrieval
-    order) or ``teacher`` (``teacher[row id]`` = passage ids, best first, e.g. distilled from a stronger ranker).
+    order), ``teacher`` (``teacher[row id]`` = passage ids, best first, e.g. distilled from a stronger ranker) or
+    ``best_reward`` (``picks[i]`` = row i's passage positions, best first: the pick DRO's reward prefers,
+    ``evaluation.reward_picks``); every target continues with the remaining passages in retrieval order.
     With ``shuffle`` the candidates are presented in a random order, so that imitating a ranking takes reading the
     passages instead of copying ``[1] > [2]``.
     """
     rng = random.Random(seed)
     presented, rankings = [], []
-    for row in rows:
+    for index, row in enumerate(rows):
         n = len(row["passages"])
         if target == "retrieval":
             order = list(range(n))
         elif target == "gold_first":
             gold = [i for i, g in enumerate(row.get("gold") or []) if g]
             order = gold + [i for i in range(n) if i not in gold]
+        elif target == "best_reward":
+            if picks is None or len(picks) != len(rows):
+                raise ValueError("target best_reward needs one pick per row (evaluation.reward_picks)")
+            order = list(picks[index])
+            order += [i for i in range(n) if i not in order]
         elif target == "teacher":
             if teacher is None or row["id"] not in teacher:
                 raise ValueError(f"no teacher ranking for question id {row['id']!r}")
@@ -102,7 +110,7 @@ def selector_targets(
             order = [position[pid] for pid in teacher[row["id"]] if pid in position]
             order += [i for i in range(n) if i not in order]
         else:
-            raise ValueError(f"unknown selector target {target!r}: use retrieval, gold_first or teacher")
+            raise ValueError(f"unknown selector target {target!r}: use retrieval, gold_first, best_reward or teacher")
         perm = list(range(n))
         if shuffle:
             rng.shuffle(perm)

@@ -484,3 +484,63 @@ def test_adapters_on_a_warmed_up_named_model_name_the_warm_up_as_their_base(tmp_
     (out / "generator" / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="its run warmed that model up first .* \"warmup/generator\" in that file"):
         load_pair(str(out / "selector"), str(out / "generator"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Selector warm-up targets
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_selector_warmup_targets_rank_the_intended_passages_first_whatever_the_presentation():
+    """Each target's ranking, read back through the shuffled presentation, names the intended passages: the first
+    stage's order, the labelled ones first, the reward's pick first, or a teacher's order."""
+    from dro_rl.warmup import selector_targets
+
+    rows = [{"id": f"q{r}", "passages": [{"id": f"p{r}{i}", "text": f"passage {r} {i}"} for i in range(5)],
+             "gold": [i in golds for i in range(5)]} for r, golds in enumerate([(3,), (1, 4), (0, 2)])]
+    picks = [[4, 2], [0, 3], [1, 0]]
+    teacher = {"q0": ["p02", "p00"], "q1": ["p14"], "q2": ["p23", "p21"]}
+    expected = {
+        "retrieval": [[0, 1, 2, 3, 4]] * 3,
+        "gold_first": [[3, 0, 1, 2, 4], [1, 4, 0, 2, 3], [0, 2, 1, 3, 4]],
+        "best_reward": [[4, 2, 0, 1, 3], [0, 3, 1, 2, 4], [1, 0, 2, 3, 4]],
+        "teacher": [[2, 0, 1, 3, 4], [4, 0, 1, 2, 3], [3, 1, 0, 2, 4]],
+    }
+    for target, orders in expected.items():
+        presented, rankings = selector_targets(rows, target, seed=3, teacher=teacher, picks=picks)
+        assert any(p["passages"] != r["passages"] for p, r in zip(presented, rows))  # shuffled: not a copying task
+        for row, shown, ranking, order in zip(rows, presented, rankings, orders):
+            assert [shown["passages"][i]["id"] for i in ranking] == [row["passages"][i]["id"] for i in order], target
+    with pytest.raises(ValueError, match="one pick per row"):
+        selector_targets(rows, "best_reward", picks=picks[:2])
+
+
+def test_best_reward_warmup_teaches_the_selector_the_warmed_up_generators_best_picks(tmp_path, monkeypatch):
+    """`selector_warmup_target: best_reward` scores every training question with the generator *after* its warm-up,
+    trains the selector towards those picks, and on resume reuses the saved selector without scoring again."""
+    import dro_rl.recipe as recipe
+
+    calls, targets = [], []
+    real_picks, real_targets = recipe.reward_picks, recipe.selector_targets
+
+    def picks(rows, k, generator, *args, **kwargs):
+        calls.append({"k": k, "warmed_up": (tmp_path / "run" / "warmup" / "generator").is_dir()})
+        out = real_picks(rows, k, generator, *args, **kwargs)
+        calls[-1]["picks"] = out
+        return out
+
+    def selector_targets(rows, target, seed, **kwargs):
+        targets.append((target, kwargs.get("picks")))
+        return real_targets(rows, target, seed, **kwargs)
+
+    monkeypatch.setattr(recipe, "reward_picks", picks)
+    monkeypatch.setattr(recipe, "selector_targets", selector_targets)
+    flags = [*TINY_DEMO, "--output_dir", str(tmp_path / "run"), "--selector_warmup_steps", "2",
+             "--selector_warmup_target", "best_reward", "--save_strategy", "steps", "--save_steps", "1"]
+    run(*flags, "--max_steps", "1")
+    assert len(calls) == 1 and calls[0]["warmed_up"] and calls[0]["k"] == 2
+    assert targets == [("best_reward", calls[0]["picks"])] and len(calls[0]["picks"]) == 32
+    assert all(len(p) == 2 and len(set(p)) == 2 for p in calls[0]["picks"])
+    assert (tmp_path / "run" / "warmup" / "selector").is_dir()
+    run(*flags, "--max_steps", "2", "--resume_from_checkpoint", "true")
+    assert len(calls) == 1  # the saved selector is reused: no second scoring pass
