@@ -361,7 +361,8 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
     def selector_rows() -> list[dict]:
         picks = None
         if args.selector_warmup_target == "best_reward":  # read from the generator just warmed up
-            print(f"warm-up: the reward's best {dro.num_docs_selected} passages of each training question", flush=True)
+            print(f"warm-up: the selector's targets are the reward's best K = {dro.num_docs_selected} of each "
+                  "training question's passages, scored by the generator", flush=True)
             picks = reward_picks(train_rows, dro.num_docs_selected, generator, gtok, dro.generator_prompt(),
                                  progress=not dro.disable_tqdm)
         presented, rankings = selector_targets(train_rows, args.selector_warmup_target, dro.seed, picks=picks)
