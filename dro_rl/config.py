@@ -304,10 +304,13 @@ def check_field_types(config: Any) -> None:
         hint, value, default = hints.get(f.name), getattr(config, f.name), _default(f)
         if hint is None or (type(value) is type(default) and value == default):
             continue
+        choices = typing.get_args(hint) if typing.get_origin(hint) is typing.Literal else None
         if value is None:
-            if hint in (bool, int, float) and default is not None:  # a flag or number with no "unset" value
+            if (hint in (bool, int, float) or choices) and default is not None:  # no "unset" value
                 raise ValueError(f"{f.name} cannot be null: leave it out for its default, {default!r}")
             continue
+        if choices and value not in choices:  # the command line's parser checks these; YAML does not
+            raise ValueError(f"{f.name} must be one of {', '.join(map(str, choices))}; got {value!r}")
         if _accepts(hint, int) and not _accepts(hint, float) and not _accepts(hint, str):
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{f.name} must be an integer, got {value!r} ({type(value).__name__})")

@@ -148,6 +148,10 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
     if dro.share_base_model and (args.generator_warmup_steps or args.selector_warmup_steps):
         raise ValueError("share_base_model trains two adapters on one base: warm up with scripts/warmup_sft.py first "
                          "and set generator_warmup_steps / selector_warmup_steps to 0")
+    if model_args.model_name_or_path is None and dro.generator_model_name_or_path is not None:
+        raise ValueError(f"generator_model_name_or_path={dro.generator_model_name_or_path!r} without "
+                         "model_name_or_path: with no selector model named, the recipe builds both tiny demo models "
+                         "and would not read it; name the selector too (it may be the same model)")
     if dro.share_base_model and dro.generator_model_name_or_path not in (None, model_args.model_name_or_path):
         raise ValueError(f"share_base_model: the generator is an adapter on {model_args.model_name_or_path}, not "
                          f"{dro.generator_model_name_or_path}")

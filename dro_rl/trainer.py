@@ -751,6 +751,9 @@ class DROTrainer(GRPOTrainer):
         logger.warning(f"{checkpoint} is at step {state.global_step} and max_steps is {self.args.max_steps}: "
                        "nothing left to train; its models are the final ones")
         self._load_from_checkpoint(checkpoint)
+        final = os.path.join(self.args.output_dir, "trainer_state.json")
+        if os.path.exists(final) and TrainerState.load_from_json(final).global_step == state.global_step:
+            state = TrainerState.load_from_json(final)  # the final save's: it also holds the run's closing summary
         self.state = state
         return TrainOutput(state.global_step, 0.0, {})  # no step taken here, so no loss to average
 

@@ -110,7 +110,8 @@ def selector_targets(
             order = [position[pid] for pid in teacher[row["id"]] if pid in position]
             order += [i for i in range(n) if i not in order]
         else:
-            raise ValueError(f"unknown selector target {target!r}: use retrieval, gold_first, best_reward or teacher")
+            raise ValueError(f"unknown selector target {target!r}: use retrieval, gold_first, best_reward or teacher "
+                             "(a ranking file, scripts/warmup_sft.py)")
         perm = list(range(n))
         if shuffle:
             rng.shuffle(perm)

@@ -108,10 +108,12 @@ def test_resuming_a_run_stopped_after_its_last_save_trains_no_further_step(tmp_p
     for name in ("eval_after.json", "report.json"):
         (out / name).unlink()
     saved = {role: load_file(out / "checkpoint-2" / role / "model.safetensors") for role in ("selector", "generator")}
+    history = json.loads((out / "trainer_state.json").read_text())["log_history"]
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "2",
         "--resume_from_checkpoint", "true")
     assert not (out / "checkpoint-3").exists()
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["log_history"] == history  # the closing summary kept, for the curves
     assert json.loads((out / "eval_after.json").read_text())["dro_step"] == 2 and (out / "report.json").exists()
     for role, tensors in saved.items():
         final = load_file(out / role / "model.safetensors")
@@ -333,6 +335,7 @@ BAD_SETTINGS = [
     (["--dataset", "hotpotqa:/no/such/file.jsonl"], "/no/such/file.jsonl"),
     (["--num_docs_selected", "9"], "demo training questions row 0 .* 8 candidates, fewer than the 9 needed"),
     (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
+    (["--generator_model_name_or_path", "smollm2-135m"], "without model_name_or_path"),  # was silently unused
 ]
 
 
@@ -354,6 +357,11 @@ def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
     ("entropy_coef: [0.1]\n", "entropy_coef must be a number, got \\[0.1\\]"),
     ("sample_without_replacement: 0\n", "sample_without_replacement must be true or false, got 0 \\(int\\)"),
     ("sample_without_replacement: null\n", "sample_without_replacement cannot be null"),  # resume then failed
+    # a choice the command line's parser would refuse; from YAML it failed after retrieval and the generator warm-up,
+    # and its folder could then not be resumed with the value mended
+    ("selector_warmup_target: bogus\n", "selector_warmup_target must be one of retrieval, gold_first, best_reward"),
+    ("selector_warmup_target: null\n", "selector_warmup_target cannot be null"),
+    ("estimator: DRO\n", "estimator must be one of dro, dro_baseline"),
 ])
 def test_yaml_values_of_the_wrong_type_are_refused(tmp_path, yaml_text, name):
     path = tmp_path / "recipe.yaml"
