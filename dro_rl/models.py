@@ -58,9 +58,10 @@ def load_model(
         return model, tok
     if missing_local_path(name_or_path):
         raise FileNotFoundError(f"model path does not exist: {name_or_path}")
-    if os.path.isdir(os.path.expanduser(name_or_path)):
-        refuse_unreadable_weights(os.path.expanduser(name_or_path))
-    if os.path.isfile(os.path.join(os.path.expanduser(name_or_path), "adapter_config.json")):
+    local = os.path.expanduser(name_or_path)
+    if os.path.isdir(local):
+        refuse_unreadable_weights(local)
+    if os.path.isfile(os.path.join(local, "adapter_config.json")):
         return load_adapter(name_or_path, seed, **init_kwargs)
     from trl.trainer.utils import create_model_from_path
 

@@ -46,6 +46,7 @@ from accelerate.utils import DistributedType, gather_object
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
+from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
@@ -736,7 +737,7 @@ class DROTrainer(GRPOTrainer):
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir, logger.warning)
         if checkpoint is not None:
             check_same_run(checkpoint, self._run_record())
-            state = TrainerState.load_from_json(os.path.join(checkpoint, "trainer_state.json"))
+            state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
             if 0 < self.args.max_steps <= state.global_step:
                 return self._nothing_left_to_train(checkpoint, state)
         else:
@@ -751,10 +752,10 @@ class DROTrainer(GRPOTrainer):
         logger.warning(f"{checkpoint} is at step {state.global_step} and max_steps is {self.args.max_steps}: "
                        "nothing left to train; its models are the final ones")
         self._load_from_checkpoint(checkpoint)
-        final = os.path.join(self.args.output_dir, "trainer_state.json")
-        if os.path.exists(final) and TrainerState.load_from_json(final).global_step == state.global_step:
-            state = TrainerState.load_from_json(final)  # the final save's: it also holds the run's closing summary
-        self.state = state
+        final = os.path.join(self.args.output_dir, TRAINER_STATE_NAME)
+        saved = TrainerState.load_from_json(final) if os.path.exists(final) else None
+        # the final save's state, when it is this step's, also holds the run's closing summary (the curves read it)
+        self.state = saved if saved is not None and saved.global_step == state.global_step else state
         return TrainOutput(state.global_step, 0.0, {})  # no step taken here, so no loss to average
 
     def _run_record(self) -> dict:
