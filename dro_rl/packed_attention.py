@@ -3,11 +3,13 @@
 A packed sequence holds a question's prompt and then its m completions, each of which may see the prompt and itself
 (``selector.pack_rows``). Given that layout as one 4-D block mask, SDPA computes every query-key pair, although the
 prompt's own attention is plain causal: twice the attention work of the prompt, which at SmolLM2's width is about a
-fifth of the prompt's forward. This attention runs each sequence in two calls instead: the prompt under
-``is_causal`` with no mask (the kernel skips the masked half; on a GPU, flash attention), and the completion blocks'
-few queries against the prompt and the blocks under their slice of the mask. Same values as the 4-D mask. The
-sampler's prefill of left-padded prompts uses it too (``left_padded``: prompts without blocks), instead of the dense
-4-D padding mask that sdpa would otherwise get.
+fifth of the prompt's forward. This attention runs two calls per layer instead, each over all sequences at once:
+the prompts, moved to start at position 0, under ``is_causal`` with no mask (the kernel skips the masked half; on a
+GPU, flash attention), and the completion blocks' few queries against every key under their slice of the mask.
+Same values as the 4-D mask. Batched, because on a GPU a small model's step is bound by the operations the host
+dispatches, not by its FLOPs: the first version ran two calls per sequence, which made ~12,600 of the ~56,000
+operations of the GPU recipe's step (docs/real_model.md). The sampler's prefill of left-padded prompts uses it too
+(``left_padded``: prompts without blocks), instead of the dense 4-D padding mask that sdpa would otherwise get.
 
 It is registered with transformers' ``AttentionInterface`` as ``ATTENTION`` and is plain ``sdpa`` for every call
 that does not pass ``packing`` (sampling, generation, the generator's forwards): ``use_packed_attention`` switches a
@@ -29,45 +31,58 @@ ATTENTION = "dro_rl_packed_sdpa"
 
 @dataclass(frozen=True)
 class Packing:
-    """Where each packed sequence's prompt is, and what its completion blocks may see."""
+    """Where the packed sequences' prompts are, as indices for two batched attention calls.
 
-    prompts: list[tuple[int, int]]  # per sequence, [start, end) of its prompt (left padding before start)
-    block_masks: list[torch.Tensor]  # per sequence, [1, 1, L - end, L - start]: block queries x keys from the prompt on
+    Columns before ``split`` hold only left padding and prompt tokens in every sequence (the completion blocks, and
+    the end of a prompt with fewer blocks after it, come later). The prompt call runs them right-padded, each prompt
+    moved to start at 0, so that ``is_causal`` is exact; the block call runs the columns from ``split`` on under
+    their rows of the mask.
+    """
+
+    split: int
+    gather: torch.Tensor  # [G, P]: the column of each sequence's j-th prompt token (clamped past its end)
+    scatter: torch.Tensor  # [G, split]: for each column before split, its row in the prompt call (padding: row 0)
+    block_mask: torch.Tensor | None  # [G, 1, L - split, L]: what the columns from split on may see; None if none
+
+
+def _packing(start: torch.Tensor, split: int, block_mask: torch.Tensor | None) -> Packing:
+    """Indices of sequences whose prompts start at ``start`` [G] (after left padding), with columns from ``split``
+    on left to the block call."""
+    columns = torch.arange(split, device=start.device)
+    width = split - int(start.min())
+    gather = (start[:, None] + columns[:width]).clamp(max=split - 1)
+    return Packing(split, gather, (columns - start[:, None]).clamp(min=0), block_mask)
 
 
 def packing(segment: torch.Tensor, mask: torch.Tensor) -> Packing:
-    """The prompt spans and block masks of packed sequences from their segments (-1 padding, 0 prompt, s + 1 the
-    s-th completion block; prompts contiguous, blocks after them) and their [G, 1, L, L] block mask."""
-    in_prompt = (segment == 0).long()
-    start = (segment < 0).long().sum(-1).tolist()  # left padding only: the prompt starts after it
-    end = [s + n for s, n in zip(start, in_prompt.sum(-1).tolist())]
-    return Packing(list(zip(start, end)), [mask[g : g + 1, :, e:, s:] for g, (s, e) in enumerate(zip(start, end))])
+    """The prompts and block mask of packed sequences from their segments (-1 padding, 0 prompt, s + 1 the s-th
+    completion block; prompts contiguous, blocks after them) and their [G, 1, L, L] block mask."""
+    start = (segment < 0).sum(-1)  # left padding only: the prompt starts after it
+    split = int((start + (segment == 0).sum(-1)).min())  # where the first prompt ends
+    return _packing(start, split, mask[:, :, split:] if split < segment.shape[1] else None)
 
 
 def left_padded(mask: torch.Tensor) -> Packing:
     """Rows of left-padded prompts (a 2-D mask) as packed sequences with no completion blocks: each prompt causal."""
-    length = mask.shape[1]
-    return Packing([(length - n, length) for n in mask.sum(-1).tolist()], [mask.new_empty(0)] * mask.shape[0])
+    return _packing(mask.shape[1] - mask.sum(-1), mask.shape[1], None)
 
 
 def packed_sdpa_attention(module, query, key, value, attention_mask, packing: Packing | None = None, **kwargs):
-    """``sdpa`` split per packed sequence into its causal prompt and its masked completion blocks; plain ``sdpa``
-    without ``packing``. Padding positions get zeros (nothing reads them)."""
+    """``sdpa`` in two batched calls, the prompts causal and the completion blocks under their slice of the mask;
+    plain ``sdpa`` without ``packing``. Padding positions get a copy of a prompt position's output (nothing reads
+    them: the mask hides them as keys, and no logit is taken there)."""
     if packing is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     kwargs.pop("is_causal", None)
-    length, outputs = query.shape[2], []
-    for g, ((start, end), block_mask) in enumerate(zip(packing.prompts, packing.block_masks)):
-        q, k, v = query[g : g + 1], key[g : g + 1], value[g : g + 1]
-        prompt, _ = sdpa_attention_forward(module, q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], None,
-                                           is_causal=True, **kwargs)  # [1, end - start, heads, head_dim]
-        parts = [prompt.new_zeros(1, start, *prompt.shape[2:]), prompt]
-        if end < length:
-            blocks, _ = sdpa_attention_forward(module, q[:, :, end:], k[:, :, start:], v[:, :, start:], block_mask,
-                                               is_causal=False, **kwargs)
-            parts.append(blocks)
-        outputs.append(torch.cat(parts, 1))
-    return torch.cat(outputs, 0), None
+    rows = packing.gather[:, None, :, None]  # [G, 1, P, 1]: broadcast over heads and head_dim
+    prompts, _ = sdpa_attention_forward(module, query.take_along_dim(rows, 2), key.take_along_dim(rows, 2),
+                                        value.take_along_dim(rows, 2), None, is_causal=True, **kwargs)  # [G, P, H, D]
+    outputs = [prompts.take_along_dim(packing.scatter[:, :, None, None], 1)]  # [G, split, H, D]
+    if packing.block_mask is not None:
+        blocks, _ = sdpa_attention_forward(module, query[:, :, packing.split:], key, value, packing.block_mask,
+                                           is_causal=False, **kwargs)
+        outputs.append(blocks)
+    return torch.cat(outputs, 1), None
 
 
 AttentionInterface.register(ATTENTION, packed_sdpa_attention)

@@ -229,24 +229,17 @@ class Samples:
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded ids and mask."""
     width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        if len(s):
-            ids[r, width - len(s) :] = torch.tensor(list(s), dtype=torch.long)
-            mask[r, width - len(s) :] = 1
-    return ids.to(device), mask.to(device)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask
 
 
 def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids and mask."""
     width = max(1, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[r, : len(s)] = 1
-    return ids.to(device), mask.to(device)
+    ids = torch.tensor([list(s) + [pad_id] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], dtype=torch.long, device=device)
+    return ids, mask
 
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
@@ -371,10 +364,7 @@ def sample_rankings(
                         position_ids=positions(mask)[:, -len(pending):], cache=cache, use_cache=True, logits_to_keep=1)
             cache, next_logits, pending = out.cache, out.logits[:, -1], []
         width = max(len(o) for o in options)
-        allowed = torch.full((len(states), 1, width), -1, dtype=torch.long)
-        for r, o in enumerate(options):
-            allowed[r, 0, : len(o)] = torch.tensor(o, dtype=torch.long)
-        allowed = allowed.to(device)
+        allowed = torch.tensor([[o + [-1] * (width - len(o))] for o in options], dtype=torch.long, device=device)
         if forced:  # probability 1 for each live row's one token (log-probability 0): no logits needed
             logprobs, probs = None, allowed_mask(allowed, vocab_size)[:, 0].float()
         else:
@@ -397,11 +387,15 @@ def sample_rankings(
         if logprobs is not None:
             logps += torch.where(live, logprobs.gather(-1, token[:, None]).squeeze(-1), 0.0)
         token = torch.where(live, token, pad_token_id)
-        for r, s in enumerate(states):
+        first_written = []  # rows whose first id is now complete, with its log-probability
+        for r, (s, t) in enumerate(zip(states, token.tolist())):  # one transfer from the device per token
             if not s.done:
-                grammar.advance(s, int(token[r]), sizes[r], ks[r])
-                if writing_first[r] and s.picked:  # log p(first id) of this row: complete
-                    first_logp[r] = logps[r]
+                grammar.advance(s, t, sizes[r], ks[r])
+                if writing_first[r] and s.picked:
+                    first_written.append(r)
+        if first_written:
+            rows_written = torch.tensor(first_written, device=device)
+            first_logp[rows_written] = logps[rows_written]
         tokens.append(torch.where(live, token, -1))
         allowed_log.append(torch.where(live[:, None], allowed[:, 0], -1))
         if all(s.done for s in states):

@@ -407,8 +407,10 @@ class DROTrainer(GRPOTrainer):
         with eval_mode(self.model, self.generator):
             # 1. Sample m valid rankings per question from the current selector (the E-step proposal).
             prompts = [self.selector_prompt(tok, r["question"], r["passages"]) for r in questions]
+            # One autocast region around all of the sampler's forwards: each casts the weights to half precision
+            # in its own region, which the outer one's cache turns into one cast per weight for the whole sampling.
             with (unwrap_model_for_generation(self.model_wrapped, self.accelerator) as unwrapped,
-                  self._role(SELECTOR), self._nonfinite_context()):
+                  self._role(SELECTOR), self._nonfinite_context(), self.accelerator.autocast()):
                 samples = sample_rankings(
                     unwrapped, self.grammar, prompts, [len(r["passages"]) for r in questions],
                     args.num_docs_selected, m, temperature=self.temperature, pad_token_id=tok.pad_token_id,

@@ -155,24 +155,27 @@ def test_block_mask_layout():
     ]
 
 
-def test_an_sdpa_model_runs_each_packed_prompt_causally_and_is_plain_sdpa_otherwise(bpe_tok, monkeypatch):
+def test_an_sdpa_model_runs_the_packed_prompts_causally_in_one_call_and_is_plain_sdpa_otherwise(bpe_tok, monkeypatch):
     model = make_model(bpe_tok, seed=8)
     rows = scattered_rows(model, bpe_tok)
     ids, mask = left_pad([[5, 6, 7, 8], [9, 10]], bpe_tok.pad_token_id)  # padding: the 2-D mask must still apply
+    layers = len(model.model.layers)
     with torch.no_grad():
         before = model(input_ids=ids, attention_mask=mask).logits
         calls = []
         spy = packed_attention.sdpa_attention_forward
         monkeypatch.setattr(packed_attention, "sdpa_attention_forward",
-                            lambda *a, **kw: calls.append((a[1].shape[2], kw.get("is_causal"))) or spy(*a, **kw))
+                            lambda *a, **kw: calls.append((*a[1].shape[:3:2], kw.get("is_causal"))) or spy(*a, **kw))
         ranking_logprobs_packed(model, *rows, pad_token_id=bpe_tok.pad_token_id)
         assert model.config._attn_implementation == packed_attention.ATTENTION
-        prompt_lengths = set(rows[1][rows[2] == g][0].sum().item() for g in range(3))
-        assert {length for length, causal in calls if causal} == prompt_lengths  # one causal call per prompt
+        longest = max(rows[1][rows[2] == g][0].sum().item() for g in range(3))
+        blocks = max((rows[2] == g).sum().item() for g in range(3)) * (rows[3].shape[1] - 1)
+        # per layer, for the three questions at once: their prompts causal, then the blocks under the mask
+        assert calls == [(3, longest, True), (3, blocks, False)] * layers
         calls.clear()
         prompts = [list(range(3, 3 + n)) for n in (9, 5)]
         sample(model, bpe_tok, IdGrammar(bpe_tok, 12), prompts, [3, 3], 2, m=2)  # the sampler's prefill, too
-        assert sorted(length for length, causal in calls if causal) == sorted([5, 9] * len(model.model.layers))
+        assert [c for c in calls if c[2]] == [(2, 9, True)] * layers
         torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, before, rtol=0, atol=0)
 
 

@@ -2,6 +2,7 @@ import itertools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import make_model
 
 from dro_rl.selector import (
@@ -296,3 +297,31 @@ def test_without_replacement_with_fewer_candidates_than_samples_draws_each_once(
     assert torch.isfinite(out.log_ratio[:3]).all() and torch.isneginf(out.log_ratio[3])
     with pytest.raises(ValueError, match="greedy"):
         sample_rankings(model, grammar, [prompt], [3], 1, 2, greedy=True, without_replacement=True)
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the operations dispatched while active."""
+
+    count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("without_replacement", [False, True])
+def test_the_sampler_dispatches_as_many_operations_for_six_questions_as_for_two(word_tok, without_replacement):
+    """On a GPU a small model's sampling is bound by the operations the host dispatches (docs/real_model.md): each
+    token's bookkeeping must be a few operations over all rows, not some per row (a transfer, a new tensor)."""
+    model = make_model(word_tok)
+    grammar = IdGrammar(word_tok, 12)
+    prompt = SelectorPrompt(2, 16, use_chat_template=False)
+
+    def operations(questions: int) -> int:
+        prompts = [prompt(word_tok, f"question {q}", passages(5)) for q in range(questions)]
+        with torch.no_grad(), OpCounter() as counter:
+            sample_rankings(model, grammar, prompts, [5] * questions, 2, 4, pad_token_id=word_tok.pad_token_id,
+                            generator=torch.Generator().manual_seed(0), without_replacement=without_replacement)
+        return counter.count
+
+    assert operations(6) == operations(2)
