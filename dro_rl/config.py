@@ -184,6 +184,9 @@ class DROConfig(GRPOConfig, PipelineConfig):
         if single:
             self.num_generations = 2
         try:
+            if self.generation_batch_size is None:  # else TRL derives steps_per_generation from it, checked below
+                # TRL refuses this too, but inside its own __post_init__: the message would come with its traceback.
+                self._check_whole_groups(self.steps_per_generation or self.gradient_accumulation_steps, single)
             super().__post_init__()
         finally:
             if single:
@@ -210,12 +213,7 @@ class DROConfig(GRPOConfig, PipelineConfig):
         if self.freeze_selector and self.entropy_coef:
             raise ValueError(f"entropy_coef={self.entropy_coef} is a bonus for the selector's training, which "
                              "freeze_selector=True turns off: set entropy_coef to 0 or train the selector")
-        local_rows = self.per_device_train_batch_size * self.steps_per_generation
-        if local_rows % self.num_generations != 0:
-            raise ValueError(
-                f"per_device_train_batch_size × steps_per_generation ({local_rows}) must be a multiple of "
-                f"num_generations ({self.num_generations}) so each process holds whole question groups"
-            )
+        self._check_whole_groups(self.steps_per_generation)
         if self.generator_scoring not in ("auto", "in_loss", "separate"):
             raise ValueError(f"generator_scoring={self.generator_scoring!r} is not one of ('auto', 'in_loss', "
                              f"'separate')")
@@ -224,6 +222,15 @@ class DROConfig(GRPOConfig, PipelineConfig):
         if self.generator_learning_rate is None:
             self.generator_learning_rate = self.learning_rate
         check_report_to(self.report_to)
+
+    def _check_whole_groups(self, steps_per_generation: int, single: bool = False) -> None:
+        local_rows = self.per_device_train_batch_size * steps_per_generation
+        if local_rows % self.num_generations != 0:
+            raise ValueError(
+                f"per_device_train_batch_size × steps_per_generation ({local_rows}) must be a multiple of "
+                f"num_generations ({self.num_generations}) so each process holds whole question groups" +
+                (" (num_generations = 1 runs as 2 in TRL's batching)" if single else "")
+            )
 
     @property
     def scores_in_loss(self) -> bool:

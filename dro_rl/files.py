@@ -8,6 +8,7 @@ it, so an interrupted write leaves the previous file (or none), never a truncate
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -121,3 +122,11 @@ def refuse_unreadable_weights(folder: str) -> None:
             problem = safetensors_problem(os.path.join(folder, name))
             if problem:
                 raise ValueError(f"{problem}: copy or save the model again")
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -121,7 +121,7 @@ class DROPipeline:
                 for q, ps in zip(questions, passages)]
         missing = [i for i, r in enumerate(rows) if not r["passages"]]
         if missing and corpus is None:
-            raise ValueError(f"question {missing[0]} ({rows[missing[0]]['question']!r}) has no candidate passages: "
+            raise ValueError(f"questions[{missing[0]}] ({rows[missing[0]]['question']!r}) has no candidate passages: "
                              "give it candidates (passages=; in predict.py a `passages` field), or a corpus to "
                              "retrieve them from (corpus=; predict.py --corpus)")
         if missing and self.retriever is None:
@@ -143,8 +143,8 @@ class DROPipeline:
         k = self.config.num_docs_selected
         for i, row in enumerate(rows):
             if len(row["passages"]) < k:
-                raise ValueError(f"question {i} ({row['question']!r}) has {len(row['passages'])} candidate passages, "
-                                 f"fewer than the K = {k} the selector picks")
+                raise ValueError(f"questions[{i}] ({row['question']!r}) has {len(row['passages'])} candidate "
+                                 f"passages, fewer than the K = {k} the selector picks")
         show = len(rows) >= PROGRESS_AT if progress is None else progress
         n = max(len(r["passages"]) for r in rows)
         try:

@@ -16,7 +16,6 @@ or another GGUF's hash is rebuilt with a warning, never trusted.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -24,6 +23,8 @@ import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
+
+from .files import file_sha256
 
 MARKER = "dro_rl_conversion.json"
 FORMAT = 1  # bumped when convert_gguf changes what it writes, so older copies are rebuilt
@@ -71,14 +72,6 @@ def gguf_path(spec: PackagedModel) -> str:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: model {spec.name!r} needs {spec.requirement}")
     return path
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def resolve_packaged(name_or_path: str) -> str:

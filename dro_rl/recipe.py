@@ -37,7 +37,7 @@ from .config import DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .evaluation import reward_picks
-from .files import write_json
+from .files import file_sha256, write_json
 from .models import BASE_IN_RUN, load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
@@ -127,14 +127,23 @@ def with_default_config(argv: list[str]) -> list[str]:
 
 
 def run_config(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> dict[str, Any]:
-    """What run_config.json holds: every setting, the subset a resume must match, and what ``auto`` settings chose."""
+    """What run_config.json holds: every setting, the subset a resume must match, what ``auto`` settings chose, and
+    the SHA-256 of each data file the run reads."""
     return {
         "script": asdict(args),
         "model": asdict(model_args),
         "training": json.loads(dro.to_json_string()),
         "run_defining": run_defining_settings(dro),
         "resolved": {"generator_scoring": "in_loss" if dro.scores_in_loss else "separate"},
+        "data_files": data_file_hashes(args),
     }
+
+
+def data_file_hashes(args: RecipeArguments) -> dict[str, str]:
+    """SHA-256 of the data files behind ``dataset``, ``eval_dataset`` and ``corpus``: a resumed run reuses its own
+    copies in ``data/``, so a file edited in place since would otherwise go unnoticed."""
+    specs = {"dataset": args.dataset, "eval_dataset": args.eval_dataset, "corpus": args.corpus}
+    return {name: file_sha256(parse_spec(spec)[1]) for name, spec in specs.items() if spec and spec != "demo"}
 
 
 def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> str | None:
@@ -201,10 +210,18 @@ def _has_checkpoint(dro: DROConfig) -> bool:
 def _changed_settings(saved: dict, current: dict) -> list[str]:
     """Settings of the recipe that differ from the saved run's (execution settings may change on resume)."""
     changed = []
-    for section in ("script", "model", "run_defining"):
-        old, new = saved.get(section, {}), current[section]
-        changed += [f"{key}: run {old.get(key)!r}, now {new.get(key)!r}"
-                    for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+    for section in ("script", "model", "run_defining", "data_files"):
+        if section not in saved:  # a run folder written before the section existed
+            continue
+        old, new = saved[section], current[section]
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) == new.get(key):
+                continue
+            if section == "data_files" and old.get(key) and new.get(key):
+                changed.append(f"{key}: the file changed since the run read it (sha256 {old[key][:12]}…, now "
+                               f"{new[key][:12]}…); the run would go on with its copy in data/")
+            else:
+                changed.append(f"{key}: run {old.get(key)!r}, now {new.get(key)!r}")
     return changed
 
 

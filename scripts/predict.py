@@ -24,7 +24,8 @@ from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import load_questions
 from dro_rl.evaluation import exact_match, f1_score, sub_exact_match
 from dro_rl.files import claim_output, write_lines
-from dro_rl.pipeline_config import check_positive_int
+from dro_rl.pipeline import parse_spec
+from dro_rl.pipeline_config import PipelineConfig, check_positive_int
 
 
 @dataclass
@@ -45,6 +46,11 @@ class PredictArguments:
     batch_size: int = field(default=32, metadata={"help": "Questions per forward pass."})
 
     def __post_init__(self):
+        fmt, path, _ = parse_spec(self.input)
+        if fmt != "canonical":
+            raise ValueError(f"--input {self.input!r}: predict.py reads canonical questions, not the {fmt!r} format "
+                             f"of train_rl.py and evaluate.py; convert the file first: scripts/retrieve.py "
+                             f"--questions {path} --format {fmt} --output <canonical>.jsonl")
         check_positive_int("--batch_size", self.batch_size)
         if self.limit is not None:
             check_positive_int("--limit", self.limit)
@@ -55,19 +61,26 @@ def main(args: PredictArguments) -> dict:
     claim_output(output, args.overwrite, "--overwrite", [args.input])  # before any model loads, not after the answers
     rows, stats = load_questions(args.input, args.on_error, args.limit)
     print(stats.summary(), flush=True)
-    bare = [i for i, r in enumerate(rows) if not r["passages"]]
-    if bare and not args.corpus:  # found before any model loads
-        named = ", ".join(f"question {i + 1} (id {rows[i]['id']!r})" for i in bare[:5])
-        named += " ..." if len(bare) > 5 else ""
+    k = PipelineConfig.load_pipeline(args.run_dir).num_docs_selected if os.path.isdir(args.run_dir) else None
+    problems = {  # found before any model loads (a Hub run's K only once it is downloaded, by DROPipeline)
+        "no `passages` and no --corpus to retrieve them from": [
+            i for i, r in enumerate(rows) if not r["passages"] and not args.corpus],
+        f"fewer candidate passages than the K = {k} the run's selector picks": [
+            i for i, r in enumerate(rows) if k is not None and 0 < len(r["passages"]) < k],
+    }
+    for reason, found in problems.items():
+        if not found:
+            continue
+        named = ", ".join(f"question {i + 1} (id {rows[i]['id']!r})" for i in found[:5])
+        named += " ..." if len(found) > 5 else ""
         if args.on_error == "raise":
-            raise ValueError(f"{args.input}: {len(bare)} of {len(rows)} questions have no `passages` and no --corpus "
-                             f"was given to retrieve them from: {named}; add candidates, give --corpus, or pass "
-                             "--on_error skip")
-        skipped = set(bare)
-        rows = [r for i, r in enumerate(rows) if i not in skipped]
-        print(f"skipped {len(bare)} questions without `passages` (no --corpus): {named}", flush=True)
-        if not rows:
-            raise ValueError(f"{args.input}: no question has `passages`, and no --corpus was given")
+            raise ValueError(f"{args.input}: {len(found)} of {len(rows)} questions have {reason}: {named}; fix them, "
+                             "or pass --on_error skip")
+        print(f"skipped {len(found)} questions with {reason}: {named}", flush=True)
+    skipped = {i for found in problems.values() for i in found}
+    rows = [r for i, r in enumerate(rows) if i not in skipped]
+    if not rows:
+        raise ValueError(f"{args.input}: no question left to answer")
     pipe = DROPipeline.from_pretrained(args.run_dir, batch_size=args.batch_size)
     predictions = pipe([r["question"] for r in rows], [r["passages"] for r in rows], corpus=args.corpus)
     records, scored = [], []

@@ -90,7 +90,7 @@ def test_questions_without_candidates_are_retrieved_from_a_corpus(tmp_path, runs
 def test_unusable_inputs_are_refused_with_the_question_named(runs):
     out, _ = runs("full")
     pipe = DROPipeline.from_pretrained(str(out))
-    with pytest.raises(ValueError, match="question 0 .* fewer than the K = 2"):
+    with pytest.raises(ValueError, match=r"questions\[0\] .* fewer than the K = 2"):
         pipe("which city is home to p3 ?", passages=["p3 lives in c1"])
     with pytest.raises(ValueError, match=r"no candidate passages: give it candidates \(passages=.*--corpus"):
         pipe(["which city is home to p3 ?"])

@@ -73,16 +73,35 @@ def test_predict_without_any_answers_prints_no_metrics(run, inputs, tmp_path, ca
     assert output.read_text() == written and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
-def test_predict_names_a_question_it_cannot_answer(run, inputs, tmp_path, capsys):
+def test_predict_names_the_questions_it_cannot_answer_before_loading_the_models(run, inputs, tmp_path, capsys,
+                                                                               monkeypatch):
     questions, _ = inputs
-    with pytest.raises(ValueError, match=r"questions.jsonl: 1 of 3 questions have no `passages` and no --corpus .*: "
-                                         r"question 3 \(id 'c'\); add candidates"):
+    rows = [json.loads(line) for line in questions.read_text().splitlines()]
+    rows.insert(1, {**rows[1], "id": "short", "passages": rows[1]["passages"][:1]})  # fewer than the run's K = 2
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loads, original = [], DROPipeline.from_pretrained
+    monkeypatch.setattr(DROPipeline, "from_pretrained", lambda *a, **kw: loads.append(a) or original(*a, **kw))
+    with pytest.raises(ValueError, match=r"questions.jsonl: 1 of 4 questions have no `passages` and no --corpus .*: "
+                                         r"question 4 \(id 'c'\); fix them, or pass --on_error skip"):
         predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl")))
-    assert not (tmp_path / "o.jsonl").exists()
+    with pytest.raises(ValueError, match=r"1 of 4 questions have fewer candidate passages than the K = 2 the run's "
+                                         r"selector picks: question 2 \(id 'short'\)"):
+        predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl"),
+                                      corpus=str(inputs[1])))
+    assert not (tmp_path / "o.jsonl").exists() and loads == []
     result = predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl"),
                                            on_error="skip"))  # counted and named, the others answered
-    assert result["n"] == 2 and "skipped 1 questions without `passages` (no --corpus): question 3 (id 'c')" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert result["n"] == 2 and "skipped 1 questions with no `passages` and no --corpus to retrieve them from: " \
+        "question 4 (id 'c')" in out and "skipped 1 questions with fewer candidate passages than the K = 2" in out
+    ids = [json.loads(line)["id"] for line in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert ids == ["a", "b"]
+
+
+def test_predict_refuses_a_format_prefix_with_the_conversion_to_run(tmp_path):
+    with pytest.raises(ValueError, match=r"reads canonical questions, not the 'hotpotqa' format .* scripts/retrieve.py "
+                                         r"--questions dev.json --format hotpotqa"):
+        PredictArguments(run_dir="run", input="hotpotqa:dev.json")
 
 
 def test_the_console_entry_point_is_declared():

@@ -17,7 +17,7 @@ from train_rl import main, make_parser  # noqa: E402
 
 from dro_rl import DROConfig, DROTrainer  # noqa: E402
 from dro_rl.data import DataError  # noqa: E402
-from dro_rl.recipe import with_default_config  # noqa: E402
+from dro_rl.recipe import prepare, with_default_config  # noqa: E402
 from dro_rl.warmup import warmup_config  # noqa: E402
 from tiny_run import tiny_config, tiny_task  # noqa: E402
 
@@ -137,6 +137,20 @@ def test_resume_with_a_changed_setting_is_refused_by_name(tmp_path, finished_run
         run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", flag, value,
             "--resume_from_checkpoint", str(out / "checkpoint-2"))
     assert tree_digest(out) == before  # refused before touching anything
+
+
+def test_resume_refuses_a_data_file_edited_in_place(tmp_path):
+    """A resumed run reuses its own copy of the data (data/): a file changed under the same path must be refused,
+    not trained on in its old form without a word."""
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"question": "q", "answers": ["a"], "passages": [{"text": "p"}]}) + "\n")
+    argv = ("--dataset", str(data), "--output_dir", str(tmp_path / "run"), "--model_name_or_path", "tiny:minilm",
+            "--use_cpu", "true", "--bf16", "false")
+    prepare(*parse(*argv))
+    prepare(*parse(*argv, "--resume_from_checkpoint", "true"))  # the same file: resumes
+    data.write_text(data.read_text().replace('"a"', '"b"'))
+    with pytest.raises(ValueError, match="dataset: the file changed since the run read it"):
+        prepare(*parse(*argv, "--resume_from_checkpoint", "true"))
 
 
 def test_python_api_resume_with_another_k_or_dataset_is_refused(tmp_path):
