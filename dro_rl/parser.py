@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 from typing import get_type_hints
 
 from trl import GRPOConfig, TrlParser
@@ -22,6 +23,17 @@ class DROParser(TrlParser):
     def format_usage(self) -> str:
         """The one usage line an error prints above itself (argparse's would list every one of the ~250 flags)."""
         return f"usage: {self.prog} [--config FILE.yaml] [--<setting> VALUE ...]   (every setting: --help)\n"
+
+    def set_defaults_with_config(self, **kwargs) -> list[str]:
+        """The YAML file's settings as defaults; a key that is no setting is refused here, by name and with the
+        nearest setting (TRL's own message, raised later, tells a developer to edit the dataclass)."""
+        unknown = [s.removeprefix("--") for s in super().set_defaults_with_config(**kwargs) if s.startswith("--")]
+        if unknown:
+            known = [a.dest for a in self._actions]
+            named = [key + "".join(f" (did you mean {m}?)" for m in difflib.get_close_matches(key, known, 1))
+                     for key in unknown]
+            raise ValueError(f"the --config file holds {len(unknown)} unknown setting(s): {', '.join(named)}")
+        return []
 
     def _add_dataclass_arguments(self, dtype) -> None:
         if not (isinstance(dtype, type) and issubclass(dtype, DROConfig)):

@@ -235,6 +235,8 @@ def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool, names: tu
 
 def check_writable(output_dir: str) -> None:
     """Fail now, not after retrieval and warm-up, if the run's folder cannot be written."""
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ValueError(f"output_dir {output_dir} is a file, not a folder: give the run a folder of its own")
     try:
         os.makedirs(output_dir, exist_ok=True)
         probe = os.path.join(output_dir, ".write-test")

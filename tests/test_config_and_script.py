@@ -42,7 +42,7 @@ def test_unknown_estimator_in_yaml_is_rejected(tmp_path):
 
 def test_misspelled_yaml_key_is_an_error(tmp_path):
     path = write_yaml(tmp_path, "estimatr: dro\noutput_dir: x\nuse_cpu: true\nbf16: false\n")
-    with pytest.raises(ValueError, match="estimatr"):
+    with pytest.raises(ValueError, match=r"unknown setting\(s\): estimatr \(did you mean estimator\?\)"):
         make_parser().parse_args_and_config(args=["--config", path])
 
 

@@ -361,6 +361,14 @@ def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
     assert not (out / "data").exists()  # nothing ran: no retrieval, no warm-up
 
 
+def test_an_output_dir_that_is_a_file_is_refused_as_a_file(tmp_path):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine\n")
+    with pytest.raises(ValueError, match="notes.txt is a file, not a folder"):  # was: "not writable (File exists)"
+        run(*TINY_DEMO, "--output_dir", str(taken))
+    assert taken.read_text() == "mine\n"
+
+
 @pytest.mark.parametrize("yaml_text,name", [
     ("num_docs_selected: 2.0\n", "num_docs_selected must be an integer"),
     ("max_steps: 3.5\n", "max_steps must be an integer"),
