@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
-from .data import DataError, load
+from .data import DataError, LoadStats, load
 from .evaluation import baseline_picks, score_picks, select_greedy
 from .generator import GeneratorPrompt
 from .models import GENERATOR, SELECTOR, as_role
@@ -78,8 +78,8 @@ def parse_spec(spec: str) -> tuple[str, str, str]:
 def load_ranked(
     spec: str, retriever, corpus: str | None = None, top_n: int = 20, cache_dir: str | None = None,
     on_error: str = "raise", limit: int | None = None, retriever_name: str = "",
-) -> tuple[str, list[dict]]:
-    """(name, rows in retrieval order) for ``[format:]path``.
+) -> tuple[str, list[dict], LoadStats]:
+    """(name, rows in retrieval order, what the loader kept and skipped) for ``[format:]path``.
 
     Rows with their own candidates are re-ranked by ``retriever`` (or kept in the file's order with None); rows
     without candidates retrieve their top-N from ``corpus`` — in one file, each row the way it needs. The log says
@@ -105,7 +105,7 @@ def load_ranked(
         print(f"{name}: {len(own)} rows' own candidates scored {describe_order(retriever, retriever_name)}",
               flush=True)
         ranked = iter(retrieval_order(own, retriever))
-    return name, [next(ranked) if r["passages"] else next(found) for r in rows]
+    return name, [next(ranked) if r["passages"] else next(found) for r in rows], stats
 
 
 def compare(

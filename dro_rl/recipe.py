@@ -48,6 +48,7 @@ from .warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_tar
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 RUN_CONFIG = "run_config.json"
+SKIPPED = "skipped.json"  # in data/
 STEP_KEY = "dro_step"  # in eval_after.json: the DRO step of the models it evaluated
 
 
@@ -137,6 +138,14 @@ def run_config(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
         "resolved": {"generator_scoring": "in_loss" if dro.scores_in_loss else "separate"},
         "data_files": data_file_hashes(args),
     }
+
+
+def read_skipped(path: str) -> dict | None:
+    """``data/skipped.json`` (None for a run folder written before it existed)."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def data_file_hashes(args: RecipeArguments) -> dict[str, str]:
@@ -251,7 +260,11 @@ def check_model_name(name: str, trust_remote_code: bool = False) -> None:
 
 
 def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[dict]]:
-    """Training and evaluation rows in retrieval order, read back from ``data/`` when the stage already ran."""
+    """Training and evaluation rows in retrieval order, read back from ``data/`` when the stage already ran.
+
+    ``data/skipped.json`` says, per split, how many rows were kept and which were skipped and why
+    (``on_bad_row: skip``): the report and the model card carry the counts once the console is gone.
+    """
     folder = os.path.join(dro.output_dir, "data")
     if os.path.exists(os.path.join(folder, "train.jsonl")):  # written last: the stage finished
         print(f"data: reusing {folder}", flush=True)
@@ -259,6 +272,7 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
                 os.path.exists(os.path.join(folder, f"{split}.jsonl")) else [] for split in ("train", "eval")}
         return rows["train"], rows["eval"]
     retriever = make_retriever(dro.retriever, dro.retriever_model)
+    skipped: dict[str, list[str]] = {"train": [], "eval": []}
     if args.dataset == "demo":
         world = WorldConfig(
             num_people=args.demo_num_people, num_candidates=args.demo_num_candidates,
@@ -269,25 +283,31 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
         print(f"retrieval: ranking the candidates of {len(train) + len(evals)} demo questions", flush=True)
         train, evals = retrieval_order(train, retriever), retrieval_order(evals, retriever)
     else:
-        def ranked(spec: str, limit: int | None) -> list[dict]:
-            return load_ranked(spec, retriever, args.corpus, dro.top_n, dro.output_dir, on_error=dro.on_bad_row,
-                               limit=limit, retriever_name=f"{dro.retriever}:{dro.retriever_model}")[1]
+        def ranked(spec: str, limit: int | None, split: str) -> list[dict]:
+            _, rows, stats = load_ranked(spec, retriever, args.corpus, dro.top_n, dro.output_dir,
+                                         on_error=dro.on_bad_row, limit=limit,
+                                         retriever_name=f"{dro.retriever}:{dro.retriever_model}")
+            skipped[split] += stats.skipped
+            return rows
 
-        train = ranked(args.dataset, args.max_train_questions)
-        evals = ranked(args.eval_dataset, args.max_eval_questions) if args.eval_dataset else []
+        train = ranked(args.dataset, args.max_train_questions, "train")
+        evals = ranked(args.eval_dataset, args.max_eval_questions, "eval") if args.eval_dataset else []
 
-    def checked(rows: list[dict], name: str) -> list[dict]:
+    def checked(rows: list[dict], name: str, split: str) -> list[dict]:
         """K candidates per row (and the trainer's other row checks) now, not after the warm-up and the "before"
         evaluation; ``on_bad_row: skip`` drops and counts the bad rows."""
         rows, stats = check_dataset(rows, dro.num_docs_selected, dro.on_bad_row, name=name)
         if stats.skipped:
             print(stats.summary(), flush=True)
+        skipped[split] += stats.skipped
         return rows
 
     demo = args.dataset == "demo"
-    train = checked(train, "demo training questions" if demo else parse_spec(args.dataset)[1])
+    train = checked(train, "demo training questions" if demo else parse_spec(args.dataset)[1], "train")
     if evals:
-        evals = checked(evals, "demo evaluation questions" if demo else parse_spec(args.eval_dataset)[1])
+        evals = checked(evals, "demo evaluation questions" if demo else parse_spec(args.eval_dataset)[1], "eval")
+    write_json({split: {"kept": len(rows), "skipped": len(skipped[split]), "reasons": skipped[split]}
+                for split, rows in (("train", train), ("eval", evals))}, os.path.join(folder, SKIPPED))
     eval_path = os.path.join(folder, "eval.jsonl")
     if evals:
         write_jsonl(evals, eval_path)  # each file atomically, train.jsonl last: it marks the stage as finished
@@ -473,7 +493,8 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     after = evaluation_stage("after", dro, eval_rows, unwrap(trainer.model), tok, grammar,                # 5
                              unwrap(trainer.generator), gtok, step=trainer.state.global_step)
 
-    report = build_report(before, after, time.time() - start, run_config(args, dro, model_args))          # 6
+    report = build_report(before, after, time.time() - start, run_config(args, dro, model_args),          # 6
+                          read_skipped(os.path.join(dro.output_dir, "data", SKIPPED)))
     if trainer.accelerator.is_main_process:
         table = write_report(report, trainer.state.log_history, dro.output_dir)
         shown = table if eval_rows else ("no evaluation set (give --eval_dataset): the run was trained, not "

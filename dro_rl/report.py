@@ -39,9 +39,10 @@ DIFFERENCES = [
 ]
 
 
-def build_report(before: dict, after: dict, wall: float, config: dict) -> dict:
+def build_report(before: dict, after: dict, wall: float, config: dict, data: dict | None = None) -> dict:
     """The figures of a run, each with its 95 % bootstrap interval over questions, and the paired differences that
-    say whether DRO helped (an interval excluding 0 is a difference larger than the resampling noise)."""
+    say whether DRO helped (an interval excluding 0 is a difference larger than the resampling noise); ``data``: the
+    rows kept and skipped per split (``data/skipped.json``, without the reasons)."""
     evaluations = {"before": before, "after": after}
 
     def values(evaluation: str, strategy: str, metric: str) -> list | None:
@@ -64,6 +65,7 @@ def build_report(before: dict, after: dict, wall: float, config: dict) -> dict:
         "rows": rows,
         "differences": differences,
         "num_eval_questions": after.get("selector", {}).get("n"),
+        "data": {split: {"kept": d["kept"], "skipped": d["skipped"]} for split, d in (data or {}).items()},
         "wall_seconds": wall,
         "config": config,
     }
@@ -90,6 +92,10 @@ def format_table(report: dict) -> str:
               for label, row in report["rows"].items()]
     for name, by_metric in report["differences"].items():
         lines.append(f"\n{name.replace('_', ' ')}: " + ", ".join(f"{m} {cell(e)}" for m, e in by_metric.items()))
+    data = report.get("data") or {}
+    if any(d["skipped"] for d in data.values()):
+        lines.append("\nrows skipped as malformed (on_bad_row: skip; which and why: data/skipped.json): " +
+                     ", ".join(f"{split} {d['skipped']} of {d['kept'] + d['skipped']}" for split, d in data.items()))
     return "\n".join(lines)
 
 

@@ -720,6 +720,7 @@ class DROTrainer(GRPOTrainer):
         data = self.train_dataset
         dataset_name = dataset_name or (data.info.dataset_name if data is not None else None)
         skipped = len(self.data_stats[0].skipped) if data is not None and self.data_stats else 0
+        skipped += (report or {}).get("data", {}).get("train", {}).get("skipped", 0)  # the recipe's, before the trainer
         held_out = self.eval_dataset is not None and not isinstance(self.eval_dataset, dict)
         rows = self.eval_dataset if held_out else data
         return render(

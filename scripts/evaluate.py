@@ -134,7 +134,7 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
     sprompt, gprompt = pipeline.selector_prompt(), pipeline.generator_prompt()
     k = pipeline.num_docs_selected
     results: dict[str, dict] = {}
-    for name, rows in datasets:
+    for name, rows, _ in datasets:
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
         results[name] = {}
         labelled = [r for r in rows if any(r["gold"] or [])]

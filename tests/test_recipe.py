@@ -18,6 +18,7 @@ from train_rl import main, make_parser  # noqa: E402
 from dro_rl import DROConfig, DROTrainer  # noqa: E402
 from dro_rl.data import DataError  # noqa: E402
 from dro_rl.recipe import prepare, with_default_config  # noqa: E402
+from dro_rl.report import build_report, format_table  # noqa: E402
 from dro_rl.warmup import warmup_config  # noqa: E402
 from tiny_run import tiny_config, tiny_task  # noqa: E402
 
@@ -407,6 +408,15 @@ def test_malformed_file_rows_are_named_or_skipped_by_on_bad_row(tmp_path):
         data_stage(args, tiny_config(str(tmp_path / "a"), retriever="none"))
     rows, _ = data_stage(args, tiny_config(str(tmp_path / "b"), retriever="none", on_bad_row="skip"))
     assert [r["question"] for r in rows] == ["q0?", "q1?", "q2?"]
+    # the run keeps what it skipped, for the report, the model card and whoever reads the folder later
+    skipped = json.loads((tmp_path / "b" / "data" / "skipped.json").read_text())
+    assert (skipped["train"]["kept"], skipped["train"]["skipped"], skipped["eval"]["skipped"]) == (3, 2, 0)
+    assert "train.jsonl:2: not valid JSON" in skipped["train"]["reasons"][0]
+    assert "1 candidate, fewer than the 2 needed" in skipped["train"]["reasons"][1]
+    report = build_report({}, {}, 1.0, {}, skipped)
+    assert report["data"] == {"train": {"kept": 3, "skipped": 2}, "eval": {"kept": 0, "skipped": 0}}
+    assert "rows skipped as malformed (on_bad_row: skip; which and why: data/skipped.json): train 2 of 5, " \
+        "eval 0 of 0" in format_table(report)
     path.write_text("\n".join(json.dumps(r) for r in [good[0], {**good[2], "passages": [{"text": "only one"}]}]))
     with pytest.raises(ValueError, match=r"train.jsonl row 1 .* 1 candidate, fewer than the 2 needed"):
         data_stage(args, tiny_config(str(tmp_path / "c"), retriever="none"))

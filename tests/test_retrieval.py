@@ -189,7 +189,7 @@ def test_a_mix_of_rows_with_and_without_candidates_retrieves_for_those_without(t
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps(p) + "\n" for p in CORPUS))
     path = write_rows(tmp_path, [OWN, QUESTIONS[0]])
-    _, rows = load_ranked(path, BM25Retriever(), str(corpus), top_n=2, cache_dir=str(tmp_path))
+    _, rows, _ = load_ranked(path, BM25Retriever(), str(corpus), top_n=2, cache_dir=str(tmp_path))
     assert [p["id"] for p in rows[0]["passages"]][0] == "x3"  # its own candidates, re-ranked
     assert [p["id"] for p in rows[1]["passages"]][0] == "b" and len(rows[1]["passages"]) == 2  # from the corpus
     assert "for 1 rows without candidates" in capsys.readouterr().out
@@ -211,10 +211,10 @@ def test_the_log_says_which_candidate_order_is_scored(tmp_path, capsys):
     from dro_rl.pipeline import load_ranked
 
     path = write_rows(tmp_path, [OWN])
-    _, kept = load_ranked(path, None)
+    _, kept, _ = load_ranked(path, None)
     assert [p["id"] for p in kept[0]["passages"]] == ["x1", "x2", "x3"]
     assert "1 rows' own candidates scored in the file's own order (retriever: none)" in capsys.readouterr().out
-    _, ranked = load_ranked(path, BM25Retriever(), retriever_name="bm25")
+    _, ranked, _ = load_ranked(path, BM25Retriever(), retriever_name="bm25")
     assert [p["id"] for p in ranked[0]["passages"]][0] == "x3"
     assert "in the order of the first-stage retriever bm25" in capsys.readouterr().out
 
