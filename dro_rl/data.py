@@ -39,6 +39,7 @@ class LoadStats:
     source: str
     kept: int = 0
     skipped: list[str] = field(default_factory=list)
+    limit: int | None = None  # only the first ``limit`` rows were read
 
     @property
     def seen(self) -> int:
@@ -46,6 +47,7 @@ class LoadStats:
 
     def summary(self) -> str:
         text = f"{self.source}: {self.kept} rows kept, {len(self.skipped)} skipped"
+        text += f" (a limit: at most its first {self.limit} rows read)" if self.limit is not None else ""
         return text + ("".join(f"\n  - {reason}" for reason in self.skipped[:20]) if self.skipped else "")
 
 
@@ -451,17 +453,22 @@ def load(
     _refuse_fmt("load", unexpected)
     if unexpected:
         raise TypeError(f"load() got unexpected keyword arguments {sorted(unexpected)}")
-    return convert(_first(iter_records(path), limit), _converter(format, mapping), path, on_error)
+    return _limited(convert(_first(iter_records(path), limit), _converter(format, mapping), path, on_error), limit)
 
 
 def load_questions(path: str, on_error: OnError = "raise", limit: int | None = None) -> tuple[list[dict], LoadStats]:
     """Canonical rows of new questions: ``answers`` may be absent (``[]``), ``passages`` too (retrieve them)."""
     to_row = lambda where, r: _canonical(where, r, answers_required=False)  # noqa: E731
-    return convert(_first(iter_records(path), limit), to_row, path, on_error)
+    return _limited(convert(_first(iter_records(path), limit), to_row, path, on_error), limit)
 
 
 def _first(records: Iterator[tuple[str, Any]], limit: int | None) -> Iterator[tuple[str, Any]]:
     return records if limit is None else (rec for _, rec in zip(range(limit), records))
+
+
+def _limited(loaded: tuple[list[dict], LoadStats], limit: int | None) -> tuple[list[dict], LoadStats]:
+    loaded[1].limit = limit  # so that the counts do not read as the file's size
+    return loaded
 
 
 def load_hf(

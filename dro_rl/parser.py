@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
-from typing import get_type_hints
+from typing import get_args, get_type_hints
 
 from trl import GRPOConfig, TrlParser
 
@@ -25,8 +25,15 @@ class DROParser(TrlParser):
         return f"usage: {self.prog} [--config FILE.yaml] [--<setting> VALUE ...]   (every setting: --help)\n"
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
-        """The YAML file's settings as defaults; a key that is no setting is refused here, by name and with the
-        nearest setting (TRL's own message, raised later, tells a developer to edit the dataclass)."""
+        """The YAML file's settings as defaults. Refused here, by name: a key that is no setting (with the nearest
+        setting; TRL's own message, raised later, tells a developer to edit the dataclass), and an integer setting
+        given as a string, which argparse would convert without a word. Not a float setting: PyYAML reads ``1e-5``,
+        without a dot, as a string, and argparse's ``float()`` is what makes that common spelling work."""
+        integers = {name for dtype in self.dataclass_types for name, hint in get_type_hints(dtype).items()
+                    if set(get_args(hint) or [hint]) - {type(None)} == {int}}
+        quoted = [f"{key}: {value!r}" for key, value in kwargs.items() if isinstance(value, str) and key in integers]
+        if quoted:
+            raise ValueError(f"the --config file gives integers as strings: {', '.join(quoted)}; write them unquoted")
         unknown = [s.removeprefix("--") for s in super().set_defaults_with_config(**kwargs) if s.startswith("--")]
         if unknown:
             known = [a.dest for a in self._actions]

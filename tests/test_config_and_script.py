@@ -46,6 +46,15 @@ def test_misspelled_yaml_key_is_an_error(tmp_path):
         make_parser().parse_args_and_config(args=["--config", path])
 
 
+def test_an_integer_written_as_a_string_in_yaml_is_refused_and_a_float_in_e_notation_is_read(tmp_path):
+    path = write_yaml(tmp_path, "learning_rate: 1e-5\noutput_dir: x\nuse_cpu: true\nbf16: false\n")
+    assert make_parser().parse_args_and_config(args=["--config", path])[1].learning_rate == 1e-5  # '1e-5' to PyYAML
+    path = write_yaml(tmp_path, "num_generations: '4'\nnum_docs_selected: '2'\noutput_dir: x\nuse_cpu: true\n"
+                                "bf16: false\n")
+    with pytest.raises(ValueError, match="integers as strings: num_generations: '4', num_docs_selected: '2'"):
+        make_parser().parse_args_and_config(args=["--config", path])
+
+
 def test_question_groups_must_stay_on_one_process():
     # refused by DROConfig before TRL's own check, whose message would come with a library traceback
     with pytest.raises(ValueError, match="num_generations .4. so each process holds whole question groups"):

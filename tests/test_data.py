@@ -398,3 +398,14 @@ def test_a_repeated_question_id_is_named_with_the_row_it_repeats_or_skipped(tmp_
         load(str(path))
     kept, stats = load(str(path), on_error="skip")
     assert [r["question"] for r in kept] == ["q0?", "q1?"] and len(stats.skipped) == 1
+
+
+def test_a_limited_read_says_so_in_its_counts(tmp_path):
+    """``--max_eval_questions 4`` on a 6-row file: "4 rows kept" alone reads as the file's size."""
+    path = tmp_path / "six.jsonl"
+    path.write_text("".join(json.dumps({"question": f"q{i}?", "answers": ["Paris"], "passages": [{"text": "p"}]}) + "\n"
+                            for i in range(6)))
+    rows, stats = load(str(path), limit=4)
+    assert len(rows) == 4
+    assert stats.summary() == f"{path}: 4 rows kept, 0 skipped (a limit: at most its first 4 rows read)"
+    assert load(str(path))[1].summary() == f"{path}: 6 rows kept, 0 skipped"
