@@ -272,6 +272,14 @@ def _canonical(where: str, r: dict, answers_required: bool = True) -> dict:
         _fail(where, "passages", "must be a list")
     gold = [_label(p.get("gold", False), where, f"passages[{j}].gold") if isinstance(p, dict) else False
             for j, p in enumerate(passages or [])]
+    if r.get("gold") is not None:  # the trainer's in-memory row layout: one list beside the passages
+        row_gold = r["gold"]
+        if not isinstance(row_gold, list) or len(row_gold) != len(passages or []):
+            _fail(where, "gold", f"must be a list of one true/false per passage ({len(passages or [])}), or be left "
+                                 "out for gold flags inside the passages")
+        if any(isinstance(p, dict) and "gold" in p for p in passages):
+            _fail(where, "gold", "is given both as a row-level list and inside the passages: keep one")
+        gold = [_label(g, where, f"gold[{j}]") for j, g in enumerate(row_gold)]
     hint = None if answers_required else _format_hint(r)
     if hint:  # a raw source row would pass as a bare question, its own paragraphs and answer silently ignored
         raise DataError(f"{where}: {hint}; predict.py and DROPipeline read canonical questions: convert the file "

@@ -71,6 +71,8 @@ class DROPipeline:
         ``model_init_kwargs`` go to ``from_pretrained`` of the models or bases (``dtype``, ``quantization_config``).
         """
         if not os.path.isdir(path):
+            if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
+                raise FileNotFoundError(f"{path} is not a run folder (no such folder)")  # a path, not a Hub id
             path = _download(path)
         check_complete(path)
         config = PipelineConfig.load_pipeline(path)

@@ -68,19 +68,24 @@ def main(args: PredictArguments) -> dict:
         f"fewer candidate passages than the K = {k} the run's selector picks": [
             i for i, r in enumerate(rows) if k is not None and 0 < len(r["passages"]) < k],
     }
-    for reason, found in problems.items():
-        if not found:
-            continue
-        named = ", ".join(f"question {i + 1} (id {rows[i]['id']!r})" for i in found[:5])
-        named += " ..." if len(found) > 5 else ""
-        if args.on_error == "raise":
-            raise ValueError(f"{args.input}: {len(found)} of {len(rows)} questions have {reason}: {named}; fix them, "
-                             "or pass --on_error skip")
-        print(f"skipped {len(found)} questions with {reason}: {named}", flush=True)
-    skipped = {i for found in problems.values() for i in found}
+    found_all = [(reason, found) for reason, found in problems.items() if found]
+
+    def named(found: list[int]) -> str:
+        return ", ".join(f"question {i + 1} (id {rows[i]['id']!r})" for i in found[:5]) + (" ..." if len(found) > 5
+                                                                                           else "")
+
+    if found_all and args.on_error == "raise":  # every kind at once: a file mended by hand needs one pass
+        raise ValueError(f"{args.input}: " + "; ".join(f"{len(found)} of {len(rows)} questions have {reason}: "
+                                                     f"{named(found)}" for reason, found in found_all) +
+                         "; fix them, or pass --on_error skip")
+    for reason, found in found_all:
+        print(f"skipped {len(found)} of {len(rows)} questions with {reason}: {named(found)}", flush=True)
+    skipped = {i for _, found in found_all for i in found}
     rows = [r for i, r in enumerate(rows) if i not in skipped]
     if not rows:
         raise ValueError(f"{args.input}: no question left to answer")
+    if skipped:
+        print(f"answering {len(rows)} questions; {len(skipped)} skipped in all", flush=True)
     pipe = DROPipeline.from_pretrained(args.run_dir, batch_size=args.batch_size)
     predictions = pipe([r["question"] for r in rows], [r["passages"] for r in rows], corpus=args.corpus)
     records, scored = [], []

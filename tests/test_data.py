@@ -409,3 +409,17 @@ def test_a_limited_read_says_so_in_its_counts(tmp_path):
     assert len(rows) == 4
     assert stats.summary() == f"{path}: 4 rows kept, 0 skipped (a limit: at most its first 4 rows read)"
     assert load(str(path))[1].summary() == f"{path}: 6 rows kept, 0 skipped"
+
+
+def test_a_row_level_gold_list_is_read_not_dropped(tmp_path):
+    """The trainer's rows hold ``gold`` as one list beside the passages; a file written that way lost its labels."""
+    path = tmp_path / "g.jsonl"
+    row = {"question": "q?", "answers": ["Paris"], "passages": [{"text": "a"}, {"text": "b"}], "gold": [False, True]}
+    path.write_text(json.dumps(row) + "\n")
+    assert load(str(path))[0][0]["gold"] == [False, True]
+    path.write_text(json.dumps({**row, "gold": [True]}) + "\n")
+    with pytest.raises(DataError, match="g.jsonl:1: field 'gold' must be a list of one true/false per passage"):
+        load(str(path))
+    path.write_text(json.dumps({**row, "passages": [{"text": "a", "gold": True}, {"text": "b"}]}) + "\n")
+    with pytest.raises(DataError, match="both as a row-level list and inside the passages"):
+        load(str(path))

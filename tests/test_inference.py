@@ -102,5 +102,8 @@ def test_unusable_inputs_are_refused_with_the_question_named(runs):
 
 
 def test_a_path_that_is_no_run_is_named(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no-such-run is neither a local run folder nor a reachable Hub repo"):
+    with pytest.raises(FileNotFoundError, match="no-such-run is not a run folder"):  # a path: no Hub lookup
         DROPipeline.from_pretrained(str(tmp_path / "no-such-run"))
+    with pytest.raises(FileNotFoundError, match="no-such-org/no-such-run is neither a local run folder nor a "
+                                                "reachable Hub repo"):  # offline in the tests
+        DROPipeline.from_pretrained("no-such-org/no-such-run")

@@ -82,18 +82,23 @@ def test_predict_names_the_questions_it_cannot_answer_before_loading_the_models(
     loads, original = [], DROPipeline.from_pretrained
     monkeypatch.setattr(DROPipeline, "from_pretrained", lambda *a, **kw: loads.append(a) or original(*a, **kw))
     with pytest.raises(ValueError, match=r"questions.jsonl: 1 of 4 questions have no `passages` and no --corpus .*: "
-                                         r"question 4 \(id 'c'\); fix them, or pass --on_error skip"):
+                                         r"question 4 \(id 'c'\); 1 of 4 questions have fewer candidate passages .*: "
+                                         r"question 2 \(id 'short'\); fix them, or pass --on_error skip"):
         predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl")))
     with pytest.raises(ValueError, match=r"1 of 4 questions have fewer candidate passages than the K = 2 the run's "
                                          r"selector picks: question 2 \(id 'short'\)"):
         predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl"),
                                       corpus=str(inputs[1])))
     assert not (tmp_path / "o.jsonl").exists() and loads == []
+    with pytest.raises(FileNotFoundError, match="no_such_run is not a run folder"):  # a path, not a Hub repo id
+        predict_main(PredictArguments(run_dir=str(tmp_path / "no_such_run"), input=str(questions),
+                                      output=str(tmp_path / "o.jsonl"), corpus=str(inputs[1]), on_error="skip"))
     result = predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl"),
                                            on_error="skip"))  # counted and named, the others answered
     out = capsys.readouterr().out
-    assert result["n"] == 2 and "skipped 1 questions with no `passages` and no --corpus to retrieve them from: " \
-        "question 4 (id 'c')" in out and "skipped 1 questions with fewer candidate passages than the K = 2" in out
+    assert result["n"] == 2 and "skipped 1 of 4 questions with no `passages` and no --corpus to retrieve them from: " \
+        "question 4 (id 'c')" in out and "skipped 1 of 4 questions with fewer candidate passages than the K = 2" in out
+    assert "answering 2 questions; 2 skipped in all" in out
     ids = [json.loads(line)["id"] for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert ids == ["a", "b"]
 
