@@ -17,6 +17,7 @@ Every loader reads a file line by line (or record by record) and checks each row
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from dataclasses import dataclass, field
@@ -225,18 +226,20 @@ def _column_wise(path: str, first_line: bytes) -> list[tuple[str, dict]] | None:
 
 
 def convert(
-    records: Iterable[tuple[str, Any]], to_row: Callable[[str, dict], dict], source: str, on_error: OnError = "raise"
+    records: Iterable[tuple[str, Any]], to_row: Callable[[str, dict], dict], source: str, on_error: OnError = "raise",
+    limit: int | None = None,
 ) -> tuple[list[dict], LoadStats]:
     """Apply ``to_row`` to each record; raise on the first bad one, or skip and count it. A row whose id repeats an
     earlier row's is a bad one.
 
     No rows at all is an error too — an empty file, or one whose every row was skipped — so that nothing downstream
-    writes an empty output or fails on an empty list far from the cause.
+    writes an empty output or fails on an empty list far from the cause. ``limit``: only the first records are read
+    (and the counts say so).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    rows, stats, first_seen = [], LoadStats(source), {}
-    for where, record in records:
+    rows, stats, first_seen = [], LoadStats(source, limit=limit), {}
+    for where, record in (records if limit is None else itertools.islice(records, limit)):
         try:
             if isinstance(record, DataError):
                 raise record
@@ -461,22 +464,13 @@ def load(
     _refuse_fmt("load", unexpected)
     if unexpected:
         raise TypeError(f"load() got unexpected keyword arguments {sorted(unexpected)}")
-    return _limited(convert(_first(iter_records(path), limit), _converter(format, mapping), path, on_error), limit)
+    return convert(iter_records(path), _converter(format, mapping), path, on_error, limit)
 
 
 def load_questions(path: str, on_error: OnError = "raise", limit: int | None = None) -> tuple[list[dict], LoadStats]:
     """Canonical rows of new questions: ``answers`` may be absent (``[]``), ``passages`` too (retrieve them)."""
     to_row = lambda where, r: _canonical(where, r, answers_required=False)  # noqa: E731
-    return _limited(convert(_first(iter_records(path), limit), to_row, path, on_error), limit)
-
-
-def _first(records: Iterator[tuple[str, Any]], limit: int | None) -> Iterator[tuple[str, Any]]:
-    return records if limit is None else (rec for _, rec in zip(range(limit), records))
-
-
-def _limited(loaded: tuple[list[dict], LoadStats], limit: int | None) -> tuple[list[dict], LoadStats]:
-    loaded[1].limit = limit  # so that the counts do not read as the file's size
-    return loaded
+    return convert(iter_records(path), to_row, path, on_error, limit)
 
 
 def load_hf(

@@ -80,6 +80,12 @@ def write_json(value: Any, path: str, **dump_kwargs) -> None:
         f.write("\n")
 
 
+def read_json(path: str) -> Any:
+    """What ``write_json`` wrote."""
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def write_lines(records: Iterable[Any], path: str) -> int:
     """One JSON object per line (JSONL, UTF-8 kept as is) through ``atomic_write``; returns the number written."""
     n = 0

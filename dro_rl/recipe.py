@@ -37,7 +37,7 @@ from .config import DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .evaluation import reward_picks
-from .files import file_sha256, write_json
+from .files import file_sha256, read_json, write_json
 from .models import BASE_IN_RUN, load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
@@ -140,14 +140,6 @@ def run_config(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     }
 
 
-def read_skipped(path: str) -> dict | None:
-    """``data/skipped.json`` (None for a run folder written before it existed)."""
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
 def data_file_hashes(args: RecipeArguments) -> dict[str, str]:
     """SHA-256 of the data files behind ``dataset``, ``eval_dataset`` and ``corpus``: a resumed run reuses its own
     copies in ``data/``, so a file edited in place since would otherwise go unnoticed."""
@@ -189,9 +181,7 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
     config = run_config(args, dro, model_args)
     saved_path = os.path.join(dro.output_dir, RUN_CONFIG)
     if resuming and os.path.exists(saved_path):
-        with open(saved_path) as f:
-            saved = json.load(f)
-        changed = _changed_settings(saved, config)
+        changed = _changed_settings(read_json(saved_path), config)
         if changed:
             raise ValueError(f"cannot resume the run in {dro.output_dir} with different settings:\n  " +
                              "\n  ".join(changed) + "\nresume with the run's settings, or start a new run elsewhere")
@@ -430,8 +420,7 @@ def evaluation_stage(name: str, dro: DROConfig, eval_rows, selector, tok, gramma
         return {}
     path = os.path.join(dro.output_dir, f"eval_{name}.json")
     if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
+        saved = read_json(path)
         if saved.get(STEP_KEY) == step:
             print(f"evaluation ({name} DRO): reusing {path}", flush=True)
             return saved
@@ -493,8 +482,9 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     after = evaluation_stage("after", dro, eval_rows, unwrap(trainer.model), tok, grammar,                # 5
                              unwrap(trainer.generator), gtok, step=trainer.state.global_step)
 
-    report = build_report(before, after, time.time() - start, run_config(args, dro, model_args),          # 6
-                          read_skipped(os.path.join(dro.output_dir, "data", SKIPPED)))
+    skipped = os.path.join(dro.output_dir, "data", SKIPPED)  # absent from a run folder written before it existed
+    report = build_report(before, after, time.time() - start, read_json(os.path.join(dro.output_dir, RUN_CONFIG)),
+                          read_json(skipped) if os.path.exists(skipped) else None)                   # 6
     if trainer.accelerator.is_main_process:
         table = write_report(report, trainer.state.log_history, dro.output_dir)
         shown = table if eval_rows else ("no evaluation set (give --eval_dataset): the run was trained, not "
