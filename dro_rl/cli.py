@@ -73,14 +73,17 @@ def main(argv: list[str] | None = None) -> int:
 
 # The command-line parsers (TRL's and transformers'): their errors are about the flags or the --config YAML a user gave.
 PARSER_FILES = ("trl/scripts/_hf_argparser.py", "trl/scripts/utils.py", "transformers/hf_argparser.py")
+# The config classes DROConfig extends: what their __post_init__ refuses is a setting, not a library failure.
+CONFIG_FILES = ("trl/trainer/grpo_config.py", "transformers/training_args.py")
 
 
 @contextmanager
 def refusals_in_one_line(prog: str) -> Iterator[None]:
     """Print a refusal raised by this project's own code — a missing file, a malformed row, a setting it cannot
-    honour — as one line, ``prog: error: <message>``, and exit with status 1; an unknown flag or YAML key, refused by
-    the command-line parser, the same way with status 2 (argparse's, as for a bad flag value); Ctrl-C as
-    ``prog: interrupted`` with status 130 (every result is written atomically: nothing half-written is left).
+    honour — or by the config classes it extends (TRL's ``GRPOConfig``, transformers' ``TrainingArguments``) as one
+    line, ``prog: error: <message>``, and exit with status 1; an unknown flag or YAML key, refused by the
+    command-line parser, the same way with status 2 (argparse's, as for a bad flag value); Ctrl-C as ``prog:
+    interrupted`` with status 130 (every result is written atomically: nothing half-written is left).
 
     The message already names the file, row and field; a traceback above it only buries it (and is printed once per
     process under ``accelerate launch``). Errors raised inside a library (torch, transformers, ...) keep their
@@ -101,7 +104,8 @@ def refusals_in_one_line(prog: str) -> Iterator[None]:
         where = Path(frame.tb_frame.f_code.co_filename).resolve()
         raised_here = any(where.is_relative_to(ROOT / folder) for folder in ("dro_rl", "scripts", "rewards"))
         from_parser = where.as_posix().endswith(PARSER_FILES)
-        if keep_traceback or not (raised_here or from_parser):
+        from_config = where.as_posix().endswith(CONFIG_FILES)
+        if keep_traceback or not (raised_here or from_parser or from_config):
             raise
         print(f"{prog}: error: {err}" + (" (see --help)" if from_parser else ""), file=sys.stderr)
         sys.exit(2 if from_parser else 1)

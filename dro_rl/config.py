@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import types
+import warnings
 import typing
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
@@ -187,7 +188,11 @@ class DROConfig(GRPOConfig, PipelineConfig):
             if self.generation_batch_size is None:  # else TRL derives steps_per_generation from it, checked below
                 # TRL refuses this too, but inside its own __post_init__: the message would come with its traceback.
                 self._check_whole_groups(self.steps_per_generation or self.gradient_accumulation_steps, single)
-            super().__post_init__()
+            with warnings.catch_warnings():
+                # TRL's config sets gradient_checkpointing (its default, True), the name it documents and reads;
+                # transformers 5.24 warns that the name goes in v6, which pyproject.toml's pins exclude.
+                warnings.filterwarnings("ignore", "`gradient_checkpointing` is deprecated", FutureWarning)
+                super().__post_init__()
         finally:
             if single:
                 self.num_generations = 1

@@ -517,8 +517,9 @@ def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "tra
                  min_passages=k)
         return row["__index__"]
 
-    records = ((f"{name} row {i}" + (f" (id {row['id']!r})" if row.get("id") else ""), {**row, "__index__": i})
-               for i, row in enumerate(dataset))
+    # Named 1-based, as the loaders name lines: question 1 is dataset[0] (or a file's first question read).
+    records = ((f"{name} question {i + 1}" + (f" (id {row['id']!r})" if row.get("id") else ""),
+                {**row, "__index__": i}) for i, row in enumerate(dataset))
     keep, stats = convert(records, check, name, on_error)
     if not stats.skipped:
         return dataset, stats

@@ -70,6 +70,7 @@ class DROPipeline:
         both adapters), their tokenizers and ``pipeline.json``. A folder whose save did not finish is refused.
         ``model_init_kwargs`` go to ``from_pretrained`` of the models or bases (``dtype``, ``quantization_config``).
         """
+        path = os.path.expanduser(path)  # "~/runs/x" from Python, where no shell expands it
         if not os.path.isdir(path):
             if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
                 raise FileNotFoundError(f"{path} is not a run folder (no such folder)")  # a path, not a Hub id

@@ -293,10 +293,13 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
         return rows
 
     demo = args.dataset == "demo"
-    train = checked(train, "demo training questions" if demo else parse_spec(args.dataset)[1], "train")
+    train = checked(train, "demo training" if demo else parse_spec(args.dataset)[1], "train")
     if evals:
-        evals = checked(evals, "demo evaluation questions" if demo else parse_spec(args.eval_dataset)[1], "eval")
-    write_json({split: {"kept": len(rows), "skipped": len(skipped[split]), "reasons": skipped[split]}
+        evals = checked(evals, "demo evaluation" if demo else parse_spec(args.eval_dataset)[1], "eval")
+    limits = {"train": None, "eval": None} if demo else {"train": args.max_train_questions,
+                                                         "eval": args.max_eval_questions}
+    write_json({split: {"kept": len(rows), "skipped": len(skipped[split]), "reasons": skipped[split],
+                        "read_limit": limits[split]}
                 for split, rows in (("train", train), ("eval", evals))}, os.path.join(folder, SKIPPED))
     eval_path = os.path.join(folder, "eval.jsonl")
     if evals:

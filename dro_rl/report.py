@@ -65,7 +65,9 @@ def build_report(before: dict, after: dict, wall: float, config: dict, data: dic
         "rows": rows,
         "differences": differences,
         "num_eval_questions": after.get("selector", {}).get("n"),
-        "data": {split: {"kept": d["kept"], "skipped": d["skipped"]} for split, d in (data or {}).items()},
+        "data": {split: {"kept": d["kept"], "skipped": d["skipped"],
+                         **({"read_limit": d["read_limit"]} if d.get("read_limit") else {})}
+                 for split, d in (data or {}).items()},
         "wall_seconds": wall,
         "config": config,
     }
@@ -95,7 +97,9 @@ def format_table(report: dict) -> str:
     data = report.get("data") or {}
     if any(d["skipped"] for d in data.values()):
         lines.append("\nrows skipped as malformed (on_bad_row: skip; which and why: data/skipped.json): " +
-                     ", ".join(f"{split} {d['skipped']} of {d['kept'] + d['skipped']}" for split, d in data.items()))
+                     ", ".join(f"{split} {d['skipped']} of {d['kept'] + d['skipped']} read" +
+                               (f" (at most {d['read_limit']}: --max_{split}_questions)" if d.get("read_limit") else "")
+                               for split, d in data.items()))
     return "\n".join(lines)
 
 

@@ -56,7 +56,7 @@ def warmup_config(output_dir: str, steps: int, batch_size: int, learning_rate: f
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, 2 * steps // 3),
         logging_steps=max(1, steps // 6),
         save_strategy="no", report_to="none", bf16=dro.bf16, use_cpu=dro.use_cpu,
-        gradient_checkpointing=dro.gradient_checkpointing, weight_decay=0.0, seed=dro.seed, max_length=None,
+        activation_checkpointing=dro.gradient_checkpointing, weight_decay=0.0, seed=dro.seed, max_length=None,
     )
     values.update(overrides)
     return SFTConfig(**values)

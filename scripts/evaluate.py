@@ -76,6 +76,9 @@ class EvaluateArguments:
     corpus: str | None = field(default=None, metadata={"help": "Corpus for question-only datasets."})
     limit: int | None = field(default=None, metadata={"help": "At most this many questions per dataset."})
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
+    disable_tqdm: bool = field(
+        default=False, metadata={"help": "No progress bars (a log file); train_rl.py's flag of the same name."}
+    )
     strategies: list[str] = field(
         default_factory=lambda: ["retrieval", "selector", "oracle"],
         metadata={"help": f"Selections to score, of {list(STRATEGIES)}: `closed_book` (the generator reads no "
@@ -151,15 +154,15 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
             with count_tokens(selector, generator) as tokens:
                 if strategy == "selector":
                     with as_role(selector, SELECTOR):  # one base with two adapters plays each role with its own
-                        chosen = select_greedy(selector, tok, grammar, sprompt, rows, progress=True)
+                        chosen = select_greedy(selector, tok, grammar, sprompt, rows, progress=not args.disable_tqdm)
                 elif strategy == "best_reward":
                     with as_role(generator, GENERATOR):
-                        chosen = reward_picks(rows, k, generator, gtok, gprompt, progress=True)
+                        chosen = reward_picks(rows, k, generator, gtok, gprompt, progress=not args.disable_tqdm)
                 else:
                     chosen = [[]] * len(rows) if strategy == "closed_book" else baseline_picks(scored_rows, k, strategy)
                 with as_role(generator, GENERATOR):
                     scores = score_picks(scored_rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens,
-                                         progress=True)
+                                         progress=not args.disable_tqdm)
             seconds = time.perf_counter() - start
             results[name][strategy] = {
                 **({"n": len(scored_rows)} if len(scored_rows) < len(rows) else {}),

@@ -102,7 +102,7 @@ kill $sampler 2>/dev/null
     --exclude='*.bin' --exclude='*.pth' --exclude=tokenizer.json .
 if [[ $status == 0 && ${BEST_REWARD_S:-0} -gt 0 ]]; then
     timeout "$BEST_REWARD_S" python3 scripts/evaluate.py --run_dir "$RUN_DIR" \
-        --datasets "hotpotqa:$(data hotpotqa_dev300 $DEV)" --strategies best_reward retrieval \
+        --datasets "hotpotqa:$(data hotpotqa_dev300 $DEV)" --strategies best_reward retrieval --disable_tqdm true \
         --output_dir /tmp/best_reward 2>&1 | grep --line-buffered -v "FutureWarning\|warnings.warn" | stamp | tee -a "$OUT/run.log"
     [[ -d /tmp/best_reward ]] && tar -C /tmp/best_reward -czf "$OUT/best_reward.tgz" .
 fi

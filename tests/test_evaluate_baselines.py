@@ -86,7 +86,7 @@ def test_two_datasets_with_one_file_name_are_refused_before_loading_models(tmp_p
                       PipelineConfig())
 
 
-def test_an_earlier_evaluation_is_refused_before_loading_models_unless_overwrite(tmp_path):
+def test_an_earlier_evaluation_is_refused_before_loading_models_unless_overwrite(tmp_path, capsys):
     """Another evaluation into the same folder would replace metrics.json and the predictions of the same names."""
     out = tmp_path / "out"
     out.mkdir()
@@ -106,8 +106,10 @@ def test_an_earlier_evaluation_is_refused_before_loading_models_unless_overwrite
     with pytest.raises(FileNotFoundError, match="d/dev.jsonl"):  # a typo in a path costs nothing: nothing removed
         evaluate_main(args, PipelineConfig(retriever="bm25"))
     assert len(list(out.iterdir())) == 4
-    args.datasets, args.strategies = [str(data)], ["retrieval"]
+    args.datasets, args.strategies, args.disable_tqdm = [str(data)], ["retrieval"], True
+    capsys.readouterr()
     evaluate_main(args, PipelineConfig(retriever="none", num_docs_selected=1, max_answer_tokens=2))
+    assert "answer:" not in capsys.readouterr().err  # --disable_tqdm: no progress bar
     assert sorted(p.name for p in out.iterdir()) == [  # the earlier evaluation gone, whole; the rest kept
         "dev.retrieval.predictions.jsonl", "metrics.json", "metrics.md", "other.ranked.jsonl"]
     assert json.loads((out / "metrics.json").read_text())["dev"]["n"] == 1

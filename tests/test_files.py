@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from trl import TrlParser
 
+from dro_rl.config import DROConfig
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.files import atomic_write, claim_output, write_lines
 
@@ -68,6 +69,12 @@ def test_a_refusal_of_ours_is_one_line_and_a_library_error_keeps_its_traceback(t
         with refusals_in_one_line("tool.py"):
             TrlParser((Flags,)).parse_args_and_config(args=["--ouput", "a.jsonl"])
     assert exit_info.value.code == 2 and "tool.py: error: " in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # a setting TRL's GRPOConfig refuses: a refusal, not a failure
+        with refusals_in_one_line("tool.py"):
+            DROConfig(output_dir="x", use_cpu=True, bf16=False, generation_batch_size=7)
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == "tool.py: error: generation_batch_size (7) must be divisible by the global " \
+                                      "batch size (8).\n"
     with pytest.raises(SystemExit) as exit_info:
         with refusals_in_one_line("tool.py"):
             raise KeyboardInterrupt

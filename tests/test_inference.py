@@ -101,9 +101,12 @@ def test_unusable_inputs_are_refused_with_the_question_named(runs):
         pipe("which city is home to p3 ?", passages=[f"p{i} lives in c1" for i in range(14)])
 
 
-def test_a_path_that_is_no_run_is_named(tmp_path):
+def test_a_path_that_is_no_run_is_named(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no-such-run is not a run folder"):  # a path: no Hub lookup
         DROPipeline.from_pretrained(str(tmp_path / "no-such-run"))
+    monkeypatch.setenv("HOME", str(tmp_path))  # "~" from Python is expanded: the message names the folder looked at
+    with pytest.raises(FileNotFoundError, match=f"^{tmp_path / 'no-such-run'} is not a run folder"):
+        DROPipeline.from_pretrained("~/no-such-run")
     with pytest.raises(FileNotFoundError, match="no-such-org/no-such-run is neither a local run folder nor a "
                                                 "reachable Hub repo"):  # offline in the tests
         DROPipeline.from_pretrained("no-such-org/no-such-run")

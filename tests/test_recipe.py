@@ -348,7 +348,7 @@ BAD_SETTINGS = [
     (["--model_name_or_path", "no-such-org/no-such-model"], "no-such-org/no-such-model"),
     (["--output_dir", "/proc/forbidden"], "not writable"),
     (["--dataset", "hotpotqa:/no/such/file.jsonl"], "/no/such/file.jsonl"),
-    (["--num_docs_selected", "9"], "demo training questions row 0 .* 8 candidates, fewer than the 9 needed"),
+    (["--num_docs_selected", "9"], "demo training question 1 .* 8 candidates, fewer than the 9 needed"),
     (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
     (["--generator_model_name_or_path", "smollm2-135m"], "without model_name_or_path"),  # was silently unused
 ]
@@ -415,10 +415,16 @@ def test_malformed_file_rows_are_named_or_skipped_by_on_bad_row(tmp_path):
     assert "1 candidate, fewer than the 2 needed" in skipped["train"]["reasons"][1]
     report = build_report({}, {}, 1.0, {}, skipped)
     assert report["data"] == {"train": {"kept": 3, "skipped": 2}, "eval": {"kept": 0, "skipped": 0}}
-    assert "rows skipped as malformed (on_bad_row: skip; which and why: data/skipped.json): train 2 of 5, " \
-        "eval 0 of 0" in format_table(report)
+    assert "rows skipped as malformed (on_bad_row: skip; which and why: data/skipped.json): train 2 of 5 read, " \
+        "eval 0 of 0 read" in format_table(report)
+    args.max_train_questions = 4  # "of 4" is then a read limit, not the file's size: the table says so
+    data_stage(args, tiny_config(str(tmp_path / "b4"), retriever="none", on_bad_row="skip"))
+    report = build_report({}, {}, 1.0, {}, json.loads((tmp_path / "b4" / "data" / "skipped.json").read_text()))
+    assert report["data"]["train"] == {"kept": 2, "skipped": 2, "read_limit": 4}
+    assert "train 2 of 4 read (at most 4: --max_train_questions), eval 0 of 0 read" in format_table(report)
+    args.max_train_questions = None
     path.write_text("\n".join(json.dumps(r) for r in [good[0], {**good[2], "passages": [{"text": "only one"}]}]))
-    with pytest.raises(ValueError, match=r"train.jsonl row 1 .* 1 candidate, fewer than the 2 needed"):
+    with pytest.raises(ValueError, match=r"train.jsonl question 2 .* 1 candidate, fewer than the 2 needed"):
         data_stage(args, tiny_config(str(tmp_path / "c"), retriever="none"))
 
 

@@ -203,7 +203,7 @@ def test_a_mix_without_a_corpus_is_an_error_naming_the_rows(tmp_path, retriever)
     path = write_rows(tmp_path, [OWN, QUESTIONS[0]])
     with pytest.raises(DataError, match=rf"{path}: 1 of 2 rows have no candidate passages .*'q0'.*corpus"):
         load_ranked(path, retriever)
-    with pytest.raises(DataError, match=r"1 of 2 rows have no candidate passages .*row 1, id 'q0'"):
+    with pytest.raises(DataError, match=r"1 of 2 rows have no candidate passages .*question 2, id 'q0'"):
         retrieval_order(load(path)[0], retriever)
 
 

@@ -164,12 +164,12 @@ def test_bad_training_rows_are_named_or_skipped_and_counted(tmp_path, demo_rows,
         model=make_model(word_tok), generator=make_model(word_tok, seed=1), args=tiny_args(tmp_path, on_bad_row=policy),
         train_dataset=data, processing_class=word_tok, generator_processing_class=word_tok,
     )
-    with pytest.raises(DataError, match="train_dataset row 3: field 'answers'"):
+    with pytest.raises(DataError, match="train_dataset question 4: field 'answers'"):
         build("raise")
     trainer = build("skip")
     (stats,) = trainer.data_stats
     assert stats.kept == len(rows) - 2 and len(stats.skipped) == 2 and stats.seen == len(rows)
-    assert "row 5: field 'passages'" in stats.skipped[1]
+    assert "question 6: field 'passages'" in stats.skipped[1]
     assert len(trainer.train_dataset) == len(rows) - 2
 
 
