@@ -4,6 +4,7 @@ loss on one rank skips the update on both (instead of hanging DDP), and each ran
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,11 +14,18 @@ import pytest
 HERE = Path(__file__).resolve().parent
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now (the OS picks it), for torch.distributed's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["separate", "shared"])
 def test_two_processes_keep_selector_and_generator_in_sync(tmp_path, mode):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
-    port = str(29531 + (mode == "shared"))  # its own port, so that both modes may run at once (pytest -n)
+    port = str(free_port())  # not a fixed one: another test run or launcher on this machine may hold it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            str(HERE / "dist_train.py"), str(tmp_path), mode]
     # A rank that leaves DDP's all-reduce out of step hangs the other one: the timeout turns that into a failure,
