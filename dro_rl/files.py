@@ -96,6 +96,19 @@ def write_lines(records: Iterable[Any], path: str) -> int:
     return n
 
 
+def readable_as_umask_allows(folder: str) -> None:
+    """Give every file under ``folder`` the permissions the user's umask gives a new file. transformers 5.24 writes
+    ``model.safetensors`` through a private temporary file (0600): a run folder shared on a cluster would then hold
+    weights that nobody else can read, beside a config.json that everybody can."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            if not os.path.islink(path):
+                os.chmod(path, 0o666 & ~mask)
+
+
 def missing_local_path(name: str) -> bool:
     """``name`` reads as a path (``./``, ``/``, ``~``, or more than the one slash of a Hub id ``org/name``) and no
     folder is there: refused by name, rather than by the Hub client's error about a connection."""

@@ -24,7 +24,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 
-from .files import file_sha256
+from .files import file_sha256, readable_as_umask_allows
 
 MARKER = "dro_rl_conversion.json"
 FORMAT = 1  # bumped when convert_gguf changes what it writes, so older copies are rebuilt
@@ -119,6 +119,7 @@ def convert_gguf(spec: PackagedModel, source: str, folder: str) -> None:
     tokenizer.model_max_length = model.config.max_position_embeddings  # GGUF leaves it unset (1e30)
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    readable_as_umask_allows(folder)  # a cache other users of the machine may read
 
 
 def write_marker(folder: str, spec: PackagedModel, source_sha: str) -> None:

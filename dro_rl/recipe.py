@@ -37,7 +37,7 @@ from .config import DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .evaluation import reward_picks
-from .files import file_sha256, read_json, write_json
+from .files import file_sha256, read_json, readable_as_umask_allows, write_json
 from .models import BASE_IN_RUN, load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
@@ -388,6 +388,7 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
         shutil.rmtree(tmp, ignore_errors=True)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
+        readable_as_umask_allows(tmp)
         os.replace(tmp, saved)
         setattr(model, BASE_IN_RUN, os.path.join("warmup", role))  # what the DRO adapters on it must name
         shutil.rmtree(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), ignore_errors=True)

@@ -58,6 +58,7 @@ from . import estimators as E
 from .config import DROConfig
 from .data import check_dataset
 from .evaluation import score_picks, select_greedy, support_recall
+from .files import readable_as_umask_allows
 from .generator import (
     batch_answer_logprobs,
     generate_answers,
@@ -686,6 +687,7 @@ class DROTrainer(GRPOTrainer):
         if self.args.should_save:
             self.args.save_pipeline(folder)
             write_run_record(self._run_record(), folder)  # what a resume of this save must match
+            readable_as_umask_allows(folder)
 
     def _save_checkpoint(self, model, trial) -> None:
         self._in_checkpoint = True

@@ -30,6 +30,11 @@ def test_every_save_writes_the_settings_beside_both_models(tmp_path, demo_rows, 
         assert (folder / "selector" / "model.safetensors").exists() and (folder / "generator").is_dir()
         assert json.loads((folder / "pipeline.json").read_text()) == settings, folder
         assert (folder / rf.COMPLETE_MARKER).read_text() == f"{step}\n"
+        # the weights readable as the umask allows, like every other file (transformers writes them 0600)
+        mask = os.umask(0)
+        os.umask(mask)
+        modes = [p.stat().st_mode & 0o777 for p in folder.glob("*/model.safetensors")]
+        assert modes == [0o666 & ~mask] * 2, folder
     state = json.loads((out / "trainer_state.json").read_text())  # the end-of-training log history
     assert state["global_step"] == 2 and [h["step"] for h in state["log_history"] if "selector/loss" in h] == [1, 2]
     assert (out / "README.md").exists()
