@@ -147,12 +147,16 @@ def data_file_hashes(args: RecipeArguments) -> dict[str, str]:
     return {name: file_sha256(parse_spec(spec)[1]) for name, spec in specs.items() if spec and spec != "demo"}
 
 
+def is_resuming(dro: DROConfig) -> bool:
+    return dro.resume_from_checkpoint not in (None, "", "false", "False")
+
+
 def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> str | None:
     """Check what can be checked without data; claim the run folder or find the checkpoint to resume.
 
     Returns the checkpoint to resume from (None: DRO starts from step 0).
     """
-    resuming = dro.resume_from_checkpoint not in (None, "", "false", "False")
+    resuming = is_resuming(dro)
     if dro.eval_strategy != "no" and args.dataset != "demo" and not args.eval_dataset:
         raise ValueError(f"eval_strategy={dro.eval_strategy!r} evaluates during training: give --eval_dataset")
     if dro.share_base_model and (args.generator_warmup_steps or args.selector_warmup_steps):
@@ -488,12 +492,14 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
 
     skipped = os.path.join(dro.output_dir, "data", SKIPPED)  # absent from a run folder written before it existed
     report = build_report(before, after, time.time() - start, read_json(os.path.join(dro.output_dir, RUN_CONFIG)),
-                          read_json(skipped) if os.path.exists(skipped) else None)                   # 6
+                          read_json(skipped) if os.path.exists(skipped) else None, resumed=is_resuming(dro))  # 6
     if trainer.accelerator.is_main_process:
         table = write_report(report, trainer.state.log_history, dro.output_dir)
         shown = table if eval_rows else ("no evaluation set (give --eval_dataset): the run was trained, not "
                                          "evaluated; curves.png shows the training metrics")
-        print(f"\n{shown}\n\nwall time {report['wall_seconds']:.0f} s; report.json, curves.png and the model card "
+        print(f"\n{shown}\n\nwall time {report['wall_seconds']:.0f} s" +
+              (" (this process, which resumed the run: the earlier processes' time is not in it)"
+               if report["resumed"] else "") + f"; report.json, curves.png and the model card "
               f"README.md in {dro.output_dir}", flush=True)
     trainer.create_model_card()  # now with the report's figures
     if dro.push_to_hub:

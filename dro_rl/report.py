@@ -39,10 +39,12 @@ DIFFERENCES = [
 ]
 
 
-def build_report(before: dict, after: dict, wall: float, config: dict, data: dict | None = None) -> dict:
+def build_report(before: dict, after: dict, wall: float, config: dict, data: dict | None = None,
+                 resumed: bool = False) -> dict:
     """The figures of a run, each with its 95 % bootstrap interval over questions, and the paired differences that
     say whether DRO helped (an interval excluding 0 is a difference larger than the resampling noise); ``data``: the
-    rows kept and skipped per split (``data/skipped.json``, without the reasons)."""
+    rows kept and skipped per split (``data/skipped.json``, without the reasons). ``wall``: this process's seconds;
+    ``resumed`` says that earlier processes did part of the run, so ``wall`` is not the run's whole time."""
     evaluations = {"before": before, "after": after}
 
     def values(evaluation: str, strategy: str, metric: str) -> list | None:
@@ -69,6 +71,7 @@ def build_report(before: dict, after: dict, wall: float, config: dict, data: dic
                          **({"read_limit": d["read_limit"]} if d.get("read_limit") else {})}
                  for split, d in (data or {}).items()},
         "wall_seconds": wall,
+        "resumed": resumed,
         "config": config,
     }
 

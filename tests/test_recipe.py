@@ -61,6 +61,7 @@ def test_resume_continues_at_the_next_step_and_skips_finished_stages(tmp_path, c
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
     first = capsys.readouterr().out
     assert "warm-up: generator SFT" in first and "retrieval: ranking" in first
+    assert json.loads((out / "report.json").read_text())["resumed"] is False and "resumed the run" not in first
     assert json.loads((out / "run_config.json").read_text())["resolved"] == {"generator_scoring": "in_loss"}
     saved = {name: tree_digest(out / name) for name in ("checkpoint-2", "checkpoint-4", "data", "warmup")}
 
@@ -75,6 +76,9 @@ def test_resume_continues_at_the_next_step_and_skips_finished_stages(tmp_path, c
     # the final models are step 6's now: the "after" figures of step 4's models are not reused for them
     assert "models of step 4, these are step 6: evaluating again" in second
     assert json.loads((out / "eval_after.json").read_text())["dro_step"] == 6
+    # the report's wall time is this process's, and says so: the first process's minutes are not in it
+    assert json.loads((out / "report.json").read_text())["resumed"] is True
+    assert "(this process, which resumed the run: the earlier processes' time is not in it)" in second
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
     steps = [h["step"] for h in state["log_history"] if "selector/loss" in h]
     assert steps == [1, 2, 3, 4, 5, 6]  # 1-4 restored from checkpoint-4, then 5 and 6: not a restart at step 1
