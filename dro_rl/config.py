@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import types
-import warnings
 import typing
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 

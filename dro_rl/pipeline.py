@@ -41,8 +41,8 @@ def retrieval_order(rows: Sequence[dict], retriever) -> list[dict]:
     """
     empty = [i for i, r in enumerate(rows) if not r["passages"]]
     if empty:
-        raise DataError(f"{len(empty)} of {len(rows)} rows have no candidate passages (the first: question {empty[0] + 1}, "
-                        f"id {rows[empty[0]].get('id')!r}): give a corpus to retrieve them from")
+        raise DataError(f"{len(empty)} of {len(rows)} rows have no candidate passages (the first: question "
+                        f"{empty[0] + 1}, id {rows[empty[0]].get('id')!r}): give a corpus to retrieve them from")
     if retriever is None:
         return [dict(row) for row in rows]
     rankings = rank_candidates(
