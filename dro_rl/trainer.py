@@ -25,8 +25,9 @@ ranking with exactly the log-probability it was sampled with (METHOD.md §2, "Fi
 With ``share_base_model`` the two models are two LoRA adapters on one base (``dro_rl.models``): ``self.generator`` is
 then ``self.model`` itself and ``_role`` activates the right adapter around every forward.
 
-Reused from GRPO unchanged: the RepeatSampler that groups the m samples of a question, the generation buffer, the
-reward-function protocol and its cross-process gather, metric logging.
+Reused from GRPO: the RepeatSampler that groups the m samples of a question (each pass over the data seeded by its
+number, for exact resumes), the generation buffer, the reward-function protocol and its cross-process gather, metric
+logging.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import TrainOutput
 from trl import GRPOTrainer
 from trl.models.utils import unwrap_model_for_generation
-from trl.trainer.utils import disable_dropout_in_model, split_tensor_dict
+from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, split_tensor_dict
 
 from rewards import get_reward
 
@@ -117,6 +118,15 @@ class _ZeroGeneratorGrads(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.generator.zero_grad(set_to_none=True)
+
+
+class _PassSeededSampler(RepeatSampler):
+    """TRL's RepeatSampler whose shuffle for pass e is seeded with ``seed + e``: the Trainer calls ``set_epoch(e)``
+    before every pass, a resumed run's first one included (pass 0 keeps TRL's order)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.shuffle:
+            self.generator.manual_seed(self.seed + epoch)
 
 
 class _StopOnNonFiniteParameters(TrainerCallback):
@@ -749,6 +759,15 @@ class DROTrainer(GRPOTrainer):
             claim_output_dir(self.args.output_dir, False, self.args.overwrite_output_dir, TRAINER_ARTEFACTS,
                              logger.warning)
         return super().train(resume_from_checkpoint=checkpoint, **kwargs)
+
+    def _get_train_sampler(self, dataset=None) -> RepeatSampler:
+        """GRPO's sampler (the m copies of a question side by side, one order on every process), with each pass over
+        the data shuffled from (seed, pass) — so that a run resumed in its third pass shuffles as the uninterrupted
+        run did. TRL's draws every pass from one generator seeded once, whose state no checkpoint holds: a resumed
+        process replayed the first pass's order in later ones, and its steps differed from the uninterrupted run's."""
+        sampler = super()._get_train_sampler(dataset)
+        return _PassSeededSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
+                                  sampler.repeat_count, sampler.shuffle, sampler.seed)
 
     def _nothing_left_to_train(self, checkpoint: str, state: TrainerState) -> TrainOutput:
         """A checkpoint already at ``max_steps`` (e.g. a run stopped after its last save): its models and state, no

@@ -1,4 +1,6 @@
-"""A small DRO run for tests/test_interrupt.py: `OUT STEPS [kill_at] [resume]` (a real process, a real SIGKILL)."""
+"""A small DRO run for tests/test_interrupt.py: `OUT STEPS [kill_at] [resume]` (a real process, a real SIGKILL).
+
+Six questions, two per step: a pass over the data takes 3 steps, so a run of 7 crosses two pass boundaries."""
 
 import json
 import os
@@ -23,7 +25,7 @@ class KillAt(TrainerCallback):
 
 def main(out: str, steps: int, kill_at: int = 0, resume: bool = False) -> None:
     torch.set_num_threads(1)
-    data, tok, selector, generator = tiny_task()
+    data, tok, selector, generator = tiny_task(num_rows=6)
     args = tiny_config(out, max_steps=steps, save_strategy="steps", save_steps=2, lr_scheduler_type="linear")
     trainer = DROTrainer(
         model=selector, generator=generator, args=args, train_dataset=data, processing_class=tok,

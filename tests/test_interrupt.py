@@ -24,20 +24,22 @@ def run(*args, check=True):
 
 @pytest.mark.slow
 def test_sigkill_then_resume_equals_the_uninterrupted_run(tmp_path):
+    """Passes over the data are steps 1-3, 4-6 and 7: the resume from checkpoint-4 starts inside the second pass and
+    crosses into the third, whose shuffle must be the uninterrupted run's too."""
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    run(straight, 5)
-    killed = run(broken, 5, 3, check=False)  # dies right after step 3: checkpoint-2 is the last one
+    run(straight, 7)
+    killed = run(broken, 7, 5, check=False)  # dies right after step 5: checkpoint-4 is the last one
     assert killed.returncode == -9
-    assert (broken / "checkpoint-2" / "checkpoint_complete").exists() and not (broken / "result.json").exists()
+    assert (broken / "checkpoint-4" / "checkpoint_complete").exists() and not (broken / "result.json").exists()
     # a save interrupted half-way leaves a folder without the marker: it must not be picked
-    partial = broken / "checkpoint-3"
-    shutil.copytree(broken / "checkpoint-2", partial)
+    partial = broken / "checkpoint-5"
+    shutil.copytree(broken / "checkpoint-4", partial)
     (partial / "checkpoint_complete").unlink()
     (partial / "selector" / "model.safetensors").write_bytes(b"truncated")
-    run(broken, 5, 0, "resume")
+    run(broken, 7, 0, "resume")
     a, b = (json.loads((d / "result.json").read_text()) for d in (straight, broken))
     assert a["selector"] == b["selector"] and a["generator"] == b["generator"]  # both models, bit for bit
-    # logged metrics of all five steps: 1-2 from the killed process, 3-5 from the resumed one, each equal to the
+    # logged metrics of all seven steps: 1-4 from the killed process, 5-7 from the resumed one, each equal to the
     # uninterrupted run's — so two processes with the same seed also log identical figures
-    assert [h["step"] for h in b["logs"]] == [1, 2, 3, 4, 5]
+    assert [h["step"] for h in b["logs"]] == [1, 2, 3, 4, 5, 6, 7]
     assert b["logs"] == a["logs"]
