@@ -71,19 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# The command-line parsers (TRL's and transformers'): their errors are about the flags or the --config YAML a user gave.
-PARSER_FILES = ("trl/scripts/_hf_argparser.py", "trl/scripts/utils.py", "transformers/hf_argparser.py")
+# The command-line parsers (TRL's, transformers' and ours): their errors are about the flags or the --config YAML
+# a user gave.
+PARSER_FILES = ("trl/scripts/_hf_argparser.py", "trl/scripts/utils.py", "transformers/hf_argparser.py",
+                "dro_rl/parser.py")
 # The config classes DROConfig extends: what their __post_init__ refuses is a setting, not a library failure.
 CONFIG_FILES = ("trl/trainer/grpo_config.py", "transformers/training_args.py")
 
 
 @contextmanager
-def refusals_in_one_line(prog: str) -> Iterator[None]:
+def refusals_in_one_line(prog: str, after_interrupt: str = "") -> Iterator[None]:
     """Print a refusal raised by this project's own code — a missing file, a malformed row, a setting it cannot
     honour — or by the config classes it extends (TRL's ``GRPOConfig``, transformers' ``TrainingArguments``) as one
     line, ``prog: error: <message>``, and exit with status 1; an unknown flag or YAML key, refused by the
     command-line parser, the same way with status 2 (argparse's, as for a bad flag value); Ctrl-C as ``prog:
-    interrupted`` with status 130 (every result is written atomically: nothing half-written is left).
+    interrupted`` on a line of its own (a progress bar may hold the cursor) with status 130, followed by
+    ``after_interrupt`` (e.g. how to resume); every result is written atomically, so nothing half-written is left.
 
     The message already names the file, row and field; a traceback above it only buries it (and is printed once per
     process under ``accelerate launch``). Errors raised inside a library (torch, transformers, ...) keep their
@@ -95,7 +98,7 @@ def refusals_in_one_line(prog: str) -> Iterator[None]:
     except KeyboardInterrupt:
         if keep_traceback:
             raise
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"\n{prog}: interrupted" + (f"; {after_interrupt}" if after_interrupt else ""), file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as err:
         frame = err.__traceback__

@@ -5,16 +5,22 @@ from __future__ import annotations
 import math
 import types
 import typing
-import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
 from transformers.integrations import get_available_reporting_integrations
+from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
+
+from rewards import get_reward
 
 from .estimators import ESTIMATORS, GENERATOR_UPDATES, WEIGHT_ESTIMATORS
 from .pipeline_config import PipelineConfig
 from .selector import LOSS_FORWARDS
+
+
+# What DROTrainer.evaluate() reports (as eval_<name>): greedy selection, then greedy answers.
+EVAL_METRICS = ("support_recall_at_k", "answer_em", "answer_f1")
 
 
 @dataclass
@@ -31,6 +37,12 @@ class DROConfig(GRPOConfig, PipelineConfig):
     # Parent defaults changed, with the reason.
     learning_rate: float = field(default=1e-5, metadata={"help": "Selector learning rate (paper: 1e-5)."})
     weight_decay: float = field(default=0.01, metadata={"help": "Weight decay (paper: 0.01)."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision (autocast; weights and optimizer states stay float32). Default: on "
+                  "where the accelerator supports bf16, off on a CPU (float32), so that the same config or "
+                  "`DROConfig(...)` runs on a laptop and a GPU; `true` on a CPU needs `use_cpu: true`."},
+    )
     disable_dropout: bool = field(
         default=True,
         metadata={"help": "Set every dropout probability of both models (LoRA dropout included) to 0, so that the loss "
@@ -161,6 +173,12 @@ class DROConfig(GRPOConfig, PipelineConfig):
         # zero inside TRL) or silently on others (a YAML float where an int belongs, a string where a list belongs).
         check_field_types(self)
         refuse_unused_grpo_settings(self)
+        for name in self.reward_funcs:
+            get_reward(name)  # an unknown name or a dotted path that does not import: refused now, not after loading
+        if self.load_best_model_at_end and self.metric_for_best_model is None:
+            self.metric_for_best_model = "answer_em"  # the parent's default, "loss", is no metric evaluate() gives
+        if self.bf16 is None:  # TRL's default is True everywhere, which transformers refuses on a CPU-only machine
+            self.bf16 = not (self.fp16 or self.use_cpu) and is_torch_bf16_gpu_available()
         if self.num_generations is None or self.num_generations < 1:
             raise ValueError(f"num_generations (m) must be >= 1, got {self.num_generations}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):
@@ -188,11 +206,7 @@ class DROConfig(GRPOConfig, PipelineConfig):
             if self.generation_batch_size is None:  # else TRL derives steps_per_generation from it, checked below
                 # TRL refuses this too, but inside its own __post_init__: the message would come with its traceback.
                 self._check_whole_groups(self.steps_per_generation or self.gradient_accumulation_steps, single)
-            with warnings.catch_warnings():
-                # TRL's config sets gradient_checkpointing (its default, True), the name it documents and reads;
-                # transformers 5.24 warns that the name goes in v6, which pyproject.toml's pins exclude.
-                warnings.filterwarnings("ignore", "`gradient_checkpointing` is deprecated", FutureWarning)
-                super().__post_init__()
+            super().__post_init__()
         finally:
             if single:
                 self.num_generations = 1
@@ -226,6 +240,8 @@ class DROConfig(GRPOConfig, PipelineConfig):
             raise ValueError(f"generator_scoring='in_loss' needs {self._in_loss_blocker()}; use 'auto' or 'separate'")
         if self.generator_learning_rate is None:
             self.generator_learning_rate = self.learning_rate
+        if self.device.type == "cpu":  # pinned memory speeds host-to-accelerator copies; without one torch warns
+            self.dataloader_pin_memory = False
         check_report_to(self.report_to)
 
     def _check_whole_groups(self, steps_per_generation: int, single: bool = False) -> None:

@@ -183,7 +183,7 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
             except UnicodeDecodeError as err:
                 yield where, DataError(f"{where}: invalid UTF-8 ({err.reason} at byte {err.start})")
             except json.JSONDecodeError as err:
-                yield where, DataError(f"{where}: not valid JSON ({err.msg}, column {err.colno})")
+                yield where, DataError(f"{where}: not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})")
 
 
 def _is_column_wise(document: Any) -> bool:

@@ -24,6 +24,16 @@ class DROParser(TrlParser):
         """The one usage line an error prints above itself (argparse's would list every one of the ~250 flags)."""
         return f"usage: {self.prog} [--config FILE.yaml] [--<setting> VALUE ...]   (every setting: --help)\n"
 
+    def parse_args_and_config(self, args=None, **kwargs):
+        """TRL's; a ``--config`` file that is not YAML is refused in one line naming its line and column (PyYAML's
+        error is no ValueError, so it came with a traceback)."""
+        import yaml
+
+        try:
+            return super().parse_args_and_config(args, **kwargs)
+        except yaml.YAMLError as err:
+            raise ValueError(f"the --config file is not valid YAML: {' '.join(str(err).split())}") from None
+
     def set_defaults_with_config(self, **kwargs) -> list[str]:
         """The YAML file's settings as defaults. Refused here, by name: a key that is no setting (with the nearest
         setting; TRL's own message, raised later, tells a developer to edit the dataclass), and an integer setting

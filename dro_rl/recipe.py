@@ -33,7 +33,7 @@ from datasets import Dataset, DatasetInfo
 from transformers import AutoConfig
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from .config import DROConfig, check_field_types
+from .config import EVAL_METRICS, DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .evaluation import reward_picks
@@ -169,6 +169,20 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
     if dro.share_base_model and dro.generator_model_name_or_path not in (None, model_args.model_name_or_path):
         raise ValueError(f"share_base_model: the generator is an adapter on {model_args.model_name_or_path}, not "
                          f"{dro.generator_model_name_or_path}")
+    if dro.metric_for_best_model is not None and dro.metric_for_best_model.removeprefix("eval_") not in EVAL_METRICS:
+        raise ValueError(f"metric_for_best_model={dro.metric_for_best_model!r} is not a metric of DROTrainer's "
+                         f"evaluation: use one of {list(EVAL_METRICS)} (the eval_ prefix is optional)")
+    if dro.share_base_model and not model_args.use_peft:
+        raise ValueError("share_base_model needs LoRA adapters: set use_peft: true (and lora_r, ...)")
+    if model_args.load_in_4bit or model_args.load_in_8bit:
+        bits = 4 if model_args.load_in_4bit else 8
+        if dro.use_cpu or not torch.cuda.is_available():
+            raise ValueError(f"load_in_{bits}bit: quantised (QLoRA) training needs a CUDA GPU (bitsandbytes' CPU "
+                             "layers stop passing gradients after their first evaluation); on a CPU drop it")
+        models = [model_args.model_name_or_path, dro.generator_model_name_or_path or model_args.model_name_or_path]
+        if any(name is None or name.startswith("tiny:") for name in models):
+            raise ValueError(f"load_in_{bits}bit quantises a pretrained checkpoint as it loads; the demo's and "
+                             "`tiny:` models are built from a config in float32 and would not be quantised")
     for spec in (args.dataset, args.eval_dataset, args.corpus):
         if spec and spec != "demo":
             check_data_file(parse_spec(spec)[1])
@@ -472,6 +486,16 @@ def dro_stage(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig, se
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def check_prompts_fit(dro: DROConfig, tok, gtok, rows: list[dict]) -> None:
+    """Build both prompts for the question with the most candidates and for the longest question: a
+    ``max_prompt_length`` / ``generator_max_prompt_length`` too small for them is refused before the warm-up and
+    the "before" evaluation, not at DRO's first step."""
+    for row in {id(r): r for r in (max(rows, key=lambda r: len(r["passages"])),
+                                   max(rows, key=lambda r: len(r["question"])))}.values():
+        dro.selector_prompt()(tok, row["question"], row["passages"])
+        dro.generator_prompt()(gtok, row["question"], row["passages"][: dro.num_docs_selected])
+
+
 def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> dict:
     """data -> retrieval -> warm-up -> evaluate -> DRO -> evaluate -> report; finished stages are reused on resume."""
     start = time.time()
@@ -481,6 +505,7 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     train_rows, eval_rows = data_stage(args, dro)                                                     # 1, retrieval
     selector, tok, generator, gtok = build_models(args, dro, model_args, train_rows + eval_rows)
     grammar = IdGrammar(tok, max(len(r["passages"]) for r in train_rows + eval_rows))
+    check_prompts_fit(dro, tok, gtok, train_rows + eval_rows)
     warmup_stage(args, dro, selector, tok, generator, gtok, train_rows, grammar)                       # 2
     before = evaluation_stage("before", dro, eval_rows, selector, tok, grammar, generator or selector, gtok)  # 3
 

@@ -120,7 +120,8 @@ def load_corpus(path: str) -> list[dict]:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg.removesuffix(' at')} at column "
+                                 f"{err.colno})") from err
             if "contents" in r:
                 title, _, text = str(r["contents"]).partition("\n")
                 passages.append({"id": str(r.get("id", lineno)), "title": title.strip().strip('"'), "text": text})

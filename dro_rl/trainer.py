@@ -56,7 +56,7 @@ from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, split_ten
 from rewards import get_reward
 
 from . import estimators as E
-from .config import DROConfig
+from .config import EVAL_METRICS, DROConfig
 from .data import check_dataset
 from .evaluation import score_picks, select_greedy, support_recall
 from .files import readable_as_umask_allows
@@ -640,7 +640,7 @@ class DROTrainer(GRPOTrainer):
         metrics = {
             f"{metric_key_prefix}_{key}": value
             for key, value in scores.items()
-            if key in ("support_recall_at_k", "answer_em", "answer_f1") and value is not None
+            if key in EVAL_METRICS and value is not None
         }
         Trainer.log(self, metrics)  # not GRPO's log(), which would flush the pending training metrics here
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
@@ -795,6 +795,13 @@ class DROTrainer(GRPOTrainer):
         logger.info(f"Loading the best selector and generator from {self.state.best_model_checkpoint} "
                     f"(score: {self.state.best_metric}).")
         self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """The Trainer's warnings, without a tied output embedding: a tied ``lm_head.weight`` is saved once, under the
+        input embedding's name, so it is "missing" from every checkpoint and comes back through the tie."""
+        tied = getattr(self.accelerator.unwrap_model(self.model), "all_tied_weights_keys", None) or {}
+        super()._issue_warnings_after_load(
+            load_result._replace(missing_keys=[k for k in load_result.missing_keys if k not in tied]))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if self.args.share_base_model:

@@ -32,6 +32,7 @@ def make_parser(subparsers=None) -> DROParser:
 
 
 if __name__ == "__main__":
-    with refusals_in_one_line("train_rl.py"):
+    with refusals_in_one_line("train_rl.py", "the same command with --resume_from_checkpoint true reuses the "
+                              "finished stages and continues DRO from its newest complete checkpoint"):
         main(*make_parser().parse_args_and_config(args=with_default_config(sys.argv[1:])))
     PartialState().destroy_process_group()  # a clean exit under accelerate launch / torchrun (no gloo/NCCL abort)

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -11,6 +12,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from train_rl import main, make_parser  # noqa: E402
 
 from dro_rl import DROConfig  # noqa: E402
+from dro_rl.cli import refusals_in_one_line  # noqa: E402
 
 
 def recipe_files():
@@ -40,10 +42,26 @@ def test_unknown_estimator_in_yaml_is_rejected(tmp_path):
         make_parser().parse_args_and_config(args=["--config", path])
 
 
-def test_misspelled_yaml_key_is_an_error(tmp_path):
+def test_misspelled_yaml_key_is_an_error(tmp_path, capsys):
     path = write_yaml(tmp_path, "estimatr: dro\noutput_dir: x\nuse_cpu: true\nbf16: false\n")
     with pytest.raises(ValueError, match=r"unknown setting\(s\): estimatr \(did you mean estimator\?\)"):
         make_parser().parse_args_and_config(args=["--config", path])
+    with pytest.raises(SystemExit) as exit_info:  # a parser's refusal, like an unknown flag's: status 2
+        with refusals_in_one_line("train_rl.py"):
+            make_parser().parse_args_and_config(args=["--config", path])
+    assert exit_info.value.code == 2
+    assert "train_rl.py: error: the --config file holds 1 unknown" in capsys.readouterr().err
+
+
+def test_a_config_file_that_is_not_yaml_is_refused_with_its_line(tmp_path, capsys):
+    path = write_yaml(tmp_path, "output_dir: x\nestimator: dro: baseline\n")
+    with pytest.raises(SystemExit) as exit_info:  # was PyYAML's ScannerError with a traceback
+        with refusals_in_one_line("train_rl.py"):
+            make_parser().parse_args_and_config(args=["--config", path])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.startswith("train_rl.py: error: the --config file is not valid YAML: mapping values are not allowed ")
+    assert f'in "{path}", line 2, column 15' in err
 
 
 def test_an_integer_written_as_a_string_in_yaml_is_refused_and_a_float_in_e_notation_is_read(tmp_path):
@@ -117,3 +135,15 @@ def test_accelerate_configs_load_with_accelerate():
     assert len(files) >= 3
     kinds = {ClusterConfig.from_yaml_file(str(f)).distributed_type.value for f in files}
     assert kinds == {"NO", "MULTI_GPU", "FSDP"}  # DeepSpeed is refused at start-up: no config ships for it
+
+
+def test_defaults_that_depend_on_the_machine_fit_a_cpu_and_evaluation_picks_a_metric_it_reports():
+    """GRPO's bf16 default (True) was refused by transformers on a CPU-only machine, so `DROConfig(output_dir=...)`
+    failed as the README wrote it; with load_best_model_at_end the parent's metric, `loss`, was no metric evaluate()
+    gives, and the run failed at its first save after an evaluation."""
+    assert not torch.cuda.is_available()  # this suite runs on CPU
+    config = DROConfig(output_dir="x")
+    assert config.bf16 is False and config.dataloader_pin_memory is False  # pinned memory needs an accelerator
+    assert DROConfig(output_dir="x", use_cpu=True, bf16=True).bf16 is True  # asked for: honoured (CPU autocast)
+    best = DROConfig(output_dir="x", load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
+    assert (best.metric_for_best_model, best.greater_is_better) == ("answer_em", True)

@@ -111,6 +111,7 @@ def test_canonical_round_trip(tmp_path, demo_rows):
          "passages[1].id"),
         ({"question": "q", "answers": "ok", "passages": [{"title": "no text"}]}, "passages[0].text"),
         (b'{"question": "q", "answers": [', "not valid JSON"),
+        (b'{"question": "a\tb", "answers": ["ok"]}', "not valid JSON (Invalid control character at column 16)"),
         (b'{"question": "caf\xe9", "answers": ["ok"]}', "invalid UTF-8"),
         ([1, 2], "must be a JSON object"),
     ],

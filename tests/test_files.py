@@ -78,7 +78,11 @@ def test_a_refusal_of_ours_is_one_line_and_a_library_error_keeps_its_traceback(t
     with pytest.raises(SystemExit) as exit_info:
         with refusals_in_one_line("tool.py"):
             raise KeyboardInterrupt
-    assert exit_info.value.code == 130 and capsys.readouterr().err == "tool.py: interrupted\n"
+    assert exit_info.value.code == 130 and capsys.readouterr().err == "\ntool.py: interrupted\n"
+    with pytest.raises(SystemExit):
+        with refusals_in_one_line("tool.py", "resume it with --resume true"):
+            raise KeyboardInterrupt
+    assert capsys.readouterr().err == "\ntool.py: interrupted; resume it with --resume true\n"
     with pytest.raises(json.JSONDecodeError):
         with refusals_in_one_line("tool.py"):
             json.loads("{")  # raised inside the standard library: the frames are the information

@@ -2,6 +2,8 @@
 (full models, LoRA adapters on a saved or a named base, one base with two adapters)."""
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,3 +112,15 @@ def test_a_path_that_is_no_run_is_named(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no-such-org/no-such-run is neither a local run folder nor a "
                                                 "reachable Hub repo"):  # offline in the tests
         DROPipeline.from_pretrained("no-such-org/no-such-run")
+
+
+def test_the_readmes_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
+    """README "From Python": train, save, answer — with tiny models in place of smollm2-135m (same API, seconds)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = re.search(r"### From Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    assert code.count('"smollm2-135m"') == 2 and code.count('"out"') == 2  # what is swapped below
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code.replace('"smollm2-135m"', '"tiny:minilm"'), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "Prediction(" in printed and "Who discovered radium?" in printed
+    assert (tmp_path / "out" / "pipeline.json").exists()

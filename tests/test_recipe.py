@@ -355,6 +355,11 @@ BAD_SETTINGS = [
     (["--num_docs_selected", "9"], "demo training question 1 .* 8 candidates, fewer than the 9 needed"),
     (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
     (["--generator_model_name_or_path", "smollm2-135m"], "without model_name_or_path"),  # was silently unused
+    # refused only after retrieval and the models had loaded, or (the metric) at the first save after an evaluation
+    (["--reward_funcs", "nosuch"], "unknown reward 'nosuch'"),
+    (["--metric_for_best_model", "nosuch"], "metric_for_best_model='nosuch' is not a metric"),
+    (["--share_base_model", "true", "--generator_warmup_steps", "0"], "share_base_model needs LoRA adapters"),
+    (["--load_in_4bit", "true", "--use_peft", "true"], "load_in_4bit: quantised .QLoRA. training needs a CUDA GPU"),
 ]
 
 
@@ -364,6 +369,16 @@ def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
     with pytest.raises((ValueError, FileNotFoundError), match=name):
         run(*TINY_DEMO, "--output_dir", str(out), *flags)
     assert not (out / "data").exists()  # nothing ran: no retrieval, no warm-up
+
+
+def test_a_prompt_length_too_small_for_the_prompts_is_refused_before_the_warm_up(tmp_path):
+    """It needs the tokenizers, so it cannot be refused with the other settings; it was refused at DRO's first step,
+    after the warm-up and the "before" evaluation had run."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match="the selector prompt needs .* tokens before any passage text, leaving no room "
+                                         "for 8 passages in max length 10"):
+        run(*TINY_DEMO, "--output_dir", str(out), "--max_prompt_length", "10")
+    assert (out / "data").exists() and not (out / "warmup").exists() and not (out / "eval_before.json").exists()
 
 
 def test_an_output_dir_that_is_a_file_is_refused_as_a_file(tmp_path):
