@@ -148,7 +148,17 @@ def launch(script: Path, args: list[str]) -> None:
             launch_args[i] = str(ours)
     launch_args = resolve_accelerate_config_argument(launch_args)
     script_args = _subtract_subsequence(args, cli_rest)
-    launch_command(launch_command_parser().parse_args([*launch_args, str(script), *script_args]))
+    parsed = launch_command_parser().parse_args([*launch_args, str(script), *script_args])
+    modes = (parsed.multi_gpu, parsed.use_deepspeed, parsed.use_fsdp, parsed.use_megatron_lm, parsed.tpu,
+             parsed.config_file)
+    if (parsed.num_processes or 1) > 1 and not any(modes):
+        import torch
+
+        if not torch.cuda.is_available():
+            # accelerate starts ONE process for `--num_processes 2` when it finds no GPU and is given no launch mode;
+            # its multi-process launcher (`--multi_gpu`, by name) runs the processes on the CPU with gloo.
+            parsed.multi_gpu = True
+    launch_command(parsed)
 
 
 if __name__ == "__main__":

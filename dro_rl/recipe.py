@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, DatasetInfo
 from transformers import AutoConfig
 from trl import ModelConfig, get_peft_config, get_quantization_config
@@ -190,9 +191,18 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
         if name is not None:
             check_model_name(name, dro.trust_remote_code)
     check_writable(dro.output_dir)
-    if not resuming and run_artefacts(dro.output_dir) == [RUN_CONFIG]:  # no stage finished: nothing of it to keep
+    earlier = run_artefacts(dro.output_dir)
+    if not PartialState().is_main_process:
+        pass  # the main process, which ran this first, has claimed the folder: its run_config.json is there now
+    elif not resuming and earlier == [RUN_CONFIG]:  # no stage finished: nothing of it to keep
         print(f"{dro.output_dir} holds only the {RUN_CONFIG} of a start that stopped before its data stage finished: "
               "starting over", flush=True)
+    elif not resuming and sorted(earlier) == sorted([RUN_CONFIG, "data"]):
+        # A start refused after its data stage (a row with fewer than K candidates, a prompt too long for
+        # max_prompt_length): the corrected command starts over; data/ may hold rows of other settings, so it goes.
+        shutil.rmtree(os.path.join(dro.output_dir, "data"))
+        print(f"{dro.output_dir} holds only the {RUN_CONFIG} and data/ of a start that stopped before its warm-up: "
+              "starting over (data/ is made again)", flush=True)
     else:
         claim_output_dir(dro.output_dir, resuming, dro.overwrite_output_dir, warn=print)
 
@@ -402,14 +412,17 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
         config = warmup_config(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), steps,
                                args.warmup_batch_size, args.warmup_learning_rate, dro)
         run_sft(model, tokenizer, make_rows(), config)
-        tmp = saved + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        readable_as_umask_allows(tmp)
-        os.replace(tmp, saved)
+        state = PartialState()  # under accelerate launch every process trained; one writes, the others wait for it
+        if state.is_main_process:
+            tmp = saved + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            readable_as_umask_allows(tmp)
+            os.replace(tmp, saved)
+            shutil.rmtree(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), ignore_errors=True)
+        state.wait_for_everyone()
         setattr(model, BASE_IN_RUN, os.path.join("warmup", role))  # what the DRO adapters on it must name
-        shutil.rmtree(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), ignore_errors=True)
 
     def selector_rows() -> list[dict]:
         picks = None
@@ -499,21 +512,28 @@ def check_prompts_fit(dro: DROConfig, tok, gtok, rows: list[dict]) -> None:
 def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> dict:
     """data -> retrieval -> warm-up -> evaluate -> DRO -> evaluate -> report; finished stages are reused on resume."""
     start = time.time()
-    checkpoint = prepare(args, dro, model_args)
+    # Under accelerate launch every process runs the recipe. The stages that write the run folder without a
+    # collective run on the main process first; the others then find its files and reuse them, as a resume does.
+    first = PartialState().main_process_first
+    with first():
+        checkpoint = prepare(args, dro, model_args)
     torch.manual_seed(dro.seed)
 
-    train_rows, eval_rows = data_stage(args, dro)                                                     # 1, retrieval
+    with first():
+        train_rows, eval_rows = data_stage(args, dro)                                                 # 1, retrieval
     selector, tok, generator, gtok = build_models(args, dro, model_args, train_rows + eval_rows)
     grammar = IdGrammar(tok, max(len(r["passages"]) for r in train_rows + eval_rows))
     check_prompts_fit(dro, tok, gtok, train_rows + eval_rows)
     warmup_stage(args, dro, selector, tok, generator, gtok, train_rows, grammar)                       # 2
-    before = evaluation_stage("before", dro, eval_rows, selector, tok, grammar, generator or selector, gtok)  # 3
+    with first():
+        before = evaluation_stage("before", dro, eval_rows, selector, tok, grammar, generator or selector, gtok)  # 3
 
     trainer = dro_stage(args, dro, model_args, selector, tok, generator, gtok, train_rows, eval_rows,  # 4
                         checkpoint)
     unwrap = trainer.accelerator.unwrap_model
-    after = evaluation_stage("after", dro, eval_rows, unwrap(trainer.model), tok, grammar,                # 5
-                             unwrap(trainer.generator), gtok, step=trainer.state.global_step)
+    with first():
+        after = evaluation_stage("after", dro, eval_rows, unwrap(trainer.model), tok, grammar,            # 5
+                                 unwrap(trainer.generator), gtok, step=trainer.state.global_step)
 
     skipped = os.path.join(dro.output_dir, "data", SKIPPED)  # absent from a run folder written before it existed
     report = build_report(before, after, time.time() - start, read_json(os.path.join(dro.output_dir, RUN_CONFIG)),

@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import uuid
 from dataclasses import fields
 from typing import Any
 
@@ -239,7 +240,8 @@ def check_writable(output_dir: str) -> None:
         raise ValueError(f"output_dir {output_dir} is a file, not a folder: give the run a folder of its own")
     try:
         os.makedirs(output_dir, exist_ok=True)
-        probe = os.path.join(output_dir, ".write-test")
+        # A name of this process's own: under accelerate launch every rank probes the same folder at once.
+        probe = os.path.join(output_dir, f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)

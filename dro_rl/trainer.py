@@ -766,8 +766,17 @@ class DROTrainer(GRPOTrainer):
         run did. TRL's draws every pass from one generator seeded once, whose state no checkpoint holds: a resumed
         process replayed the first pass's order in later ones, and its steps differed from the uninterrupted run's."""
         sampler = super()._get_train_sampler(dataset)
-        return _PassSeededSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
-                                  sampler.repeat_count, sampler.shuffle, sampler.seed)
+        self._pass_sampler = _PassSeededSampler(sampler.data_source, sampler.mini_repeat_count, sampler.batch_size,
+                                                sampler.repeat_count, sampler.shuffle, sampler.seed)
+        return self._pass_sampler
+
+    def _run_epoch(self, *args, epoch: int, **kwargs):
+        """The Trainer's pass over the data, with the sampler told the pass's number first: the Trainer's own
+        ``set_epoch`` does not reach it in a resumed pass on several processes (accelerate's skip wrapper around its
+        shard of the batches hides the sampler), which then replayed the first pass's order."""
+        if getattr(self, "_pass_sampler", None) is not None:
+            self._pass_sampler.set_epoch(epoch)
+        return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
     def _nothing_left_to_train(self, checkpoint: str, state: TrainerState) -> TrainOutput:
         """A checkpoint already at ``max_steps`` (e.g. a run stopped after its last save): its models and state, no

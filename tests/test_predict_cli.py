@@ -146,6 +146,16 @@ def test_dro_rl_train_hands_launch_flags_to_accelerate_and_the_rest_to_the_scrip
     assert args.training_script_args == ["--config", str(ROOT / "configs" / "demo.yaml"), "--max_steps", "3"]
 
 
+def test_dro_rl_train_with_num_processes_on_a_cpu_starts_that_many_processes(monkeypatch):
+    """Without a GPU and a launch mode, accelerate ran `--num_processes 2` as one process, without a word."""
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    cli.main(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--num_processes", "2"])
+    assert launched[0].num_processes == 2 and launched[0].multi_gpu  # accelerate's multi-process launcher
+    cli.main(["train", "--config", str(ROOT / "configs" / "demo.yaml")])
+    assert not launched[1].multi_gpu  # one process: nothing to add
+
+
 def test_dro_rl_train_returns_the_scripts_status_without_the_launchers_traceback(monkeypatch):
     """The launched script has printed its one-line refusal; accelerate's CalledProcessError would add a traceback."""
     import subprocess

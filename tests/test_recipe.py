@@ -379,6 +379,9 @@ def test_a_prompt_length_too_small_for_the_prompts_is_refused_before_the_warm_up
                                          "for 8 passages in max length 10"):
         run(*TINY_DEMO, "--output_dir", str(out), "--max_prompt_length", "10")
     assert (out / "data").exists() and not (out / "warmup").exists() and not (out / "eval_before.json").exists()
+    # the corrected command starts over there (it was told to resume, which refused the changed setting)
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1")
+    assert (out / "report.json").exists()
 
 
 def test_an_output_dir_that_is_a_file_is_refused_as_a_file(tmp_path):
