@@ -16,6 +16,9 @@ Overridden, and why:
 - ``save_model`` / ``_save_checkpoint`` / ``_load_from_checkpoint`` / ``_load_best_model``: every save is a run folder
   (``dro_rl.run_folder``: ``selector/``, ``generator/``, ``pipeline.json``, a completion marker; the final one also the
   log history and the model card, swapped in atomically); resuming and best-model loading restore both models;
+- ``_get_train_sampler`` / ``_run_epoch``: each pass over the data shuffled from (seed, pass), so that a resume in
+  any pass, on any number of processes, continues the uninterrupted run's order;
+- ``_issue_warnings_after_load``: no "missing key" notice for a tied output embedding;
 - ``create_model_card``: a card for the selector/generator pair (``dro_rl.model_card``), used by ``push_to_hub``.
 
 The E-step runs both models in eval mode, so that sampling and scoring are deterministic given the parameters; with
@@ -177,6 +180,7 @@ class DROTrainer(GRPOTrainer):
         args = args or DROConfig(output_dir="dro-output")
         self._created_at = time.time()  # results files older than this belong to an earlier run (run_folder.py)
         self._in_checkpoint = False
+        self._pass_sampler: _PassSeededSampler | None = None  # made with the train dataloader
         self._record: dict | None = None  # dro_run.json (_run_record)
         refuse_deepspeed(args)
         self.data_stats = []
@@ -774,7 +778,7 @@ class DROTrainer(GRPOTrainer):
         """The Trainer's pass over the data, with the sampler told the pass's number first: the Trainer's own
         ``set_epoch`` does not reach it in a resumed pass on several processes (accelerate's skip wrapper around its
         shard of the batches hides the sampler), which then replayed the first pass's order."""
-        if getattr(self, "_pass_sampler", None) is not None:
+        if self._pass_sampler is not None:
             self._pass_sampler.set_epoch(epoch)
         return super()._run_epoch(*args, epoch=epoch, **kwargs)
 
