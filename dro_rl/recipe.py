@@ -38,12 +38,12 @@ from .config import EVAL_METRICS, DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .evaluation import reward_picks
-from .files import file_sha256, read_json, readable_as_umask_allows, write_json
+from .files import file_sha256, read_json, readable_as_umask_allows, write_json, write_lines
 from .models import BASE_IN_RUN, load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
 from .resume import check_writable, claim_output_dir, resolve_checkpoint, run_artefacts, run_defining_settings
-from .selector import IdGrammar
+from .selector import IdGrammar, passage_text
 from .trainer import DROTrainer
 from .warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets, warmup_config
 
@@ -431,6 +431,10 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
                   "training question's passages, scored by the generator", flush=True)
             picks = reward_picks(train_rows, dro.num_docs_selected, generator, gtok, dro.generator_prompt(),
                                  progress=not dro.disable_tqdm)
+            # What the selector is taught, beside it: ids as the selector writes them, in the rows' retrieval order.
+            write_lines(({"id": r["id"], "question": r["question"], "target": " > ".join(f"[{i + 1}]" for i in p),
+                          "passages": [passage_text(r["passages"][i]) for i in p]} for r, p in zip(train_rows, picks)),
+                        os.path.join(dro.output_dir, "warmup", "selector_targets.jsonl"))
         presented, rankings = selector_targets(train_rows, args.selector_warmup_target, dro.seed, picks=picks)
         return selector_sft_rows(tok, grammar, dro.selector_prompt(), presented, rankings)
 

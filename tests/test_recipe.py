@@ -610,5 +610,10 @@ def test_best_reward_warmup_teaches_the_selector_the_warmed_up_generators_best_p
     assert targets == [("best_reward", calls[0]["picks"])] and len(calls[0]["picks"]) == 32
     assert all(len(p) == 2 and len(set(p)) == 2 for p in calls[0]["picks"])
     assert (tmp_path / "run" / "warmup" / "selector").is_dir()
+    taught = [json.loads(line) for line in (tmp_path / "run" / "warmup" / "selector_targets.jsonl").open()]
+    train = [json.loads(line) for line in (tmp_path / "run" / "data" / "train.jsonl").open()]
+    assert [t["id"] for t in taught] == [r["id"] for r in train]  # what the selector was taught, beside it
+    assert [t["target"] for t in taught] == [f"[{p[0] + 1}] > [{p[1] + 1}]" for p in calls[0]["picks"]]
+    assert taught[0]["passages"][0] == train[0]["passages"][calls[0]["picks"][0][0]]["text"]
     run(*flags, "--max_steps", "2", "--resume_from_checkpoint", "true")
     assert len(calls) == 1  # the saved selector is reused: no second scoring pass
