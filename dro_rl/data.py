@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 from .evaluation import normalize_answer
-from .files import write_lines
+from .files import json_problem, write_lines
 
 OnError = Literal["raise", "skip"]
 
@@ -183,7 +183,7 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
             except UnicodeDecodeError as err:
                 yield where, DataError(f"{where}: invalid UTF-8 ({err.reason} at byte {err.start})")
             except json.JSONDecodeError as err:
-                yield where, DataError(f"{where}: not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})")
+                yield where, DataError(f"{where}: {json_problem(err)}")
 
 
 def _is_column_wise(document: Any) -> bool:

