@@ -43,6 +43,12 @@ class DROConfig(GRPOConfig, PipelineConfig):
                   "where the accelerator supports bf16, off on a CPU (float32), so that the same config or "
                   "`DROConfig(...)` runs on a laptop and a GPU; `true` on a CPU needs `use_cpu: true`."},
     )
+    per_device_eval_batch_size: int = field(
+        default=32,
+        metadata={"help": "Questions per forward in DRO's greedy evaluation (`eval_strategy`, the recipe's before/after "
+                  "tables) and in the best_reward warm-up's scoring: the selector's constrained ranking, then the "
+                  "generator's answers. Lower it when a large model runs out of memory there."},
+    )
     disable_dropout: bool = field(
         default=True,
         metadata={"help": "Set every dropout probability of both models (LoRA dropout included) to 0, so that the loss "
@@ -190,8 +196,9 @@ class DROConfig(GRPOConfig, PipelineConfig):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.max_steps < -1 or self.max_steps == 0:
             raise ValueError(f"max_steps must be >= 1, or -1 to train for num_train_epochs, got {self.max_steps}")
-        if self.generator_batch_size < 1:
-            raise ValueError(f"generator_batch_size must be >= 1, got {self.generator_batch_size}")
+        for name in ("generator_batch_size", "per_device_eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # GRPO refuses m = 1 (its group baseline needs two samples). With one sample w̃ = 1, so the selector's
         # expected gradient is exactly zero: refused while the selector trains; a frozen selector's generator-only
         # training is fine, so the parent checks then run with 2.

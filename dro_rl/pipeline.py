@@ -111,11 +111,13 @@ def load_ranked(
 def compare(
     rows: Sequence[dict], selector, tokenizer, grammar: IdGrammar, selector_prompt: SelectorPrompt, generator,
     generator_tokenizer, generator_prompt: GeneratorPrompt, seed: int = 0, max_new_tokens: int = 32,
+    batch_size: int = 32, progress: bool = True,
 ) -> dict[str, dict]:
-    """Support recall@K and answer EM/F1 for random, retrieval-order, selector and oracle picks, greedily decoded."""
+    """Support recall@K and answer EM/F1 for random, retrieval-order, selector and oracle picks, greedily decoded
+    ``batch_size`` questions at a time."""
     k = selector_prompt.k
     with as_role(selector, SELECTOR):  # a shared base plays each role with its own adapter
-        selected = select_greedy(selector, tokenizer, grammar, selector_prompt, rows, progress=True)
+        selected = select_greedy(selector, tokenizer, grammar, selector_prompt, rows, batch_size, progress)
     picks = {
         "random": baseline_picks(rows, k, "random", seed),
         "retrieval": baseline_picks(rows, k, "retrieval"),
@@ -125,6 +127,6 @@ def compare(
     with as_role(generator, GENERATOR):
         return {
             name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt,
-                                             max_new_tokens, progress=True)}
+                                             max_new_tokens, batch_size, progress)}
             for name, p in picks.items()
         }

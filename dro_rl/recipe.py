@@ -28,7 +28,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import datasets
 import torch
+import transformers
 from accelerate import PartialState
 from datasets import Dataset, DatasetInfo
 from transformers import AutoConfig
@@ -289,7 +291,7 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
         rows = {split: load(os.path.join(folder, f"{split}.jsonl"))[0] if
                 os.path.exists(os.path.join(folder, f"{split}.jsonl")) else [] for split in ("train", "eval")}
         return rows["train"], rows["eval"]
-    retriever = make_retriever(dro.retriever, dro.retriever_model)
+    retriever = make_retriever(dro.retriever, dro.retriever_model, progress=False if dro.disable_tqdm else None)
     skipped: dict[str, list[str]] = {"train": [], "eval": []}
     if args.dataset == "demo":
         world = WorldConfig(
@@ -430,7 +432,7 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
             print(f"warm-up: the selector's targets are the reward's best K = {dro.num_docs_selected} of each "
                   "training question's passages, scored by the generator", flush=True)
             picks = reward_picks(train_rows, dro.num_docs_selected, generator, gtok, dro.generator_prompt(),
-                                 progress=not dro.disable_tqdm)
+                                 dro.per_device_eval_batch_size, progress=not dro.disable_tqdm)
             # What the selector is taught, beside it: ids as the selector writes them, in the rows' retrieval order.
             write_lines(({"id": r["id"], "question": r["question"], "target": " > ".join(f"[{i + 1}]" for i in p),
                           "passages": [passage_text(r["passages"][i]) for i in p]} for r, p in zip(train_rows, picks)),
@@ -467,7 +469,8 @@ def evaluation_stage(name: str, dro: DROConfig, eval_rows, selector, tok, gramma
               f"step {step}: evaluating again", flush=True)
     print(f"evaluation ({name} DRO): {len(eval_rows)} questions", flush=True)
     results = compare(eval_rows, selector, tok, grammar, dro.selector_prompt(), generator, gtok,
-                      dro.generator_prompt(), seed=dro.seed, max_new_tokens=dro.max_answer_tokens)
+                      dro.generator_prompt(), seed=dro.seed, max_new_tokens=dro.max_answer_tokens,
+                      batch_size=dro.per_device_eval_batch_size, progress=not dro.disable_tqdm)
     if step is not None:
         results[STEP_KEY] = step
     if dro.process_index == 0:
@@ -518,6 +521,9 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     start = time.time()
     # Under accelerate launch every process runs the recipe. The stages that write the run folder without a
     # collective run on the main process first; the others then find its files and reuse them, as a resume does.
+    if dro.disable_tqdm:  # also transformers' own bars (loading and writing weights) and datasets' (map)
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     first = PartialState().main_process_first
     with first():
         checkpoint = prepare(args, dro, model_args)

@@ -637,10 +637,11 @@ class DROTrainer(GRPOTrainer):
         selector = self.accelerator.unwrap_model(self.model)
         generator = self.accelerator.unwrap_model(self.generator)
         with self._role(SELECTOR):
-            picks = select_greedy(selector, self.processing_class, self.grammar, self.selector_prompt, rows)
+            picks = select_greedy(selector, self.processing_class, self.grammar, self.selector_prompt, rows,
+                                  self.args.per_device_eval_batch_size)
         with self._role(GENERATOR):
             scores = score_picks(rows, picks, generator, self.generator_processing_class, self.generator_prompt,
-                                 self.args.max_answer_tokens)
+                                 self.args.max_answer_tokens, self.args.per_device_eval_batch_size)
         metrics = {
             f"{metric_key_prefix}_{key}": value
             for key, value in scores.items()

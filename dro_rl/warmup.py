@@ -17,6 +17,7 @@ from typing import Sequence
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from .data import DataError, iter_records
 from .generator import GeneratorPrompt
 from .selector import IdGrammar, SelectorPrompt
 
@@ -55,7 +56,7 @@ def warmup_config(output_dir: str, steps: int, batch_size: int, learning_rate: f
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, 2 * steps // 3),
         logging_steps=max(1, steps // 6),
-        save_strategy="no", report_to="none", bf16=dro.bf16, use_cpu=dro.use_cpu,
+        save_strategy="no", report_to="none", bf16=dro.bf16, use_cpu=dro.use_cpu, disable_tqdm=dro.disable_tqdm,
         activation_checkpointing=dro.gradient_checkpointing, weight_decay=0.0, seed=dro.seed, max_length=None,
     )
     values.update(overrides)
@@ -107,7 +108,11 @@ def selector_targets(
             if teacher is None or row["id"] not in teacher:
                 raise ValueError(f"no teacher ranking for question id {row['id']!r}")
             position = {p.get("id", str(i)): i for i, p in enumerate(row["passages"])}
-            order = [position[pid] for pid in teacher[row["id"]] if pid in position]
+            unknown = [pid for pid in teacher[row["id"]] if pid not in position]
+            if unknown:  # a ranking of other ids (ints for strings, another corpus) would teach retrieval order
+                raise ValueError(f"the teacher ranking of question {row['id']!r} names passages that are not among "
+                                 f"its candidates: {unknown[:5]} (its candidates' ids: {list(position)[:10]})")
+            order = [position[pid] for pid in teacher[row["id"]]]
             order += [i for i in range(n) if i not in order]
         else:
             raise ValueError(f"unknown selector target {target!r}: use retrieval, gold_first, best_reward or teacher "
@@ -119,3 +124,30 @@ def selector_targets(
         presented.append({**row, "passages": [row["passages"][i] for i in perm]})
         rankings.append([where[i] for i in order])
     return presented, rankings
+
+
+def read_teacher_rankings(path: str) -> dict[str, list[str]]:
+    """``{question id: passage ids, best first}`` from a JSON Lines file of ``{"id": ..., "ranking": [...]}``.
+
+    Ids are compared as strings (JSON writes a passage id 3 and "3" alike in a ranking). A malformed line, a repeated
+    question or a ranking that names a passage twice is a DataError naming the file and line: any of them would
+    otherwise teach a ranking nobody wrote.
+    """
+    rankings: dict[str, list[str]] = {}
+    for where, record in iter_records(path):
+        if isinstance(record, Exception):
+            raise record
+        if not isinstance(record, dict) or not isinstance(record.get("id"), (str, int)):
+            raise DataError(f"{where}: each line must be an object with a question 'id' and its 'ranking'")
+        ranking = record.get("ranking")
+        if not isinstance(ranking, list) or not ranking or not all(isinstance(x, (str, int)) for x in ranking):
+            raise DataError(f"{where}: field 'ranking' must be a non-empty list of passage ids, best first")
+        qid, ids = str(record["id"]), [str(x) for x in ranking]
+        if qid in rankings:
+            raise DataError(f"{where}: question id {qid!r} has a ranking on an earlier line already")
+        if len(set(ids)) != len(ids):
+            raise DataError(f"{where}: field 'ranking' names a passage more than once: {ids}")
+        rankings[qid] = ids
+    if not rankings:
+        raise DataError(f"{path}: no rankings in the file")
+    return rankings

@@ -79,6 +79,10 @@ class EvaluateArguments:
     disable_tqdm: bool = field(
         default=False, metadata={"help": "No progress bars (a log file); train_rl.py's flag of the same name."}
     )
+    batch_size: int = field(
+        default=32, metadata={"help": "Questions per forward (selection, answers, best_reward scoring); lower it when "
+                              "a large model runs out of memory."}
+    )
     strategies: list[str] = field(
         default_factory=lambda: ["retrieval", "selector", "oracle"],
         metadata={"help": f"Selections to score, of {list(STRATEGIES)}: `closed_book` (the generator reads no "
@@ -91,6 +95,7 @@ class EvaluateArguments:
     def __post_init__(self):
         if self.limit is not None:
             check_positive_int("--limit", self.limit)
+        check_positive_int("--batch_size", self.batch_size)
 
 
 def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[str] = ()) -> dict:
@@ -154,15 +159,17 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
             with count_tokens(selector, generator) as tokens:
                 if strategy == "selector":
                     with as_role(selector, SELECTOR):  # one base with two adapters plays each role with its own
-                        chosen = select_greedy(selector, tok, grammar, sprompt, rows, progress=not args.disable_tqdm)
+                        chosen = select_greedy(selector, tok, grammar, sprompt, rows, args.batch_size,
+                                               progress=not args.disable_tqdm)
                 elif strategy == "best_reward":
                     with as_role(generator, GENERATOR):
-                        chosen = reward_picks(rows, k, generator, gtok, gprompt, progress=not args.disable_tqdm)
+                        chosen = reward_picks(rows, k, generator, gtok, gprompt, args.batch_size,
+                                              progress=not args.disable_tqdm)
                 else:
                     chosen = [[]] * len(rows) if strategy == "closed_book" else baseline_picks(scored_rows, k, strategy)
                 with as_role(generator, GENERATOR):
                     scores = score_picks(scored_rows, chosen, generator, gtok, gprompt, pipeline.max_answer_tokens,
-                                         progress=not args.disable_tqdm)
+                                         args.batch_size, progress=not args.disable_tqdm)
             seconds = time.perf_counter() - start
             results[name][strategy] = {
                 **({"n": len(scored_rows)} if len(scored_rows) < len(rows) else {}),

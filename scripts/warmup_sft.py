@@ -14,7 +14,6 @@ and its tokenizer are saved to `output_dir`, ready for `scripts/train_rl.py --mo
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Literal
@@ -30,6 +29,7 @@ from dro_rl.warmup import (
     generator_sft_rows,
     run_sft,
     selector_sft_rows,
+    read_teacher_rankings,
     selector_targets,
 )
 
@@ -51,6 +51,11 @@ class WarmupArguments:
         default=False, metadata={"help": "Save into an output_dir that is not empty (an earlier model is replaced)."}
     )
 
+    def __post_init__(self):
+        if (self.target == "teacher") != (self.teacher_rankings is not None):
+            raise ValueError("--target teacher needs --teacher_rankings (a JSONL of {id, ranking}), and "
+                             "--teacher_rankings is read only with --target teacher")
+
 
 def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
     folder = sft_args.output_dir
@@ -59,20 +64,17 @@ def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
                               "save over it, or choose another output_dir")
     rows, stats = load(args.data, "canonical", limit=args.limit)
     print(stats.summary(), flush=True)
+    if args.role == "selector":  # the targets (a teacher file's included) are checked before the model loads
+        teacher = read_teacher_rankings(args.teacher_rankings) if args.teacher_rankings else None
+        presented, rankings = selector_targets(rows, args.target, sft_args.seed, args.shuffle_candidates, teacher)
     model, tok = load_model(args.model, seed=sft_args.seed)
     if args.role == "generator":
         examples = generator_sft_rows(
             tok, pipeline.generator_prompt(), rows, pipeline.num_docs_selected, sft_args.seed,
         )
     else:
-        teacher = None
-        if args.teacher_rankings:
-            with open(args.teacher_rankings) as f:
-                teacher = {r["id"]: [str(x) for x in r["ranking"]] for r in map(json.loads, f) if r}
-        prompt = pipeline.selector_prompt()
         grammar = IdGrammar(tok, max(len(r["passages"]) for r in rows))
-        presented, rankings = selector_targets(rows, args.target, sft_args.seed, args.shuffle_candidates, teacher)
-        examples = selector_sft_rows(tok, grammar, prompt, presented, rankings)
+        examples = selector_sft_rows(tok, grammar, pipeline.selector_prompt(), presented, rankings)
     trainer = run_sft(model, tok, examples, sft_args)
     trainer.save_model(sft_args.output_dir)
     pipeline.save_pipeline(sft_args.output_dir)  # the prompts it was warmed up on, for DRO and evaluation to match

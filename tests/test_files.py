@@ -122,6 +122,7 @@ def test_counts_below_one_are_refused_by_their_flag():
                               (lambda v: PredictArguments("run", "q.jsonl", limit=v), "--limit", 0),
                               (lambda v: RetrieveArguments("q.jsonl", "o.jsonl", top_n=v), "--top_n", 0),
                               (lambda v: RetrieveArguments("q.jsonl", "o.jsonl", limit=v), "--limit", -1),
-                              (lambda v: EvaluateArguments(["d.jsonl"], limit=v), "--limit", 0)):
+                              (lambda v: EvaluateArguments(["d.jsonl"], limit=v), "--limit", 0),
+                              (lambda v: EvaluateArguments(["d.jsonl"], batch_size=v), "--batch_size", 0)):
         with pytest.raises(ValueError, match=f"^{flag} must be >= 1, got {value}$"):
             make(value)

@@ -59,8 +59,10 @@ def tree_digest(folder: Path) -> dict[str, int]:
 def test_resume_continues_at_the_next_step_and_skips_finished_stages(tmp_path, capsys):
     out = tmp_path / "run"
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
-    first = capsys.readouterr().out
+    first, bars = capsys.readouterr()
     assert "warm-up: generator SFT" in first and "retrieval: ranking" in first
+    # --disable_tqdm true (a log file) silences every stage's bars: warm-up, evaluations, loading and writing weights
+    assert "it/s]" not in bars and "%|" not in bars, bars[:300]
     assert json.loads((out / "report.json").read_text())["resumed"] is False and "resumed the run" not in first
     assert json.loads((out / "run_config.json").read_text())["resolved"] == {"generator_scoring": "in_loss"}
     saved = {name: tree_digest(out / name) for name in ("checkpoint-2", "checkpoint-4", "data", "warmup")}
@@ -354,6 +356,7 @@ BAD_SETTINGS = [
     (["--dataset", "hotpotqa:/no/such/file.jsonl"], "/no/such/file.jsonl"),
     (["--num_docs_selected", "9"], "demo training question 1 .* 8 candidates, fewer than the 9 needed"),
     (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
+    (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be >= 1, got 0"),
     (["--generator_model_name_or_path", "smollm2-135m"], "without model_name_or_path"),  # was silently unused
     # refused only after retrieval and the models had loaded, or (the metric) at the first save after an evaluation
     (["--reward_funcs", "nosuch"], "unknown reward 'nosuch'"),

@@ -115,3 +115,32 @@ def test_bench_names_the_presets_it_knows():
 
     with pytest.raises(SystemExit, match="known: .*cpu-smollm2.*cpu-tiny"):
         bench_main(BenchArguments(preset="cpu-tiyn"))
+
+
+def test_a_teacher_ranking_file_is_checked_line_by_line_before_the_model_loads(tmp_path):
+    """The file was read with a bare json.loads (a traceback without file or line), and passage ids not among a
+    question's candidates were dropped in silence: a teacher file of other ids taught the retrieval order."""
+    rows = [{"id": f"q{r}", "question": f"question {r}?", "answers": [f"a{r}"],
+             "passages": [{"id": f"p{r}{i}", "text": f"passage {r} {i}"} for i in range(3)]} for r in range(2)]
+    data = tmp_path / "data.jsonl"
+    write_jsonl(rows, str(data))
+    cases = [
+        ('{"id": "q0", "ranking": ["p02"]}\nnot json\n', r"teacher\.jsonl:2: "),
+        ('{"id": "q0", "ranking": "p02"}\n', r"teacher\.jsonl:1: field 'ranking' must be a non-empty list"),
+        ('{"id": "q0", "ranking": ["p02"]}\n{"id": "q0", "ranking": ["p01"]}\n', r"teacher\.jsonl:2: question id 'q0' "
+                                                                                 "has a ranking on an earlier line"),
+        ('{"id": "q0", "ranking": ["p02", "p02"]}\n', r"teacher\.jsonl:1: field 'ranking' names a passage more than "),
+        ('{"id": "q0", "ranking": ["p02"]}\n', "no teacher ranking for question id 'q1'"),
+        ('{"id": "q0", "ranking": ["p02"]}\n{"id": "q1", "ranking": [2, 0]}\n',
+         r"the teacher ranking of question 'q1' names passages that are not among its candidates: \['2', '0'\]"),
+    ]
+    for text, message in cases:
+        (tmp_path / "teacher.jsonl").write_text(text)
+        args = warmup_parser().parse_args_and_config(args=[
+            "--data", str(data), "--role", "selector", "--target", "teacher", "--teacher_rankings",
+            str(tmp_path / "teacher.jsonl"), "--model", str(tmp_path / "no-model-here"), "--output_dir",
+            str(tmp_path / "out"), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"])
+        with pytest.raises(ValueError, match=message):  # not the missing model's error: checked before it loads
+            warmup_main(*args)
+    with pytest.raises(ValueError, match="--target teacher needs --teacher_rankings"):
+        WarmupArguments(data=str(data), role="selector", target="teacher")

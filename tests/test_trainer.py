@@ -115,7 +115,7 @@ def test_evaluation_runs_the_greedy_pipeline_during_training(tmp_path, demo_rows
     data = as_dataset(demo_rows)
     trainer = DROTrainer(
         model=make_model(word_tok), generator=make_model(word_tok, seed=1),
-        args=tiny_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=8),
+        args=tiny_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4),
         train_dataset=data, eval_dataset=data.select(range(6)), processing_class=word_tok,
         generator_processing_class=word_tok,
     )
@@ -125,6 +125,17 @@ def test_evaluation_runs_the_greedy_pipeline_during_training(tmp_path, demo_rows
     assert all(0.0 <= h["eval_answer_em"] <= 1.0 for h in evals)
     train_logs = [h for h in trainer.state.log_history if "selector/loss" in h]
     assert len(train_logs) == 2  # evaluation did not swallow the training metrics
+
+    # per_device_eval_batch_size is honoured (the memory knob of a large model's evaluation): 6 questions go through
+    # each model 4 and 2 at a time, never all 6 at once.
+    seen = {"selector": set(), "generator": set()}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, kw, role=role: seen[role].add(
+        (kw.get("input_ids") if kw.get("input_ids") is not None else kw["inputs_embeds"]).shape[0]), with_kwargs=True)
+        for role, m in (("selector", trainer.model), ("generator", trainer.generator))]
+    trainer.evaluate()
+    for h in hooks:
+        h.remove()
+    assert seen == {"selector": {4, 2}, "generator": {4, 2}}
 
 
 def test_one_sample_per_question_trains_the_generator_with_finite_weights(tmp_path, demo_rows, word_tok):
