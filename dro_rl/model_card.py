@@ -16,6 +16,7 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 
+from .files import read_json
 from .models import BASE_IN_RUN
 from .packaged_models import PACKAGED_MODELS
 from .pipeline_config import PipelineConfig
@@ -120,13 +121,15 @@ def describe_data(dataset_name: str | None, num_questions: int, skipped: int) ->
 
 
 def read_report(folder: str) -> dict | None:
-    """The run's report.json when it is one the recipe wrote (a table of rows); a file of another shape, e.g. one a
-    user left there, is not the card's to show."""
+    """The run's report.json when it is one the recipe wrote (a table of rows); a file of another shape or no JSON at
+    all, e.g. one a user left there or edited, is not the card's to show (and must not stop the final save)."""
     path = os.path.join(folder, "report.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        report = json.load(f)
+    try:
+        report = read_json(path)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return None
     return report if isinstance(report, dict) and isinstance(report.get("rows"), dict) else None
 
 

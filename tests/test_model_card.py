@@ -66,6 +66,11 @@ def test_the_card_names_adapter_bases_and_the_runs_figures(runs):
     # this report.json predates answer recall: its column reads "–"
     assert "| selector after DRO | 0.750 [0.500, 1.000] | – | 0.500 [0.250, 0.750] | 0.500 |" in card
 
+    # a report.json a user broke (not JSON any more) is left out of the card; it stopped the final save before
+    (out / "report.json").write_text('{"rows": {"selector after DRO": ')
+    trainer.create_model_card()
+    assert "No evaluation report" in (out / "README.md").read_text()
+
     shared_card = (runs("shared")[0] / "README.md").read_text()
     assert "Both are LoRA adapters on one base model" in shared_card and "`base/`" in shared_card
 
