@@ -100,7 +100,7 @@ def make_example(world: dict, cfg: WorldConfig, rng: random.Random, index: int) 
         "answers": [answer],
         "passages": [{"title": "", "text": passages[i]} for i in order],
         "gold": [labels[i] for i in order],
-        "hops": 2 if two_hop else 1,
+        "metadata": {"hops": 2 if two_hop else 1},  # what evaluate.py --group_by hops splits the scores by
     }
 
 

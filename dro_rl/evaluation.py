@@ -229,7 +229,7 @@ def score_picks(
         generator.train(was_training)
         for name, metric in (("answer_em", exact_match), ("answer_f1", f1_score), ("answer_sub_em", sub_exact_match)):
             per_question[name] = [metric(a, r["answers"]) for a, r in zip(answers, rows)]
-    result: dict = {name: _mean(v) for name, v in per_question.items()}
+    result: dict = {name: defined_mean(v) for name, v in per_question.items()}
     result.update(n=len(rows), per_question=per_question,
                   answer_recall_undefined=sum(v is None for v in per_question["answer_recall_at_k"]))
     if answers is not None:
@@ -258,6 +258,7 @@ def bootstrap_interval(
     return float(low), float(high)
 
 
-def _mean(values: Sequence[float | None]) -> float | None:
+def defined_mean(values: Sequence[float | None]) -> float | None:
+    """The mean over the values that apply (None marks a question the metric does not apply to); None if none do."""
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None

@@ -39,7 +39,14 @@ from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import check_data_file
-from dro_rl.evaluation import baseline_picks, bootstrap_interval, reward_picks, score_picks, select_greedy
+from dro_rl.evaluation import (
+    baseline_picks,
+    bootstrap_interval,
+    defined_mean,
+    reward_picks,
+    score_picks,
+    select_greedy,
+)
 from dro_rl.files import atomic_write, claim_folder, write_json, write_lines
 from dro_rl.models import GENERATOR, SELECTOR, as_role
 from dro_rl.pipeline import load_ranked, make_retriever, parse_spec
@@ -78,6 +85,12 @@ class EvaluateArguments:
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
     disable_tqdm: bool = field(
         default=False, metadata={"help": "No progress bars (a log file); train_rl.py's flag of the same name."}
+    )
+    group_by: str | None = field(
+        default=None,
+        metadata={"help": "Also score each value of this field of the rows' `metadata` on its own (HotpotQA: `type`, "
+                  "bridge or comparison, or `level`; the demo: `hops`): in metrics.json as `by_<field>`, in "
+                  "metrics.md as rows `name [field=value]`, each with its n and intervals."},
     )
     batch_size: int = field(
         default=32, metadata={"help": "Questions per forward (selection, answers, best_reward scoring); lower it when "
@@ -139,6 +152,9 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
         os.remove(os.path.join(args.output_dir, name))
     if earlier:
         print(f"--overwrite: removed the earlier evaluation's {', '.join(earlier)} from {args.output_dir}", flush=True)
+    if args.group_by:
+        for name, rows, _ in datasets:
+            check_group_field(name, rows, args.group_by)
     sprompt, gprompt = pipeline.selector_prompt(), pipeline.generator_prompt()
     k = pipeline.num_docs_selected
     results: dict[str, dict] = {}
@@ -177,6 +193,9 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                 "ci95": {m: bootstrap_interval(scores["per_question"][m]) for m in METRICS},
                 "wall_seconds": seconds, "tokens": tokens[0], "tokens_per_second": tokens[0] / seconds,
             }
+            if args.group_by:
+                results[name][strategy][f"by_{args.group_by}"] = by_group(scored_rows, scores["per_question"],
+                                                                          args.group_by)
             write_lines(({"id": r["id"], "question": r["question"], "answers": r["answers"], "prediction": pred,
                           "selected": [r["passages"][j]["id"] for j in p],
                           "scores": {m: scores["per_question"][m][i] for m in METRICS}}
@@ -189,6 +208,33 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
         f.write(table + "\n")
     print("\n" + table, flush=True)
     return results
+
+
+def group_value(row: dict, field_name: str) -> str:
+    value = (row.get("metadata") or {}).get(field_name)
+    return "missing" if value is None else str(value)
+
+
+def check_group_field(name: str, rows: list[dict], field_name: str) -> None:
+    """Refuse a --group_by field that no row of a dataset holds: a typo would give one group, 'missing'."""
+    if all(group_value(r, field_name) == "missing" for r in rows):
+        fields = sorted({key for r in rows for key in (r.get("metadata") or {})})
+        raise ValueError(f"--group_by {field_name}: no row of {name} has it in its metadata (its rows' metadata "
+                         f"fields: {fields or 'none'})")
+
+
+def by_group(rows: list[dict], per_question: dict[str, list], field_name: str) -> dict[str, dict]:
+    """Each metric's mean and interval over the rows of each value of ``metadata[field_name]`` (the per-question
+    scores ``score_picks`` returns, split by group)."""
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(group_value(r, field_name), []).append(i)
+    out = {}
+    for value, members in sorted(groups.items()):
+        part = {m: [per_question[m][i] for i in members] for m in METRICS}
+        out[value] = {"n": len(members), **{m: defined_mean(part[m]) for m in METRICS},
+                      "ci95": {m: bootstrap_interval(part[m]) for m in METRICS}}
+    return out
 
 
 @contextmanager
@@ -229,6 +275,10 @@ def markdown_table(results: dict, k: int) -> str:
                 cells = [cell(m, metric) for metric in METRICS] + [f"{m['wall_seconds']:.0f}",
                                                                    f"{m['tokens_per_second']:.0f}"]
                 lines.append(f"| {name} (n={m.get('n', by_strategy['n'])}) | {strategy} | " + " | ".join(cells) + " |")
+                for key in (key for key in m if key.startswith("by_")):  # --group_by: one row per value
+                    for value, g in m[key].items():
+                        lines.append(f"| {name} [{key[3:]}={value}] (n={g['n']}) | {strategy} | " +
+                                     " | ".join(cell(g, metric) for metric in METRICS) + " | – | – |")
     return "\n".join(lines)
 
 

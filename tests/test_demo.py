@@ -15,7 +15,7 @@ def test_candidates_hold_the_gold_passages_and_are_distinct():
         for row in make_split(WorldConfig(num_candidates=n, seed=1), 50, 1):
             texts = [p["text"] for p in row["passages"]]
             assert len(texts) == n and len(set(texts)) == n
-            assert sum(row["gold"]) == row["hops"]
+            assert sum(row["gold"]) == row["metadata"]["hops"]
 
 
 def test_answers_cannot_be_read_off_the_question():
@@ -24,7 +24,7 @@ def test_answers_cannot_be_read_off_the_question():
 
 
 def test_two_hop_answer_passage_shares_no_word_with_the_question():
-    rows = [r for r in make_split(WorldConfig(seed=2), 200, 1) if r["hops"] == 2]
+    rows = [r for r in make_split(WorldConfig(seed=2), 200, 1) if r["metadata"]["hops"] == 2]
     assert rows
     for row in rows:
         answer_passage = next(p["text"] for p, g in zip(row["passages"], row["gold"]) if g and " lives in " in p["text"])

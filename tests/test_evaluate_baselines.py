@@ -163,6 +163,41 @@ def test_the_oracle_is_scored_on_the_labelled_rows_only(tmp_path):
     assert "| mixed (n=2) | oracle |" in (tmp_path / "eval" / "metrics.md").read_text()
 
 
+def test_group_by_scores_each_value_of_a_metadata_field_on_its_own(tmp_path):
+    """--group_by hops: what split the demo's one-hop and two-hop questions (README, seed 1) — each group's means are
+    those of its rows' per-question scores."""
+    passages = [{"id": f"p{i}", "text": f"passage {i} about x{i}"} for i in range(3)]
+    rows = [{"id": str(i), "question": f"q {i} ?", "answers": [f"x{i % 3}"], "metadata": {"hops": 1 + i % 2},
+             "passages": [{**p, "gold": j == i % 3} for j, p in enumerate(passages)]} for i in range(6)]
+    rows.append({**rows[0], "id": "no-hops", "metadata": {}})
+    data = tmp_path / "grouped.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pipeline = PipelineConfig(retriever="none", num_docs_selected=1, max_passage_tokens=8,
+                              generator_max_passage_tokens=8, max_answer_tokens=2, use_chat_template=False)
+    args = EvaluateArguments(datasets=[str(data)], selector="tiny:minilm", generator="tiny:minilm", group_by="hops",
+                             output_dir=str(tmp_path / "eval"), strategies=["retrieval", "oracle"], disable_tqdm=True)
+    table = evaluate_main(args, pipeline)["grouped"]
+    for strategy in ("retrieval", "oracle"):
+        groups = table[strategy]["by_hops"]
+        assert {value: g["n"] for value, g in groups.items()} == {"1": 3, "2": 3, "missing": 1}
+        scored = [json.loads(line) for line in
+                  (tmp_path / "eval" / f"grouped.{strategy}.predictions.jsonl").read_text().splitlines()]
+        for value, ids in (("1", {"0", "2", "4"}), ("2", {"1", "3", "5"})):
+            recall = [r["scores"]["support_recall_at_k"] for r in scored if r["id"] in ids]
+            assert groups[value]["support_recall_at_k"] == pytest.approx(sum(recall) / 3), (strategy, value)
+    # retrieval takes passage 0, the gold one of rows 0 and 3 (and of "no-hops", a copy of row 0)
+    assert table["retrieval"]["by_hops"]["1"]["support_recall_at_k"] == pytest.approx(1 / 3)
+    assert table["oracle"]["by_hops"]["2"]["support_recall_at_k"] == 1.0
+    md = (tmp_path / "eval" / "metrics.md").read_text()
+    assert "| grouped [hops=2] (n=3) | oracle | 1.000 [1.000, 1.000] |" in md
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["grouped"]["oracle"]["by_hops"]["1"]["n"] == 3
+
+    args.group_by, args.overwrite = "hop", True  # a typo: every row would be "missing"
+    with pytest.raises(ValueError, match=r"--group_by hop: no row of grouped has it in its metadata \(its rows' "
+                                         r"metadata fields: \['hops'\]\)"):
+        evaluate_main(args, pipeline)
+
+
 @needs_shared
 def test_closed_book_intervals_and_throughput_on_hotpotqa(tmp_path):
     args = EvaluateArguments(datasets=[f"hotpotqa:{HOTPOT}"], selector="tiny:minilm", generator="tiny:minilm",
