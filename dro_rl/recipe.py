@@ -392,7 +392,8 @@ def _warmed_up(dro: DROConfig, role: str, name: str, seed: int = 0, **init):
     if not os.path.isdir(saved):
         return None
     model = load_model(saved, seed, **init)[0]
-    model.name_or_path = model.config.name_or_path = name
+    # A `tiny:` model is built from a config and carries no name (load_model): a resumed run must record the same.
+    model.name_or_path = model.config.name_or_path = "" if name.startswith("tiny:") else name
     setattr(model, BASE_IN_RUN, os.path.join("warmup", role))
     return model
 

@@ -88,6 +88,17 @@ def test_resume_continues_at_the_next_step_and_skips_finished_stages(tmp_path, c
         assert tree_digest(out / name) == files, name
 
 
+def test_a_run_of_tiny_named_models_with_a_warm_up_resumes(tmp_path):
+    """The checkpoint recorded the generator built from `tiny:minilm` without a name, the resume its warm-up read back
+    under the name 'tiny:minilm': every such run was refused as 'different settings'."""
+    out = tmp_path / "run"
+    common = [*TINY_DEMO, "--model_name_or_path", "tiny:minilm", "--output_dir", str(out), "--save_strategy", "steps",
+              "--save_steps", "1"]
+    run(*common, "--max_steps", "1")
+    run(*common, "--max_steps", "2", "--resume_from_checkpoint", "true")
+    assert (out / "checkpoint-2").is_dir()
+
+
 def test_resume_true_picks_the_newest_complete_checkpoint(tmp_path):
     out = tmp_path / "run"
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1")
