@@ -114,19 +114,21 @@ def compare(
     batch_size: int = 32, progress: bool = True,
 ) -> dict[str, dict]:
     """Support recall@K and answer EM/F1 for random, retrieval-order, selector and oracle picks, greedily decoded
-    ``batch_size`` questions at a time."""
+    ``batch_size`` questions at a time. The oracle is scored on the rows with gold passage labels only (its ``n``),
+    and left out when no row has any: without labels its "gold first" pick is the retrieval order."""
     k = selector_prompt.k
     with as_role(selector, SELECTOR):  # a shared base plays each role with its own adapter
         selected = select_greedy(selector, tokenizer, grammar, selector_prompt, rows, batch_size, progress)
+    labelled = [r for r in rows if any(r.get("gold") or [])]
     picks = {
-        "random": baseline_picks(rows, k, "random", seed),
-        "retrieval": baseline_picks(rows, k, "retrieval"),
-        "selector": selected,
-        "oracle": baseline_picks(rows, k, "oracle"),
+        "random": (rows, baseline_picks(rows, k, "random", seed)),
+        "retrieval": (rows, baseline_picks(rows, k, "retrieval")),
+        "selector": (rows, selected),
+        **({"oracle": (labelled, baseline_picks(labelled, k, "oracle"))} if labelled else {}),
     }
     with as_role(generator, GENERATOR):
         return {
-            name: {"picks": p, **score_picks(rows, p, generator, generator_tokenizer, generator_prompt,
+            name: {"picks": p, **score_picks(scored, p, generator, generator_tokenizer, generator_prompt,
                                              max_new_tokens, batch_size, progress)}
-            for name, p in picks.items()
+            for name, (scored, p) in picks.items()
         }

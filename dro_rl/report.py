@@ -52,6 +52,8 @@ def build_report(before: dict, after: dict, wall: float, config: dict, data: dic
 
     rows = {}
     for label, evaluation, strategy in ROWS:
+        if after and strategy not in evaluations[evaluation]:
+            continue  # the oracle of an evaluation set without gold passage labels
         found = evaluations[evaluation].get(strategy, {})
         rows[label] = {metric: {"mean": found.get(metric),
                                 "ci95": _interval(values(evaluation, strategy, metric) or [])}
@@ -67,6 +69,7 @@ def build_report(before: dict, after: dict, wall: float, config: dict, data: dic
         "rows": rows,
         "differences": differences,
         "num_eval_questions": after.get("selector", {}).get("n"),
+        "num_labelled_eval_questions": after.get("oracle", {}).get("n", 0),  # the oracle's rows
         "data": {split: {"kept": d["kept"], "skipped": d["skipped"],
                          **({"read_limit": d["read_limit"]} if d.get("read_limit") else {})}
                  for split, d in (data or {}).items()},
@@ -95,6 +98,11 @@ def format_table(report: dict) -> str:
     missing = {"mean": None, "ci95": None}  # a report.json written before the metric existed
     lines += [f"| {label} | " + " | ".join(cell(row.get(m, missing)) for m in METRICS) + " |"
               for label, row in report["rows"].items()]
+    total, labelled = report.get("num_eval_questions"), report.get("num_labelled_eval_questions")
+    if total and labelled is not None and labelled < total:
+        lines.append("\noracle: no evaluation question has gold passage labels, so there is no oracle row"
+                     if not labelled else
+                     f"\noracle: scored on the {labelled} of {total} evaluation questions with gold passage labels")
     for name, by_metric in report["differences"].items():
         lines.append(f"\n{name.replace('_', ' ')}: " + ", ".join(f"{m} {cell(e)}" for m, e in by_metric.items()))
     data = report.get("data") or {}

@@ -501,7 +501,8 @@ def test_report_pairs_answer_recall_of_the_selector_with_the_retrieval_order():
     retrieval = scores([0.5, 0.5, 0.5, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0])
     selector = scores([0.5, 0.5, 0.5, 0.5], [1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0])
     report = build_report({"retrieval": retrieval, "selector": retrieval},
-                          {"retrieval": retrieval, "selector": selector, "oracle": selector}, 1.0, {})
+                          {"retrieval": retrieval, "selector": {**selector, "n": 4}, "oracle": {**selector, "n": 2}},
+                          1.0, {})
     assert report["rows"]["selector after DRO"]["answer_recall_at_k"]["mean"] == 0.75
     assert report["rows"]["retrieval top-K, warm-up generator"]["answer_recall_at_k"]["mean"] == 0.25
     difference = report["differences"]["selector_after_minus_retrieval"]
@@ -510,6 +511,7 @@ def test_report_pairs_answer_recall_of_the_selector_with_the_retrieval_order():
     assert table.splitlines()[0] == "| selection | support recall@K | answer recall@K | answer EM | answer F1 |"
     assert "| selector after DRO | 0.500 [0.500, 0.500] | 0.750 [" in table
     assert "answer_recall_at_k 0.500 [" in table
+    assert "oracle: scored on the 2 of 4 evaluation questions with gold passage labels" in table
 
 
 def test_a_short_warm_up_still_reaches_its_learning_rate(tmp_path):

@@ -96,6 +96,11 @@ def test_train_rl_retrieves_question_only_data_from_a_corpus(tmp_path):
     after = report["rows"]["selector after DRO"]
     assert report["num_eval_questions"] == 4 and after["support_recall_at_k"]["mean"] is None  # no gold labels
     assert 0.0 <= after["answer_em"]["mean"] <= 1.0
+    # no oracle row: without labels its "gold first" pick was the retrieval order, reported as the oracle's EM
+    assert not any(label.startswith("oracle") for label in report["rows"])
+    assert report["num_labelled_eval_questions"] == 0
+    assert "no evaluation question has gold passage labels, so there is no oracle row" in (
+        (tmp_path / "README.md").read_text())
     assert (tmp_path / "test.retrieval-cache.json").exists()  # cached beside the outputs, not the read-only data
 
 
