@@ -509,7 +509,8 @@ def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "tra
     is a ``datasets.Dataset`` or a list of rows.
 
     A row with fewer than K candidates, an empty question or answer list, or a passage without text raises a
-    DataError naming the row and field — or, with ``on_error="skip"``, is dropped and counted.
+    DataError naming the row and field — or, with ``on_error="skip"``, is dropped and counted. Passages given as
+    plain strings become ``{"title": "", "text": ...}``, as the file loaders read them.
     """
 
     def check(where: str, row: dict) -> int:
@@ -521,6 +522,11 @@ def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "tra
     records = ((f"{name} question {i + 1}" + (f" (id {row['id']!r})" if row.get("id") else ""),
                 {**row, "__index__": i}) for i, row in enumerate(dataset))
     keep, stats = convert(records, check, name, on_error)
-    if not stats.skipped:
-        return dataset, stats
-    return (dataset.select(keep) if hasattr(dataset, "select") else [dataset[i] for i in keep]), stats
+    if stats.skipped:
+        dataset = dataset.select(keep) if hasattr(dataset, "select") else [dataset[i] for i in keep]
+    if any(isinstance(p, str) for row in dataset for p in row["passages"]):  # as the file loaders accept them
+        def as_objects(row: dict) -> dict:
+            return {**row, "passages": [{"title": "", "text": p} if isinstance(p, str) else p for p in row["passages"]]}
+
+        dataset = dataset.map(as_objects) if hasattr(dataset, "map") else [as_objects(r) for r in dataset]
+    return dataset, stats

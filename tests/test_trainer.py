@@ -207,3 +207,14 @@ def test_shared_prompt_forward_trains_like_the_per_row_forward(tmp_path, demo_ro
     first = [t.state.log_history[0]["selector/loss"] for t in (plain, shared)]
     assert first[0] == pytest.approx(first[1], abs=1e-6)
     assert changed(before, shared.model) == set(before)
+
+
+def test_passages_given_as_plain_strings_train_as_the_file_loaders_read_them(tmp_path, demo_rows, word_tok):
+    """The data check accepted them and step 1 failed inside the prompt ('str' object has no attribute 'get')."""
+    rows = [{**r, "passages": [p["text"] for p in r["passages"]]} for r in demo_rows]
+    trainer = DROTrainer(model=make_model(word_tok), generator=make_model(word_tok, seed=1),
+                         args=tiny_args(tmp_path, max_steps=1), train_dataset=Dataset.from_list(rows),
+                         processing_class=word_tok, generator_processing_class=word_tok)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    assert trainer.train_dataset[0]["passages"][0] == {"title": "", "text": demo_rows[0]["passages"][0]["text"]}
