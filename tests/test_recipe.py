@@ -368,6 +368,13 @@ BAD_SETTINGS = [
     (["--num_docs_selected", "9"], "demo training question 1 .* 8 candidates, fewer than the 9 needed"),
     (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
     (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be >= 1, got 0"),
+    # tracebacks before: after the data stage (batch size 0, seed -1, a tiny: model over a tokenizer that is not
+    # there), inside TRL (a ZeroDivisionError), or never (save_steps 0 saved nothing)
+    (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1, got 0"),
+    (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps must be >= 1, got 0"),
+    (["--seed", "-1"], "seed must be between 0 and 2..32 - 1"),
+    (["--save_strategy", "steps", "--save_steps", "0"], "save_steps must be > 0 with save_strategy: steps"),
+    (["--model_name_or_path", "tiny:bogus"], "model 'tiny:bogus' is a tiny model over the tokenizer of 'bogus'"),
     (["--generator_model_name_or_path", "smollm2-135m"], "without model_name_or_path"),  # was silently unused
     # refused only after retrieval and the models had loaded, or (the metric) at the first save after an evaluation
     (["--reward_funcs", "nosuch"], "unknown reward 'nosuch'"),
