@@ -223,7 +223,9 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
         if checkpoint is None and os.path.isdir(os.path.join(dro.output_dir, "selector")):
             raise ValueError(f"no complete checkpoint to resume from in {dro.output_dir}: its run finished without "
                              "saving checkpoints (save_strategy); to train it longer, start from its models")
-        if checkpoint is None:
+        if checkpoint is None and not earlier:
+            print(f"resume: {dro.output_dir} holds no run yet: starting a new one", flush=True)
+        elif checkpoint is None:
             print(f"resume: no checkpoint in {dro.output_dir} yet; finished stages are reused, DRO starts at step 0")
         else:
             print(f"resume: DRO continues from {checkpoint}; finished stages are reused", flush=True)
@@ -534,6 +536,7 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()
     first = PartialState().main_process_first
+    resumed = is_resuming(dro) and bool(run_artefacts(dro.output_dir))  # else a resume flag on a fresh folder
     with first():
         checkpoint = prepare(args, dro, model_args)
     torch.manual_seed(dro.seed)
@@ -556,7 +559,7 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
 
     skipped = os.path.join(dro.output_dir, "data", SKIPPED)  # absent from a run folder written before it existed
     report = build_report(before, after, time.time() - start, read_json(os.path.join(dro.output_dir, RUN_CONFIG)),
-                          read_json(skipped) if os.path.exists(skipped) else None, resumed=is_resuming(dro))  # 6
+                          read_json(skipped) if os.path.exists(skipped) else None, resumed=resumed)  # 6
     if trainer.accelerator.is_main_process:
         table = write_report(report, trainer.state.log_history, dro.output_dir)
         shown = table if eval_rows else ("no evaluation set (give --eval_dataset): the run was trained, not "

@@ -185,14 +185,28 @@ RUN_ARTEFACTS = ("selector", "generator", RUN_FILE, "pipeline.json", "trainer_st
                  "README.md", "final_complete")
 
 
+CARD_TITLE = ": a DRO-trained retrieval-augmented pipeline"  # the title of dro_rl/templates/model_card.md
+
+
+def foreign_readme(output_dir: str) -> bool:
+    """Whether ``output_dir`` holds a README.md that is not a model card a run wrote (a user's own notes)."""
+    path = os.path.join(output_dir, "README.md")
+    if not os.path.isfile(path):
+        return False
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return CARD_TITLE not in f.read(4096)
+
+
 def run_artefacts(output_dir: str, names: tuple[str, ...] = RUN_ARTEFACTS) -> list[str]:
-    """The entries of ``output_dir`` that an earlier run wrote (checkpoints first)."""
+    """The entries of ``output_dir`` that an earlier run wrote (checkpoints first). A README.md counts only when it
+    is a run's model card."""
     if not os.path.isdir(output_dir):
         return []
     written = ("selector", "generator", "trainer_state.json", RUN_FILE)  # a checkpoint-N folder a run wrote holds one
     found = [os.path.basename(p) for p in reversed(checkpoints(output_dir))
              if any(os.path.exists(os.path.join(p, n)) for n in written)]
-    return found + [n for n in names if os.path.exists(os.path.join(output_dir, n))]
+    return found + [n for n in names if os.path.exists(os.path.join(output_dir, n))
+                    and not (n == "README.md" and foreign_readme(output_dir))]
 
 
 def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool, names: tuple[str, ...] = RUN_ARTEFACTS,
@@ -200,8 +214,12 @@ def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool, names: tu
     """Refuse to start a new run over an earlier one unless ``overwrite``; with it, remove the earlier run's files.
 
     Only files a run writes are removed (never anything else in the folder), so that ``resume_from_checkpoint=True``
-    can never pick up a checkpoint of the earlier run.
+    can never pick up a checkpoint of the earlier run. A README.md a run did not write is refused either way: the
+    final save writes the model card there.
     """
+    if foreign_readme(output_dir):
+        raise ValueError(f"{os.path.join(output_dir, 'README.md')} was not written by a dro-rl run, and the run's "
+                         "model card is saved as README.md: move the file, or choose another output_dir")
     if resuming:
         return
     found = run_artefacts(output_dir, names)

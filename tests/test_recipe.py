@@ -231,6 +231,24 @@ def test_a_new_run_refuses_a_folder_holding_another_run(tmp_path, finished_run):
     assert tree_digest(out) == before
 
 
+def test_a_users_own_readme_in_the_output_dir_is_neither_a_run_nor_replaced(tmp_path, capsys):
+    """It was taken for a run ('already holds a run (README.md)'), and each way out offered — overwrite, resume —
+    replaced it with the model card; the resume's report said "resumed" for a fresh run."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    for flags in ([], ["--overwrite_output_dir", "true"], ["--resume_from_checkpoint", "true"]):
+        with pytest.raises(ValueError, match=r"README.md was not written by a dro-rl run, and the run's model card is "
+                                             r"saved as README.md: move the file"):
+            run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1", *flags)
+    assert (out / "README.md").read_text() == "my notes\n" and sorted(p.name for p in out.iterdir()) == ["README.md"]
+
+    (out / "README.md").unlink()
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1", "--resume_from_checkpoint", "true")
+    assert "holds no run yet: starting a new one" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["resumed"] is False
+
+
 def test_a_start_that_stopped_before_its_data_stage_does_not_block_the_next(tmp_path, capsys):
     out = tmp_path / "run"
     bad = tmp_path / "bad.jsonl"
