@@ -15,6 +15,7 @@ The scripts sit beside the package, so the command works from a source checkout 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import runpy
 import subprocess
@@ -63,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "of dro-rl (install it with `pip install -e .`)")
     if command.launched:
         try:
-            launch(script, rest)
+            with refusals_in_one_line(f"dro-rl {args.command}"):  # an accelerate config that cannot run here
+                launch(script, rest)
         except subprocess.CalledProcessError as err:  # the script has printed why; accelerate's traceback adds nothing
             return err.returncode
     else:
@@ -130,7 +132,7 @@ def launch(script: Path, args: list[str]) -> None:
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
     from trl.cli.commands.training import _subtract_subsequence
 
-    parser = runpy.run_path(str(script), run_name=f"dro_rl_{script.stem}")["make_parser"]()  # not as __main__
+    parser = load_script(script).make_parser()
     # Only told apart here, not checked: the launched script parses and validates (and may add a default --config).
     script_only, config_rest = list(args), []
     if "--config" in script_only[:-1]:
@@ -146,19 +148,47 @@ def launch(script: Path, args: list[str]) -> None:
         ours = ACCELERATE_CONFIGS / f"{launch_args[i]}.yaml"
         if not Path(launch_args[i]).is_file() and ours.is_file():
             launch_args[i] = str(ours)
-    launch_args = resolve_accelerate_config_argument(launch_args)
+        try:
+            launch_args = resolve_accelerate_config_argument(launch_args)
+        except ValueError:
+            raise ValueError(f"--accelerate_config {launch_args[i]}: neither a file nor a config name (ours: "
+                             f"{', '.join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob('*.yaml')))}; or TRL's)") from None
     script_args = _subtract_subsequence(args, cli_rest)
     parsed = launch_command_parser().parse_args([*launch_args, str(script), *script_args])
     modes = (parsed.multi_gpu, parsed.use_deepspeed, parsed.use_fsdp, parsed.use_megatron_lm, parsed.tpu,
              parsed.config_file)
-    if (parsed.num_processes or 1) > 1 and not any(modes):
-        import torch
+    import torch
 
-        if not torch.cuda.is_available():
-            # accelerate starts ONE process for `--num_processes 2` when it finds no GPU and is given no launch mode;
-            # its multi-process launcher (`--multi_gpu`, by name) runs the processes on the CPU with gloo.
-            parsed.multi_gpu = True
+    if parsed.config_file and not torch.cuda.is_available():
+        refuse_gpu_config(parsed.config_file)
+    if (parsed.num_processes or 1) > 1 and not any(modes) and not torch.cuda.is_available():
+        # accelerate starts ONE process for `--num_processes 2` when it finds no GPU and is given no launch mode;
+        # its multi-process launcher (`--multi_gpu`, by name) runs the processes on the CPU with gloo.
+        parsed.multi_gpu = True
     launch_command(parsed)
+
+
+def load_script(script: Path):
+    """A script of ``scripts/`` as a module (not run as ``__main__``), registered in ``sys.modules`` so that its
+    dataclasses' postponed annotations resolve when the parser reads them."""
+    name = f"dro_rl_{script.stem}"
+    spec = importlib.util.spec_from_file_location(name, script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def refuse_gpu_config(config_file: str) -> None:
+    """An accelerate config for GPUs on a machine without one: accelerate would start its processes on the CPU
+    anyway, as plain DDP (an FSDP config's sharding and bf16 silently dropped)."""
+    with open(config_file) as f:
+        config = yaml.safe_load(f) or {}
+    kind = str(config.get("distributed_type", "NO"))
+    if not config.get("use_cpu") and (kind not in ("NO", "MULTI_CPU") or config.get("mixed_precision") == "bf16"):
+        raise ValueError(f"{config_file} is an accelerate config for GPUs ({kind}, {config.get('num_processes', 1)} "
+                         "processes), and this machine has no CUDA GPU: on a CPU, run several processes with "
+                         "--num_processes N and no --accelerate_config (no FSDP or mixed precision there)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """predict.py answers a file of new questions from a run folder alone, and the `dro-rl` command runs every script."""
 
 import json
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -138,6 +139,7 @@ def test_dro_rl_predict_and_evaluate_run_the_scripts(run, inputs, tmp_path, caps
 def test_dro_rl_train_hands_launch_flags_to_accelerate_and_the_rest_to_the_script(monkeypatch):
     launched = []
     monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # the DDP config is for GPUs
     cli.main(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--max_steps", "3", "--num_processes", "2",
               "--accelerate_config", "ddp"])
     (args,) = launched
@@ -172,3 +174,29 @@ def test_dro_rl_train_with_no_flags_launches_the_demo_like_the_script(monkeypatc
     monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
     cli.main(["train"])  # the script itself adds configs/demo.yaml; nothing here may refuse its defaults
     assert launched[0].training_script_args == [] and launched[0].num_processes is None
+
+
+def test_dro_rl_warmup_launches_its_script(monkeypatch):
+    """It failed every time, --help included: the script's dataclass, loaded under another module name, had
+    annotations nothing could resolve."""
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    cli.main(["warmup", "--data", "d.jsonl", "--role", "generator", "--output_dir", "w", "--num_processes", "2"])
+    assert launched[0].training_script == str(ROOT / "scripts" / "warmup_sft.py") and launched[0].num_processes == 2
+    assert launched[0].training_script_args == ["--data", "d.jsonl", "--role", "generator", "--output_dir", "w"]
+
+
+@pytest.mark.parametrize("name, message", [
+    ("fsdp", r"fsdp.yaml is an accelerate config for GPUs \(FSDP, 8 processes\), and this machine has no CUDA GPU"),
+    ("deepspeed", r"--accelerate_config deepspeed: neither a file nor a config name \(ours: ddp, fsdp, single_gpu"),
+])
+def test_an_accelerate_config_that_cannot_run_here_is_refused_in_one_line(monkeypatch, capsys, name, message):
+    """On a CPU the FSDP config started 8 plain DDP processes (its sharding and bf16 dropped without a word); an
+    unknown name ended in TRL's traceback."""
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--accelerate_config", name])
+    assert stop.value.code == 1 and not launched
+    assert re.search(r"^dro-rl train: error: .*" + message, capsys.readouterr().err)
