@@ -252,6 +252,18 @@ class DROConfig(GRPOConfig, PipelineConfig):
             self.dataloader_pin_memory = False
         check_report_to(self.report_to)
 
+    def check_enough_questions(self, num_questions: int) -> None:
+        """Refuse a training set smaller than one generation batch: TRL's sampler drops an incomplete batch, so the
+        run would train 0 steps and still end as if finished."""
+        per_step = self.generation_batch_size // self.num_generations
+        if num_questions < per_step:
+            raise ValueError(
+                f"the training set has {num_questions} questions, fewer than the {per_step} that one step samples "
+                f"(per_device_train_batch_size {self.per_device_train_batch_size} x steps_per_generation "
+                f"{self.steps_per_generation} x {self.world_size} process(es) / num_generations "
+                f"{self.num_generations}): no step could run; give more questions or lower "
+                "per_device_train_batch_size")
+
     def _check_whole_groups(self, steps_per_generation: int, single: bool = False) -> None:
         local_rows = self.per_device_train_batch_size * steps_per_generation
         if local_rows % self.num_generations != 0:

@@ -543,6 +543,7 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
 
     with first():
         train_rows, eval_rows = data_stage(args, dro)                                                 # 1, retrieval
+    dro.check_enough_questions(len(train_rows))  # before the models load and the warm-up trains
     selector, tok, generator, gtok = build_models(args, dro, model_args, train_rows + eval_rows)
     grammar = IdGrammar(tok, max(len(r["passages"]) for r in train_rows + eval_rows))
     check_prompts_fit(dro, tok, gtok, train_rows + eval_rows)

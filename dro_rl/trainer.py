@@ -187,6 +187,7 @@ class DROTrainer(GRPOTrainer):
         if train_dataset is not None:
             train_dataset, stats = check_dataset(train_dataset, args.num_docs_selected, args.on_bad_row)
             self.data_stats.append(stats)
+            args.check_enough_questions(len(train_dataset))
         if eval_dataset is not None and not isinstance(eval_dataset, dict):
             eval_dataset, stats = check_dataset(eval_dataset, args.num_docs_selected, args.on_bad_row, "eval_dataset")
             self.data_stats.append(stats)

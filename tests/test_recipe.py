@@ -410,6 +410,16 @@ def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
     assert not (out / "data").exists()  # nothing ran: no retrieval, no warm-up
 
 
+def test_fewer_training_questions_than_one_step_samples_are_refused_before_the_warm_up(tmp_path):
+    """8 questions and 16 per step: TRL's sampler dropped the incomplete batch, and the run 'finished' after 0 steps
+    with a report of the untrained models."""
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"the training set has 3 questions, fewer than the 4 that one step samples "
+                                         r"\(per_device_train_batch_size 16 x steps_per_generation 1 x 1 process"):
+        run(*TINY_DEMO, "--output_dir", str(out), "--demo_num_train", "3")
+    assert not (out / "warmup").exists()
+
+
 def test_a_prompt_length_too_small_for_the_prompts_is_refused_before_the_warm_up(tmp_path):
     """It needs the tokenizers, so it cannot be refused with the other settings; it was refused at DRO's first step,
     after the warm-up and the "before" evaluation had run."""
