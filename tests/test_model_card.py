@@ -62,7 +62,7 @@ def test_the_card_names_adapter_bases_and_the_runs_figures(runs):
                      rf"`{re.escape(str(out))}-base` \(local folder\)", card)
     assert re.search(r"\| generator \| `generator/` \| LoRA adapter .* \| `generator_base/` \(a llama built from a "
                      r"config, saved with the run\)", card)
-    assert "8 held-out questions" in card
+    assert "8 evaluation questions" in card
     # this report.json predates answer recall: its column reads "–"
     assert "| selector after DRO | 0.750 [0.500, 1.000] | – | 0.500 [0.250, 0.750] | 0.500 |" in card
 
