@@ -363,6 +363,10 @@ def build_models(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig,
     if model_args.model_name_or_path is None:
         n = max(len(r["passages"]) for r in rows)
         tok = demo_tokenizer(rows, n, dro.num_docs_selected)
+        if args.dataset != "demo":  # the demo's models on a user's data: say so, it is no model that reads
+            print(f"models: no --model_name_or_path, so both are the demo's tiny random models ({args.demo_num_layers} "
+                  f"layers, {args.demo_hidden_size} wide) over a {len(tok)}-word tokenizer of this data: a smoke run. "
+                  "Name a model (e.g. --model_name_or_path smollm2-135m) to train a pretrained one", flush=True)
 
         def demo_model(role: str, seed: int):
             warmed = _warmed_up(dro, role, "")

@@ -2,6 +2,7 @@
 before any work starts."""
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -343,7 +344,19 @@ def test_user_data_without_config_gets_the_documented_defaults_not_the_demos():
     assert with_default_config(["--dataset=demo"])[0] == "--config"
     _, dro, _ = parse("--dataset", str(HOTPOT), "--use_cpu", "true", "--bf16", "false")
     assert (dro.learning_rate, dro.num_docs_selected, dro.use_chat_template, dro.repeat_ids) == (1e-5, 5, True, False)
+    assert (dro.num_generations, dro.per_device_train_batch_size) == (8, 8)  # README: one question per step
     assert dro.lr_scheduler_type == DROConfig(output_dir="x", use_cpu=True, bf16=False).lr_scheduler_type
+
+
+@needs_shared
+def test_own_data_without_a_model_name_says_it_trains_the_demos_tiny_models(tmp_path, capsys):
+    """It did so in silence: a user took the run for a trained model."""
+    run("--dataset", f"hotpotqa:{HOTPOT}", "--max_train_questions", "4", "--output_dir", str(tmp_path),
+        "--max_steps", "1", "--num_docs_selected", "2", "--num_generations", "2", "--per_device_train_batch_size", "4",
+        "--max_passage_tokens", "16", "--generator_max_passage_tokens", "16", "--use_cpu", "true", "--bf16", "false",
+        "--disable_tqdm", "true", "--retriever", "bm25")
+    assert re.search(r"models: no --model_name_or_path, so both are the demo's tiny random models \(2 layers, 64 "
+                     r"wide\) over a \d+-word tokenizer of this data: a smoke run", capsys.readouterr().out)
 
 
 @needs_shared
