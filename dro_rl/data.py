@@ -17,6 +17,7 @@ Every loader reads a file line by line (or record by record) and checks each row
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import os
@@ -155,12 +156,12 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
     """(where, record) for each JSONL line, each element of a JSON array file, or each row of a pandas column-wise
     file (``DataFrame.to_json()``: ``{"question": {"0": ..., "1": ...}, ...}``); where = ``path:line``."""
     check_data_file(path)
-    with open(path, "rb") as f:
-        head = f.read(64).lstrip()
+    with open(path, "rb") as f:  # a UTF-8 byte-order mark (Windows editors save one) is not part of the data
+        head = f.read(64).removeprefix(codecs.BOM_UTF8).lstrip()
         f.seek(0)
-        first_line = f.readline()
+        first_line = f.readline().removeprefix(codecs.BOM_UTF8)
     if head.startswith(b"["):
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             try:
                 records = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -179,7 +180,7 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
             if not raw.strip():
                 continue
             try:
-                yield where, json.loads(raw.decode("utf-8"))
+                yield where, json.loads((raw.removeprefix(codecs.BOM_UTF8) if lineno == 1 else raw).decode("utf-8"))
             except UnicodeDecodeError as err:
                 yield where, DataError(f"{where}: invalid UTF-8 ({err.reason} at byte {err.start})")
             except json.JSONDecodeError as err:
@@ -207,7 +208,7 @@ def _column_wise(path: str, first_line: bytes) -> list[tuple[str, dict]] | None:
         document = first
     except (json.JSONDecodeError, UnicodeDecodeError):
         try:
-            with open(path, encoding="utf-8") as f:
+            with open(path, encoding="utf-8-sig") as f:
                 document = json.load(f)
         except (json.JSONDecodeError, UnicodeDecodeError):
             return None  # JSONL with a bad line: named line by line

@@ -113,7 +113,7 @@ def rank_candidates(retriever, questions: Sequence[str], candidates: Sequence[Se
 def load_corpus(path: str) -> list[dict]:
     """A FlashRAG corpus JSONL (``id``, ``contents`` = title line + text) or canonical passages (id, title, text)."""
     passages = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not the data
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -121,8 +121,12 @@ def load_corpus(path: str) -> list[dict]:
                 r = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{lineno}: {json_problem(err)}") from err
+            if not isinstance(r, dict):
+                raise ValueError(f"{path}:{lineno}: each line must be an object with 'contents' (or 'text')")
             if "contents" in r:
-                title, _, text = str(r["contents"]).partition("\n")
+                title, newline, text = str(r["contents"]).partition("\n")
+                if not newline:  # FlashRAG writes "title\ntext"; a one-line passage is all text, not a title
+                    title, text = "", title
                 passages.append({"id": str(r.get("id", lineno)), "title": title.strip().strip('"'), "text": text})
             elif isinstance(r.get("text"), str):
                 passages.append({"id": str(r.get("id", lineno)), "title": r.get("title") or "", "text": r["text"]})

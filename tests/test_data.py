@@ -124,6 +124,17 @@ def test_bad_rows_name_file_line_and_field(tmp_path, line, message):
     assert f"{path}:2" in str(err.value) and message in str(err.value)
 
 
+@pytest.mark.parametrize("text", ['{"question": "a", "answers": ["x"]}\n{"question": "b", "answers": ["y"]}\n',
+                                  '[{"question": "a", "answers": ["x"]}, {"question": "b", "answers": ["y"]}]',
+                                  '{"question": {"0": "a", "1": "b"}, "answers": {"0": ["x"], "1": ["y"]}}'])
+def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, text):
+    """Windows editors save UTF-8 with a BOM: the first row was refused ('Unexpected UTF-8 BOM'), or lost with skip."""
+    path = tmp_path / "bom.jsonl"
+    path.write_text(text, encoding="utf-8-sig")
+    rows, stats = load(str(path))
+    assert [r["question"] for r in rows] == ["a", "b"] and not stats.skipped
+
+
 def test_skipping_counts_every_dropped_row(tmp_path):
     lines = [{"question": "a", "answers": ["x"]}, {"question": "", "answers": ["x"]}, b"{oops",
              {"question": "b", "answers": ["y"]}]

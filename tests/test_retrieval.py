@@ -243,6 +243,19 @@ def test_an_empty_corpus_is_an_error_naming_the_file(tmp_path):
         load_corpus(str(path))
 
 
+def test_corpus_lines_one_line_contents_a_byte_order_mark_and_non_objects(tmp_path):
+    """A one-line FlashRAG `contents` became a title with empty text (the prompt read "title: "); a file saved with
+    a byte-order mark failed on its first line; a JSON list as a line raised AttributeError."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": "a", "contents": "p38 lives in c16"}\n{"id": "b", "contents": "\\"Title\\"\\nbody"}\n',
+                    encoding="utf-8-sig")
+    assert load_corpus(str(path)) == [{"id": "a", "title": "", "text": "p38 lives in c16"},
+                                      {"id": "b", "title": "Title", "text": "body"}]
+    path.write_text('{"id": "a", "text": "x"}\n["not", "an", "object"]\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: each line must be an object with 'contents' \(or 'text'\)"):
+        load_corpus(str(path))
+
+
 def test_evaluate_and_train_score_the_files_own_order_with_retriever_none(tmp_path, capsys):
     from evaluate import EvaluateArguments
     from evaluate import main as evaluate_main
