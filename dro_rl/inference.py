@@ -150,11 +150,7 @@ class DROPipeline:
                                  f"passages, fewer than the K = {k} the selector picks")
         show = len(rows) >= PROGRESS_AT if progress is None else progress
         n = max(len(r["passages"]) for r in rows)
-        try:
-            grammar = IdGrammar(self.tokenizer, n)
-        except ValueError as err:  # e.g. the demo's word-level vocabulary holds only the ids it was trained with
-            raise ValueError(f"the selector's tokenizer cannot write the ids [1]..[{n}] of {n} candidates ({err}); "
-                             "give at most as many candidates as the run was trained with") from err
+        grammar = IdGrammar(self.tokenizer, n)  # refuses more candidates than the selector's tokenizer has ids for
         with as_role(self.selector, SELECTOR):
             picks = select_greedy(self.selector, self.tokenizer, grammar, self.selector_prompt, rows,
                                   self.batch_size, progress=show)

@@ -152,6 +152,12 @@ class IdGrammar:
 
         self.first = [encode(format_id(i)) for i in range(max_candidates)]
         self.later = [encode(SEPARATOR + format_id(i)) for i in range(max_candidates)]
+        unknown = [i for i in range(max_candidates)
+                   if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in self.first[i] + self.later[i]]
+        if unknown:  # a word-level vocabulary (the demo's) holds only the ids it was built with
+            raise ValueError(f"the selector's tokenizer has no token for the id {format_id(unknown[0])}, so it can "
+                             f"rank at most {unknown[0]} candidates per question and these have up to "
+                             f"{max_candidates}: give at most {unknown[0]} (--top_n cuts retrieved candidates only)")
         for pieces in (self.first, self.later):
             for a in range(max_candidates):
                 for b in range(max_candidates):
