@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable
 from typing import Sequence
 
 import torch
@@ -22,7 +23,7 @@ from .evaluation import select_greedy
 from .generator import generate_answers
 from .models import GENERATOR, SELECTOR, as_role
 from .pipeline import make_retriever, retrieval_order
-from .pipeline_config import PipelineConfig
+from .pipeline_config import PipelineConfig, check_positive_int
 from .retrieval import load_corpus, search_corpus
 from .run_folder import check_complete
 from .run_models import load_pair
@@ -56,6 +57,7 @@ class DROPipeline:
     def __init__(self, selector, tokenizer, generator, generator_tokenizer, config: PipelineConfig,
                  batch_size: int = 32):
         config.check_pipeline()
+        check_positive_int("batch_size", batch_size)
         self.selector, self.tokenizer = selector.eval(), tokenizer  # greedy decoding, dropout off
         self.generator, self.generator_tokenizer = generator.eval(), generator_tokenizer
         self.config, self.batch_size = config, batch_size
@@ -70,6 +72,10 @@ class DROPipeline:
         both adapters), their tokenizers and ``pipeline.json``. A folder whose save did not finish is refused.
         ``model_init_kwargs`` go to ``from_pretrained`` of the models or bases (``dtype``, ``quantization_config``).
         """
+        check_positive_int("batch_size", batch_size)  # before anything is read or loaded
+        if device is not None and torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={device!r}: this machine (this torch build) has no CUDA GPU; leave device unset "
+                             "for the best one there is")
         path = os.path.expanduser(path)  # "~/runs/x" from Python, where no shell expands it
         if not os.path.isdir(path):
             if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
@@ -105,7 +111,12 @@ class DROPipeline:
         top ``top_n`` with the run's retriever.
         """
         single = isinstance(questions, str)
+        if not single and not isinstance(questions, Iterable):
+            raise TypeError(f"questions: a question string or a list of them, not {type(questions).__name__}")
         questions = [questions] if single else list(questions)
+        for i, q in enumerate(questions):  # as the data loaders check a `question` field
+            if not isinstance(q, str) or not q.strip():
+                raise ValueError(f"questions[{i}] must be a non-empty string, got {q!r}")
         if isinstance(passages, str) or (single and passages is not None and any(
                 not isinstance(p, (str, dict)) for p in passages)):
             raise TypeError("passages: a list of candidate passages (strings or {title, text} dicts) for one question, "

@@ -98,6 +98,13 @@ def test_unusable_inputs_are_refused_with_the_question_named(runs):
         pipe(["which city is home to p3 ?"])
     with pytest.raises(TypeError, match="not a single string"):  # not 15 one-character passages
         pipe("which city is home to p3 ?", passages="p3 lives in c1 today")
+    # an empty question was answered; None and 42 failed inside ('NoneType' / 'int' object is not iterable)
+    with pytest.raises(ValueError, match=r"questions\[0\] must be a non-empty string, got ' '"):
+        pipe(" ", passages=["p3 lives in c1", "p3 works at o2"])
+    with pytest.raises(ValueError, match=r"questions\[1\] must be a non-empty string, got None"):
+        pipe(["which city is home to p3 ?", None], passages=[["a", "b"], ["c", "d"]])
+    with pytest.raises(TypeError, match="questions: a question string or a list of them, not int"):
+        pipe(42, passages=["p3 lives in c1", "p3 works at o2"])
     # the word-level test vocabulary writes the ids [1]..[12] only: [13] and [14] would both be <unk>
     with pytest.raises(ValueError, match=r"has no token for the id \[13\], so it can rank at most 12 candidates per "
                                          r"question and these have up to 14: give at most 12"):
@@ -113,6 +120,12 @@ def test_a_path_that_is_no_run_is_named(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="no-such-org/no-such-run is neither a local run folder nor a "
                                                 "reachable Hub repo"):  # offline in the tests
         DROPipeline.from_pretrained("no-such-org/no-such-run")
+    # refused before the folder is read: range() failed at the first question, CUDA asserted deep in torch
+    with pytest.raises(ValueError, match="^batch_size must be >= 1, got 0$"):
+        DROPipeline.from_pretrained(str(tmp_path / "no-such-run"), batch_size=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda': this machine .* has no CUDA GPU"):
+            DROPipeline.from_pretrained(str(tmp_path / "no-such-run"), device="cuda")
 
 
 def test_the_readmes_python_example_runs_as_written(tmp_path, monkeypatch, capsys):
