@@ -111,7 +111,8 @@ def make_row(
     ``answers_required=False`` (new questions to answer) accepts a missing ``answers`` as ``[]``.
     """
     question = _string(question, where, "question")
-    answers = [] if answers is None and not answers_required else _answers(answers, where, answers_field)
+    unanswered = answers is None or answers == []  # new questions: an empty list says "no gold answer" too
+    answers = [] if unanswered and not answers_required else _answers(answers, where, answers_field)
     out_passages, seen_ids = [], set()
     for j, p in enumerate(passages or []):
         if isinstance(p, str):

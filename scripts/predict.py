@@ -84,8 +84,8 @@ def main(args: PredictArguments) -> dict:
     rows = [r for i, r in enumerate(rows) if i not in skipped]
     if not rows:
         raise ValueError(f"{args.input}: no question left to answer")
-    if skipped:
-        print(f"answering {len(rows)} questions; {len(skipped)} skipped in all", flush=True)
+    if skipped or stats.skipped:  # the rows the reader skipped as malformed, and those skipped here
+        print(f"answering {len(rows)} questions; {len(skipped) + len(stats.skipped)} skipped in all", flush=True)
     pipe = DROPipeline.from_pretrained(args.run_dir, batch_size=args.batch_size)
     predictions = pipe([r["question"] for r in rows], [r["passages"] for r in rows], corpus=args.corpus)
     records, scored = [], []

@@ -395,8 +395,8 @@ def test_a_raw_source_row_is_not_taken_as_a_bare_new_question(tmp_path):
     nq = write(tmp_path, "nq.jsonl", [{"question": "q?", "answer": ["a"]}])
     with pytest.raises(DataError, match="looks like format 'nq_open'"):
         load_questions(nq)
-    rows, _ = load_questions(write(tmp_path, "ok.jsonl", [{"question": "q?"}]))  # a bare question is fine
-    assert rows[0]["passages"] == [] and rows[0]["answers"] == []
+    rows, _ = load_questions(write(tmp_path, "ok.jsonl", [{"question": "q?"}, {"question": "r?", "answers": []}]))
+    assert rows[0]["passages"] == [] and rows[0]["answers"] == [] == rows[1]["answers"]  # "answers": [] was refused
 
 
 def test_a_repeated_question_id_is_named_with_the_row_it_repeats_or_skipped(tmp_path):

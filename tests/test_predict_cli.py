@@ -10,6 +10,7 @@ import pytest
 from saved_runs import train_and_save
 
 from dro_rl import DROPipeline, cli
+from dro_rl.data import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
@@ -79,9 +80,12 @@ def test_predict_names_the_questions_it_cannot_answer_before_loading_the_models(
     questions, _ = inputs
     rows = [json.loads(line) for line in questions.read_text().splitlines()]
     rows.insert(1, {**rows[1], "id": "short", "passages": rows[1]["passages"][:1]})  # fewer than the run's K = 2
-    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"question": ""}\n')  # the reader's to skip
     loads, original = [], DROPipeline.from_pretrained
     monkeypatch.setattr(DROPipeline, "from_pretrained", lambda *a, **kw: loads.append(a) or original(*a, **kw))
+    with pytest.raises(DataError, match=r"questions.jsonl:5: field 'question' must be a non-empty string"):
+        predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl")))
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"questions.jsonl: 1 of 4 questions have no `passages` and no --corpus .*: "
                                          r"question 4 \(id 'c'\); 1 of 4 questions have fewer candidate passages .*: "
                                          r"question 2 \(id 'short'\); fix them, or pass --on_error skip"):
@@ -94,12 +98,13 @@ def test_predict_names_the_questions_it_cannot_answer_before_loading_the_models(
     with pytest.raises(FileNotFoundError, match="no_such_run is not a run folder"):  # a path, not a Hub repo id
         predict_main(PredictArguments(run_dir=str(tmp_path / "no_such_run"), input=str(questions),
                                       output=str(tmp_path / "o.jsonl"), corpus=str(inputs[1]), on_error="skip"))
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"question": ""}\n')
     result = predict_main(PredictArguments(run_dir=str(run), input=str(questions), output=str(tmp_path / "o.jsonl"),
                                            on_error="skip"))  # counted and named, the others answered
     out = capsys.readouterr().out
     assert result["n"] == 2 and "skipped 1 of 4 questions with no `passages` and no --corpus to retrieve them from: " \
         "question 4 (id 'c')" in out and "skipped 1 of 4 questions with fewer candidate passages than the K = 2" in out
-    assert "answering 2 questions; 2 skipped in all" in out
+    assert "answering 2 questions; 3 skipped in all" in out  # the empty question the reader skipped counts too
     ids = [json.loads(line)["id"] for line in (tmp_path / "o.jsonl").read_text().splitlines()]
     assert ids == ["a", "b"]
 
