@@ -51,7 +51,7 @@ from .warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_tar
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 RUN_CONFIG = "run_config.json"
-SKIPPED = "skipped.json"  # in data/
+SKIPPED = "skipped.json"  # in data/ (resume.RUN_DATA_FILES: the data stage's files)
 STEP_KEY = "dro_step"  # in eval_after.json: the DRO step of the models it evaluated
 
 

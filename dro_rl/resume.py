@@ -179,7 +179,7 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
 
 
 # What a DRO run writes into its output_dir: checkpoints, the final models, and what the recipe adds beside them.
-RUN_DATA_FILES = ("train.jsonl", "eval.jsonl")  # what the data stage writes into data/
+RUN_DATA_FILES = ("train.jsonl", "eval.jsonl", "skipped.json")  # what the data stage writes into data/
 RUN_ARTEFACTS = ("selector", "generator", RUN_FILE, "pipeline.json", "trainer_state.json", "report.json",
                  "curves.png", "run_config.json", "data", "warmup", "eval_before.json", "eval_after.json",
                  "README.md", "final_complete")

@@ -264,7 +264,7 @@ def test_a_start_that_stopped_before_its_data_stage_does_not_block_the_next(tmp_
         run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1")
 
 
-def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path):
+def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path, capsys):
     out = tmp_path / "run"
     run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps", "--save_steps", "2")
     (out / "notes.txt").write_text("mine")
@@ -275,6 +275,8 @@ def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints(tmp_path):
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-99"]  # the earlier run's are gone
     assert (out / "notes.txt").read_text() == (out / "checkpoint-99" / "mine.txt").read_text() == "mine"
     assert (out / "data" / "mydata.jsonl").read_text() == "mine"
+    # the run's data/skipped.json went with its rows: only the user's file is named as kept
+    assert "kept mydata.jsonl in" in capsys.readouterr().out
     with pytest.raises(ValueError, match="no complete checkpoint"):
         run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--resume_from_checkpoint", "true")
 
