@@ -36,6 +36,8 @@ over one more step per row: the CUDA allocator's peak on a GPU; on CPU, the peak
 
 from __future__ import annotations
 
+import dro_rl  # noqa: F401  # first: it quiets bitsandbytes' CPU notice before peft or trl import bitsandbytes
+
 import gc
 import importlib.util
 import json

@@ -25,6 +25,8 @@ mixes two evaluations, and a mistyped path costs nothing).
 
 from __future__ import annotations
 
+import dro_rl  # noqa: F401  # first: it quiets bitsandbytes' CPU notice before peft or trl import bitsandbytes
+
 import os
 import sys
 import time

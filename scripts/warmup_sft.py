@@ -14,6 +14,8 @@ and its tokenizer are saved to `output_dir`, ready for `scripts/train_rl.py --mo
 
 from __future__ import annotations
 
+import dro_rl  # noqa: F401  # first: it quiets bitsandbytes' CPU notice before peft or trl import bitsandbytes
+
 import os
 from dataclasses import dataclass, field
 from typing import Literal
