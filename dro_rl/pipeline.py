@@ -87,9 +87,14 @@ def load_ranked(
     """
     fmt, path, name = parse_spec(spec)
     rows, stats = load(path, fmt, on_error, limit=limit)
-    print(stats.summary(), flush=True)
     own = [r for r in rows if r["passages"]]
     bare = [r for r in rows if not r["passages"]]
+    if bare and not corpus and on_error == "skip":  # nothing to read them from: skipped and counted as malformed
+        stats.skipped += [f"{path}: id {r['id']!r}: no candidate passages and no corpus to retrieve them from"
+                          for r in bare]
+        stats.kept -= len(bare)
+        rows, bare = own, []
+    print(stats.summary(), flush=True)
     if bare:
         if not corpus:
             raise DataError(f"{path}: {len(bare)} of {len(rows)} rows have no candidate passages (the first: id "

@@ -205,6 +205,10 @@ def test_a_mix_without_a_corpus_is_an_error_naming_the_rows(tmp_path, retriever)
         load_ranked(path, retriever)
     with pytest.raises(DataError, match=r"1 of 2 rows have no candidate passages .*question 2, id 'q0'"):
         retrieval_order(load(path)[0], retriever)
+    # on_bad_row / --on_error skip: such a row has nothing to be read from, so it is skipped and counted (it stopped)
+    _, kept, stats = load_ranked(path, retriever, on_error="skip")
+    assert [r["id"] for r in kept] == [OWN["id"]] and stats.kept == 1
+    assert stats.skipped == [f"{path}: id 'q0': no candidate passages and no corpus to retrieve them from"]
 
 
 def test_the_log_says_which_candidate_order_is_scored(tmp_path, capsys):
