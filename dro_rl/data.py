@@ -403,7 +403,9 @@ def _mapped(mapping: dict[str, str]) -> Callable[[str, dict], dict]:
         for key in ("question", "answers"):
             if get(r, key) is None:  # named by its source field, which is what the user can fix
                 _fail(where, mapping.get(key, key), "is missing" + ("" if key in mapping else
-                      f" (format json reads '{key}' unless the mapping names another field)"))
+                      f" (format json reads '{key}' unless a mapping names another field: give it to "
+                      "scripts/retrieve.py --format json --mapping '{...}', whose canonical output every command "
+                      f"reads; keys {list(MAPPED_FIELDS)})"))
         raw = get(r, "passages") or []
         if not isinstance(raw, list):
             _fail(where, mapping.get("passages", "passages"), "must be a list")
