@@ -1,4 +1,4 @@
-"""``DROConfig``: GRPOConfig plus the knobs of DRO. Defaults follow the paper (METHOD.md §6); extras are opt-in."""
+"""``DROConfig``: GRPOConfig plus the knobs of DRO. Defaults follow the paper (arXiv 2505.03075); extras are opt-in."""
 
 from __future__ import annotations
 

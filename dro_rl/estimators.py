@@ -1,4 +1,4 @@
-"""The DRO math, top to bottom, as pure tensor functions (METHOD.md §2–3).
+"""The DRO math, top to bottom, as pure tensor functions (README 'How DRO is implemented', docs/estimator.md).
 
 Shapes: Q questions, m sampled rankings per question, B = Q·m rows (question-major: row q·m + j).
 
@@ -66,7 +66,7 @@ def proposal_weights(log_ratio: torch.Tensor | None, m: int) -> torch.Tensor | f
 def importance_weights(answer_logp: torch.Tensor, log_ratio: torch.Tensor | None = None) -> torch.Tensor:
     """Self-normalised E-step weights w̃ = softmax over the m samples of log p(y | x, d_z).  [Q, m] -> [Q, m]
 
-    The selector's own probability cancels (METHOD.md §2), so the weight is the generator's likelihood, normalised
+    The selector's own probability cancels (docs/estimator.md), so the weight is the generator's likelihood, normalised
     per question in log space (never exponentiating raw sums). NaN and +inf scores (impossible for a log-probability) count as -inf; a question
     whose samples are all impossible gets uniform weights, so weights are always finite and sum to one.
     Samples drawn without replacement (``priority_sample``) carry their log ratios log ρ_i, which the weight then
@@ -85,7 +85,7 @@ def advantages(
     estimator: Estimator, weights: torch.Tensor, rewards: torch.Tensor, scale_by_std: bool = True, eps: float = 1e-4,
     log_ratio: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Per-sample advantage A_i used in −Σ_i A_i log p(z_i) (METHOD.md §3 table).  [Q, m] -> [Q, m]
+    """Per-sample advantage A_i used in −Σ_i A_i log p(z_i) (docs/estimator.md).  [Q, m] -> [Q, m]
 
     ``dro`` and ``dro_baseline`` use the importance weights; the others use the rewards r_i. ``dro_baseline``
     subtracts the proposal's own self-normalised weights ρ̃ (1/m for samples drawn with replacement; softmax of

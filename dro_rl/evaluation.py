@@ -1,4 +1,4 @@
-"""Evaluation: answer metrics (METHOD.md §5.6) and the retrieve -> select -> generate pipeline, greedily decoded."""
+"""Evaluation: answer metrics (EM, F1, sub-EM, recall) and the retrieve -> select -> generate pipeline, greedily."""
 
 from __future__ import annotations
 

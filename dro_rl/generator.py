@@ -1,7 +1,7 @@
 """The generator: reads the question and the K selected passages in selector order, and answers.
 
 Its teacher-forced log-likelihood of the gold answer, log p(y | x, d_z), is both the E-step's importance weight and the
-reward of the selector (METHOD.md §2), and its weighted negative is the generator's own loss.
+reward of the selector (docs/estimator.md), and its weighted negative is the generator's own loss.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def generate_answers(
     max_new_tokens: int = 16,
     batch_size: int = 64,
 ) -> list[str]:
-    """Greedy answers (METHOD.md §5.5: evaluation decodes greedily, so results do not vary run to run)."""
+    """Greedy answers (evaluation decodes greedily, so results do not vary run to run)."""
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     answers: list[str] = []

@@ -2,7 +2,7 @@
 
 Three pieces live here, in the order a step uses them:
 
-1. the list-wise prompt (METHOD.md §5.4), with a per-passage token budget so that all N candidates always fit;
+1. the list-wise prompt (RankGPT-style), with a per-passage token budget so that all N candidates always fit;
 2. the id grammar and the constrained sampler (§5.1–5.2): every sample is K distinct in-range ids by construction,
    each id is written with fixed token sequences, and the same masks that sampled a token score it in the loss;
 3. a lenient parser with rank_llm-style repair, for free-form rankings written by unconstrained models.
@@ -90,7 +90,7 @@ def fit_to_length(build, n: int, budget: int, max_length: int | None, what: str)
 
 @dataclass(frozen=True)
 class SelectorPrompt:
-    """RankGPT-style list-wise prompt (METHOD.md §5.4), one definition for sampling, training and evaluation.
+    """RankGPT-style list-wise prompt, one definition for sampling, training and evaluation.
 
     Layout: instruction, question, the N passages each prefixed ``[i]``, the question again, the output-format line.
     Each passage is cut to ``max_passage_tokens`` tokens — fewer when ``max_prompt_length`` requires — so that all N
@@ -121,7 +121,7 @@ class SelectorPrompt:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The id grammar: canonical token sequences and the allowed next tokens of a partial ranking (METHOD.md §5.1–5.2)
+# The id grammar: canonical token sequences and the allowed next tokens of a partial ranking (README)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -316,7 +316,7 @@ def sample_rankings(
     generator: torch.Generator | None = None,
     without_replacement: bool = False,
 ) -> Samples:
-    """E-step proposal: m valid rankings of K ids for each of Q prompts (METHOD.md §2, §5.1).
+    """E-step proposal: m valid rankings of K ids for each of Q prompts (README 'How DRO is implemented').
 
     The prompt is prefilled once per question and its KV cache repeated m times, so the N-passage prompt costs one
     forward however many samples are drawn (on an sdpa model, under ``dro_rl.packed_attention``: causal attention

@@ -23,7 +23,7 @@ Overridden, and why:
 
 The E-step runs both models in eval mode, so that sampling and scoring are deterministic given the parameters; with
 ``disable_dropout`` (DROConfig's default) the M-step's forwards are dropout-free too, and the loss then scores each
-ranking with exactly the log-probability it was sampled with (METHOD.md §2, "Finite m").
+ranking with exactly the log-probability it was sampled with (docs/estimator.md, 'The E-step ...').
 
 With ``share_base_model`` the two models are two LoRA adapters on one base (``dro_rl.models``): ``self.generator`` is
 then ``self.model`` itself and ``_role`` activates the right adapter around every forward.
@@ -419,7 +419,7 @@ class DROTrainer(GRPOTrainer):
             inputs = [r for r in questions for _ in range(m)]
 
         # Sampling and scoring in eval mode: the weights and the sampled log-probs are functions of the parameters,
-        # never of a dropout mask (METHOD.md §2, "Finite m").
+        # never of a dropout mask (docs/estimator.md, 'The E-step ...').
         with eval_mode(self.model, self.generator):
             # 1. Sample m valid rankings per question from the current selector (the E-step proposal).
             prompts = [self.selector_prompt(tok, r["question"], r["passages"]) for r in questions]
@@ -498,7 +498,7 @@ class DROTrainer(GRPOTrainer):
         start = self.accelerator.process_index * len(rows)
         rewards = rewards_global[start : start + len(rows)]
 
-        # Importance weights (METHOD.md §2) and advantages (§3), per question.
+        # Importance weights and advantages (README 'How DRO is implemented'; docs/estimator.md), per question.
         log_w = answer_logp if args.importance_logits == "sum" else answer_logp / n_tokens
         log_ratio = batch["sample_log_ratio"].view(-1, m) if "sample_log_ratio" in batch else None  # without replacement
         weights = E.importance_weights(log_w.view(-1, m), log_ratio)  # [Q, m]

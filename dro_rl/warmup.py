@@ -1,4 +1,4 @@
-"""Warm-up SFT before DRO (METHOD.md §6), on TRL's SFTTrainer, in exactly the prompts DRO uses.
+"""Warm-up SFT before DRO (Shi et al. 2025, arXiv 2505.03075), on TRL's SFTTrainer, in exactly the prompts DRO uses.
 
 - Selector: imitate a target ranking written in the canonical id tokens. The demo's target is the first-stage
   retriever's order, never the gold labels.

@@ -1,4 +1,4 @@
-"""Reward functions for the selector, with TRL's calling convention (METHOD.md §4).
+"""Reward functions for the selector, with TRL's calling convention (README 'Configuration').
 
 Every reward is a plain callable ``reward(completions, **kwargs) -> list[float | None]``: one value per sampled
 ranking, ``None`` where it does not apply. Besides the dataset's columns (``answers``, ``gold``, ...), the DRO trainer
