@@ -23,7 +23,7 @@ from peft import PeftModel
 
 from .files import safetensors_problem
 from .pipeline_config import PipelineConfig
-from .run_folder import COMPLETE_MARKER
+from .run_folder import COMPLETE_MARKER, changed_since_saved
 
 RUN_FILE = "dro_run.json"
 
@@ -125,7 +125,8 @@ def checkpoint_problems(checkpoint: str) -> list[str]:
     """Why a checkpoint cannot be resumed: no completion marker, or a weights file that is truncated or unreadable."""
     if not os.path.exists(os.path.join(checkpoint, COMPLETE_MARKER)):
         return [f"{checkpoint} has no {COMPLETE_MARKER} marker (its save was interrupted)"]
-    problems = []
+    changed = changed_since_saved(checkpoint)
+    problems = [f"{checkpoint} was changed since its save: {changed}"] if changed else []
     for root, _, files in os.walk(checkpoint):
         for name in sorted(files):
             if name.endswith(".safetensors"):

@@ -18,6 +18,7 @@ complete save or a folder without the marker, which every reader refuses — nev
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import warnings
@@ -27,7 +28,7 @@ from dataclasses import fields
 import yaml
 from transformers import HfArgumentParser
 
-from .files import atomic_write
+from .files import atomic_write, file_sha256
 from .models import GENERATOR, SELECTOR
 from .pipeline_config import PipelineConfig
 
@@ -60,14 +61,62 @@ PROMPT_SETTINGS = (
 EXPERIMENT_SETTINGS = ("retriever", "retriever_model", "top_n", "max_answer_tokens")
 
 
+# What the marker records file by file: the models and the pipeline they read (the model card and the report are
+# rewritten after a save, and a checkpoint's optimizer state is the Trainer's to check).
+SAVED_ENTRIES = (SELECTOR, GENERATOR, *BASE_DIRS, "pipeline.json")
+
+
+HASHED_BELOW = 1 << 20  # settings, configs and tokenizers are hashed too (an edit may keep the size); weights not
+
+
+def saved_files(folder: str) -> dict[str, dict]:
+    """Size (and for files under 1 MiB the SHA-256) of every file of the save's ``SAVED_ENTRIES`` in ``folder``, by
+    path relative to it."""
+    record = {}
+    for entry in SAVED_ENTRIES:
+        top = os.path.join(folder, entry)
+        paths = [top] if os.path.isfile(top) else [os.path.join(root, name) for root, _, names in os.walk(top)
+                                                   for name in names]
+        for path in paths:
+            size = os.path.getsize(path)
+            record[os.path.relpath(path, folder)] = {"size": size, **(
+                {"sha256": file_sha256(path)} if size < HASHED_BELOW else {})}
+    return dict(sorted(record.items()))
+
+
 def mark_complete(folder: str, global_step: int) -> None:
-    """Write the completion marker (atomically), the last file of any save."""
+    """Write the completion marker (atomically), the last file of any save: the step, and the size of each file of
+    the models, so that a reader can tell a folder changed since (a file deleted or cut) from a complete save."""
     with atomic_write(os.path.join(folder, COMPLETE_MARKER)) as f:
-        f.write(f"{global_step}\n")
+        json.dump({"global_step": global_step, "files": saved_files(folder)}, f, indent=1)
 
 
 def is_complete(folder: str) -> bool:
     return os.path.exists(os.path.join(folder, COMPLETE_MARKER))
+
+
+def changed_since_saved(folder: str) -> str | None:
+    """What in ``folder`` differs from what its completion marker recorded, or None. A marker of an earlier dro-rl
+    holds the step alone and records no files."""
+    with open(os.path.join(folder, COMPLETE_MARKER), encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return f"its {COMPLETE_MARKER} marker is not one a save writes ({text[:40]!r})"
+    if isinstance(record, int):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("files"), dict):
+        return f"its {COMPLETE_MARKER} marker is not one a save writes ({text[:40]!r})"
+    for name, saved in record["files"].items():
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != saved["size"]:
+            return f"{name} has {os.path.getsize(path)} bytes where the save wrote {saved['size']}"
+        if "sha256" in saved and file_sha256(path) != saved["sha256"]:
+            return f"{name} is not the file the save wrote (edited since?)"
+    return None
 
 
 def check_complete(folder: str) -> None:
@@ -84,6 +133,10 @@ def check_complete(folder: str) -> None:
     if missing:  # a complete save has both: something removed them since
         raise FileNotFoundError(f"run folder {folder} has no {' or '.join(f'{m}/' for m in missing)} although its save "
                                 "finished: it was changed since; use a complete checkpoint-N inside it, or save again")
+    changed = changed_since_saved(folder)
+    if changed:  # read anyway, a deleted tokenizer file failed as "install sentencepiece", a config as "model_type"
+        raise ValueError(f"run folder {folder} was changed since its save finished: {changed}; use a complete "
+                         "checkpoint-N inside it, or save again")
 
 
 def check_model_folder(path: str) -> None:

@@ -616,6 +616,7 @@ def test_adapters_on_a_warmed_up_named_model_name_the_warm_up_as_their_base(tmp_
     config = json.loads((out / "generator" / "adapter_config.json").read_text())  # as saved by an older dro-rl:
     config["base_model_name_or_path"] = str(generator_base)
     (out / "generator" / "adapter_config.json").write_text(json.dumps(config))
+    (out / "checkpoint_complete").write_text("2\n")  # whose marker held the step alone
     with pytest.raises(ValueError, match="its run warmed that model up first .* \"warmup/generator\" in that file"):
         load_pair(str(out / "selector"), str(out / "generator"))
 

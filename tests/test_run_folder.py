@@ -29,7 +29,8 @@ def test_every_save_writes_the_settings_beside_both_models(tmp_path, demo_rows, 
     for folder, step in ((out / "checkpoint-1", 1), (out / "checkpoint-2", 2), (out, 2)):
         assert (folder / "selector" / "model.safetensors").exists() and (folder / "generator").is_dir()
         assert json.loads((folder / "pipeline.json").read_text()) == settings, folder
-        assert (folder / rf.COMPLETE_MARKER).read_text() == f"{step}\n"
+        marker = json.loads((folder / rf.COMPLETE_MARKER).read_text())
+        assert marker["global_step"] == step and marker["files"] == rf.saved_files(str(folder)), folder
         # the weights readable as the umask allows, like every other file (transformers writes them 0600)
         mask = os.umask(0)
         os.umask(mask)
@@ -180,3 +181,34 @@ def test_a_complete_run_folder_missing_a_model_is_refused_by_name(evaluated_run,
                                                          output_dir=str(tmp_path / "eval")), PipelineConfig())):
         with pytest.raises(FileNotFoundError, match=r"run folder .*run has no generator/ although its save finished"):
             read()
+
+
+def test_a_file_deleted_or_cut_after_the_save_is_named_and_an_old_marker_still_reads(evaluated_run, tmp_path):
+    """Each was read anyway: a deleted tokenizer.json failed as 'install sentencepiece or tiktoken', a deleted
+    config.json as 'Unrecognized model', a deleted weights file in transformers' traceback; any text passed as a
+    marker."""
+    import shutil
+
+    tmp, _, _ = evaluated_run
+    recorded = json.loads((tmp / "run" / rf.COMPLETE_MARKER).read_text())
+    assert "generator/tokenizer.json" in recorded["files"] and "pipeline.json" in recorded["files"]
+    for damage, message in ((lambda run: (run / "generator" / "tokenizer.json").unlink(),
+                             "generator/tokenizer.json is missing"),
+                            (lambda run: (run / "selector" / "config.json").write_text("{}"),
+                             r"selector/config.json has 2 bytes where the save wrote \d+"),
+                            (lambda run: (run / rf.COMPLETE_MARKER).write_text("garbage"),
+                             "its checkpoint_complete marker is not one a save writes"),
+                            # K 2 -> 3 by hand: the same size, read as the run's setting by predict and evaluate
+                            (lambda run: (run / "pipeline.json").write_text((run / "pipeline.json").read_text().replace(
+                                '"num_docs_selected": 2', '"num_docs_selected": 3')),
+                             r"pipeline.json is not the file the save wrote \(edited since\?\)")):
+        damaged = tmp_path / "damaged"
+        shutil.rmtree(damaged, ignore_errors=True)
+        shutil.copytree(tmp / "run", damaged)
+        damage(damaged)
+        with pytest.raises(ValueError, match=rf"run folder .*damaged was changed since its save finished: {message}"):
+            DROPipeline.from_pretrained(str(damaged))
+    shutil.rmtree(damaged)
+    shutil.copytree(tmp / "run", damaged)
+    (damaged / rf.COMPLETE_MARKER).write_text("7\n")  # an earlier dro-rl's marker: the step alone, still read
+    assert DROPipeline.from_pretrained(str(damaged)).config.num_docs_selected == 2
