@@ -94,7 +94,9 @@ def format_table(report: dict) -> str:
         mean, ci = entry["mean"], entry["ci95"]
         return "–" if mean is None else f"{mean:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
 
-    lines = ["| selection | " + " | ".join(METRICS.values()) + " |", "| --- |" + " ---: |" * len(METRICS)]
+    k = ((report.get("config") or {}).get("training") or {}).get("num_docs_selected")  # the run's K, when recorded
+    header = [label.replace("@K", f"@{k}") if k else label for label in METRICS.values()]
+    lines = ["| selection | " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(METRICS)]
     missing = {"mean": None, "ci95": None}  # a report.json written before the metric existed
     lines += [f"| {label} | " + " | ".join(cell(row.get(m, missing)) for m in METRICS) + " |"
               for label, row in report["rows"].items()]

@@ -562,6 +562,8 @@ def test_report_pairs_answer_recall_of_the_selector_with_the_retrieval_order():
     assert "| selector after DRO | 0.500 [0.500, 0.500] | 0.750 [" in table
     assert "answer_recall_at_k 0.500 [" in table
     assert "oracle: scored on the 2 of 4 evaluation questions with gold passage labels" in table
+    report["config"] = {"training": {"num_docs_selected": 1}}  # a run's report names its K
+    assert format_table(report).splitlines()[0].startswith("| selection | support recall@1 | answer recall@1 |")
 
 
 def test_a_short_warm_up_still_reaches_its_learning_rate(tmp_path):
