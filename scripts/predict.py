@@ -91,7 +91,8 @@ def main(args: PredictArguments) -> dict:
     records, scored = [], []
     for row, p in zip(rows, predictions):
         record = {"id": row["id"], "question": row["question"], "prediction": p.answer,
-                  "selected": [d["id"] for d in p.passages], "ranking": p.ranking}
+                  "selected": [d["id"] for d in p.passages], "ranking": p.ranking,
+                  "candidates": [d["id"] for d in p.candidates]}  # the order the ranking's [i] count in
         if row["answers"]:
             scores = {"em": exact_match(p.answer, row["answers"]), "f1": f1_score(p.answer, row["answers"]),
                       "sub_em": sub_exact_match(p.answer, row["answers"])}

@@ -54,6 +54,9 @@ def test_predict_answers_new_questions_with_only_the_run_folder_and_the_input(ru
     expected = pipe(demo_rows[17]["question"], passages=demo_rows[17]["passages"])
     assert (records[1]["prediction"], records[1]["ranking"]) == (expected.answer, expected.ranking)
     assert records[1]["selected"] == [p["id"] for p in expected.passages]
+    # the ranking reads off the file alone: its [i] is the i-th of the candidates, in first-stage order
+    picked = [int(t.strip("[]")) - 1 for t in records[1]["ranking"].split(" > ")]
+    assert [records[1]["candidates"][i] for i in picked] == records[1]["selected"]
     assert len(records[2]["selected"]) == 2 and all(i.startswith("d-") for i in records[2]["selected"])  # corpus ids
     # metrics only over the one question that has answers
     assert "em" in records[0] and "em" not in records[1] and result["n_with_answers"] == 1
