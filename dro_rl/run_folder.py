@@ -221,7 +221,9 @@ def run_settings(folder: str, requested: PipelineConfig, given: Collection[str])
             "run's measures a different pipeline)."
         )
     values = saved.pipeline_dict()
-    for name in (n for n in EXPERIMENT_SETTINGS if n in differs):
+    departing = [n for n in EXPERIMENT_SETTINGS if n in differs]
+    PipelineConfig(**{**values, **{n: getattr(requested, n) for n in departing}}).check_pipeline()  # before a warning
+    for name in departing:
         warnings.warn(f"--{name} {getattr(requested, name)!r} departs from the run's {name}: "
                       f"{getattr(saved, name)!r} ({path}); results will not match the run's own report", stacklevel=2)
         values[name] = getattr(requested, name)

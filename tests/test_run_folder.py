@@ -212,3 +212,14 @@ def test_a_file_deleted_or_cut_after_the_save_is_named_and_an_old_marker_still_r
     shutil.copytree(tmp / "run", damaged)
     (damaged / rf.COMPLETE_MARKER).write_text("7\n")  # an earlier dro-rl's marker: the step alone, still read
     assert DROPipeline.from_pretrained(str(damaged)).config.num_docs_selected == 2
+
+
+def test_a_departing_value_that_is_out_of_range_is_refused_without_the_departure_warning(evaluated_run):
+    """--max_answer_tokens 0 first warned that it departs from the run's 4, then was refused."""
+    import warnings
+
+    tmp, _, _ = evaluated_run
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(ValueError, match="max_answer_tokens must be"):
+        warnings.simplefilter("always")
+        rf.run_settings(str(tmp / "run"), PipelineConfig(max_answer_tokens=0), {"max_answer_tokens"})
+    assert not caught
