@@ -186,6 +186,9 @@ class DROConfig(GRPOConfig, PipelineConfig):
             self.metric_for_best_model = "answer_em"  # the parent's default, "loss", is no metric evaluate() gives
         if self.bf16 is None:  # TRL's default is True everywhere, which transformers refuses on a CPU-only machine
             self.bf16 = not (self.fp16 or self.use_cpu) and is_torch_bf16_gpu_available()
+        elif self.bf16 and not self.use_cpu and not is_torch_bf16_gpu_available():  # e.g. a GPU recipe on a laptop
+            raise ValueError("bf16: true needs a GPU with bf16, and this machine has none (a GPU recipe?): set bf16: "
+                             "false (float32), or use_cpu: true for bf16 autocast on the CPU")
         if self.num_generations is None or self.num_generations < 1:
             raise ValueError(f"num_generations (m) must be >= 1, got {self.num_generations}")
         if not (math.isfinite(self.temperature) and self.temperature > 0):

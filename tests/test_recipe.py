@@ -401,6 +401,8 @@ BAD_SETTINGS = [
     (["--num_docs_selected", "9"], "demo training question 1 .* 8 candidates, fewer than the 9 needed"),
     (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
     (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be >= 1, got 0"),
+    *([(["--bf16", "true", "--use_cpu", "false"], "bf16: true needs a GPU with bf16, and this machine has none")]
+      if not torch.cuda.is_available() else []),  # a GPU recipe on a CPU: transformers' "setup doesn't support bf16"
     # tracebacks before: after the data stage (batch size 0, seed -1, a tiny: model over a tokenizer that is not
     # there), inside TRL (a ZeroDivisionError), or never (save_steps 0 saved nothing)
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1, got 0"),
