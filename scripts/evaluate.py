@@ -53,7 +53,7 @@ from dro_rl.files import atomic_write, claim_folder, write_json, write_lines
 from dro_rl.models import GENERATOR, SELECTOR, as_role
 from dro_rl.pipeline import load_ranked, make_retriever, parse_spec
 from dro_rl.pipeline_config import PipelineConfig, check_positive_int
-from dro_rl.run_folder import check_complete, given_settings, run_settings
+from dro_rl.run_folder import COMPLETE_MARKER, check_complete, given_settings, run_settings
 from dro_rl.run_models import load_pair
 from dro_rl.selector import IdGrammar
 
@@ -137,6 +137,11 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                          "or give the files different names.")
     for path in [parse_spec(spec)[1] for spec in args.datasets] + ([args.corpus] if args.corpus else []):
         check_data_file(path)  # before any model loads, and before the output folder is made
+    held = [name for name in ("config.json", "adapter_config.json", COMPLETE_MARKER)
+            if os.path.exists(os.path.join(args.output_dir, name))]
+    if held:  # its metrics and predictions would sit among a model's or a save's files
+        raise ValueError(f"--output_dir {args.output_dir} is a model or run folder (it holds {held[0]}): give the "
+                         "evaluation a folder of its own")
     claim_folder(args.output_dir)  # before any model loads: a folder this process can write in
     earlier = sorted(name for name in os.listdir(args.output_dir)
                      if name in ("metrics.json", "metrics.md") or name.endswith(".predictions.jsonl"))

@@ -71,6 +71,17 @@ def test_unknown_strategy_is_refused_before_loading_models(tmp_path):
                                         strategies=["closed_books"], output_dir=str(tmp_path)), PipelineConfig())
 
 
+def test_an_output_dir_that_is_a_model_or_run_folder_is_refused(tmp_path):
+    """Metrics and predictions were written among a run's or a model's files without a word."""
+    (tmp_path / "selector").mkdir()
+    (tmp_path / "selector" / "config.json").write_text("{}")
+    (tmp_path / "d.jsonl").write_text('{"question": "q?", "answers": ["a"]}\n')
+    with pytest.raises(ValueError, match=r"selector is a model or run folder \(it holds config.json\)"):
+        evaluate_main(EvaluateArguments(datasets=[str(tmp_path / "d.jsonl")], selector="tiny:minilm",
+                                        generator="tiny:minilm",
+                                        output_dir=str(tmp_path / "selector")), PipelineConfig())
+
+
 def test_run_dir_with_other_models_is_refused(tmp_path):
     """--run_dir evaluates the run's pair: a --selector beside it would be scored under the run's name."""
     with pytest.raises(ValueError, match="drop --selector/--generator"):
