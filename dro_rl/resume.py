@@ -226,6 +226,11 @@ def claim_output_dir(output_dir: str, resuming: bool, overwrite: bool, names: tu
     found = run_artefacts(output_dir, names)
     if not found:
         return
+    proof = ("run_config.json", RUN_FILE, COMPLETE_MARKER, "selector", "generator")  # only a run writes these
+    if not any(name.startswith("checkpoint-") or name in proof for name in found):
+        raise ValueError(f"output_dir {output_dir} holds {', '.join(found)}, names a run writes, but no run's "
+                         "record (run_config.json, dro_run.json, models): they are not a run's to replace or "
+                         "remove; move them, or choose another output_dir")
     if not overwrite:
         listed = ", ".join(found[:6]) + (", ..." if len(found) > 6 else "")
         raise ValueError(

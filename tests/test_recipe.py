@@ -250,6 +250,20 @@ def test_a_users_own_readme_in_the_output_dir_is_neither_a_run_nor_replaced(tmp_
     assert json.loads((out / "report.json").read_text())["resumed"] is False
 
 
+def test_files_named_as_a_runs_that_no_run_wrote_are_neither_replaced_nor_removed(tmp_path):
+    """A user's report.json, curves.png and data/train.jsonl read as 'already holds a run', and the way out offered,
+    --overwrite_output_dir, deleted them."""
+    out = tmp_path / "run"
+    (out / "data").mkdir(parents=True)
+    for name in ("report.json", "curves.png", "data/train.jsonl"):
+        (out / name).write_text("mine")
+    for flags in ([], ["--overwrite_output_dir", "true"]):
+        with pytest.raises(ValueError, match="holds report.json, curves.png, data, names a run writes, but no run's "
+                                             "record"):
+            run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1", *flags)
+    assert all((out / name).read_text() == "mine" for name in ("report.json", "curves.png", "data/train.jsonl"))
+
+
 def test_a_start_that_stopped_before_its_data_stage_does_not_block_the_next(tmp_path, capsys):
     out = tmp_path / "run"
     bad = tmp_path / "bad.jsonl"
