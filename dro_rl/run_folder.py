@@ -69,10 +69,18 @@ SAVED_ENTRIES = (SELECTOR, GENERATOR, *BASE_DIRS, "pipeline.json")
 HASHED_BELOW = 1 << 20  # settings, configs and tokenizers are hashed too (an edit may keep the size); weights not
 
 
-def saved_files(folder: str) -> dict[str, dict]:
+def saved_files(folder: str, whole: bool = False) -> dict[str, dict]:
     """Size (and for files under 1 MiB the SHA-256) of every file of the save's ``SAVED_ENTRIES`` in ``folder``, by
-    path relative to it."""
+    path relative to it. ``whole`` (a checkpoint, which resume reads entire): every other file too — the size of
+    the optimizer, scheduler and RNG states, the presence of the JSON files the Trainer may rewrite."""
     record = {}
+    if whole:
+        for root, _, names in os.walk(folder):
+            for name in names:
+                path = os.path.join(root, name)
+                if name != COMPLETE_MARKER:
+                    record[os.path.relpath(path, folder)] = {} if name.endswith(".json") else {
+                        "size": os.path.getsize(path)}
     for entry in SAVED_ENTRIES:
         top = os.path.join(folder, entry)
         paths = [top] if os.path.isfile(top) else [os.path.join(root, name) for root, _, names in os.walk(top)
@@ -84,11 +92,13 @@ def saved_files(folder: str) -> dict[str, dict]:
     return dict(sorted(record.items()))
 
 
-def mark_complete(folder: str, global_step: int) -> None:
+def mark_complete(folder: str, global_step: int, whole: bool = False) -> None:
     """Write the completion marker (atomically), the last file of any save: the step, and the size of each file of
-    the models, so that a reader can tell a folder changed since (a file deleted or cut) from a complete save."""
+    the models (``whole``: of the checkpoint), so that a reader can tell a folder changed since (a file deleted or
+    cut) from a complete save."""
+    files = saved_files(folder, whole)  # before the marker's own temporary file exists
     with atomic_write(os.path.join(folder, COMPLETE_MARKER)) as f:
-        json.dump({"global_step": global_step, "files": saved_files(folder)}, f, indent=1)
+        json.dump({"global_step": global_step, "files": files}, f, indent=1)
 
 
 def is_complete(folder: str) -> bool:
@@ -112,7 +122,7 @@ def changed_since_saved(folder: str) -> str | None:
         path = os.path.join(folder, name)
         if not os.path.isfile(path):
             return f"{name} is missing"
-        if os.path.getsize(path) != saved["size"]:
+        if "size" in saved and os.path.getsize(path) != saved["size"]:
             return f"{name} has {os.path.getsize(path)} bytes where the save wrote {saved['size']}"
         if "sha256" in saved and file_sha256(path) != saved["sha256"]:
             return f"{name} is not the file the save wrote (edited since?)"

@@ -715,7 +715,7 @@ class DROTrainer(GRPOTrainer):
         # and is never resumed from.
         if self.args.should_save:
             mark_complete(os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}"),
-                          self.state.global_step)
+                          self.state.global_step, whole=True)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:

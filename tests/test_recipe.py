@@ -211,6 +211,22 @@ def test_resume_skips_a_checkpoint_with_a_truncated_weights_file(tmp_path, caplo
     assert "passing over" in caplog.text and "checkpoint-4" in caplog.text
 
 
+@pytest.mark.parametrize("damage", ["optimizer.pt", "rng_state.pth", "trainer_state.json", "dro_run.json"])
+def test_resume_passes_over_a_checkpoint_whose_trainer_files_were_cut_or_removed(tmp_path, caplog, damage):
+    """The marker checked the models only: resume took the newest checkpoint and crashed in torch's reader
+    ('PytorchStreamReader failed'), a FileNotFoundError, or 'not written by this version of dro-rl'."""
+    trainer(tiny_config(str(tmp_path), max_steps=4, save_strategy="steps", save_steps=2)).train()
+    path = tmp_path / "checkpoint-4" / damage
+    if damage.endswith(".json"):
+        path.unlink()
+    else:
+        path.write_bytes(path.read_bytes()[:10])
+    resumed = trainer(tiny_config(str(tmp_path), max_steps=4))
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    assert f"passing over {tmp_path / 'checkpoint-4'}" in caplog.text and damage in caplog.text
+
+
 def test_resuming_an_older_checkpoint_says_the_newer_ones_will_be_replaced(tmp_path, caplog):
     trainer(tiny_config(str(tmp_path), max_steps=4, save_strategy="steps", save_steps=2)).train()
     trainer(tiny_config(str(tmp_path), max_steps=4, save_strategy="steps", save_steps=2)).train(
