@@ -159,8 +159,13 @@ def launch(script: Path, args: list[str]) -> None:
              parsed.config_file)
     import torch
 
+    if parsed.num_processes is not None and parsed.num_processes < 1:  # accelerate ran one process without a word
+        raise ValueError(f"--num_processes must be >= 1, got {parsed.num_processes}")
     if parsed.config_file and not torch.cuda.is_available():
-        refuse_gpu_config(parsed.config_file)
+        config = refuse_gpu_config(parsed.config_file)
+        if config.get("distributed_type") == "MULTI_CPU":  # accelerate ran such a config as ONE process here too
+            parsed.num_processes = parsed.num_processes or int(config.get("num_processes") or 1)
+            modes = ()
     if (parsed.num_processes or 1) > 1 and not any(modes) and not torch.cuda.is_available():
         # accelerate starts ONE process for `--num_processes 2` when it finds no GPU and is given no launch mode;
         # its multi-process launcher (`--multi_gpu`, by name) runs the processes on the CPU with gloo.
@@ -179,9 +184,9 @@ def load_script(script: Path):
     return module
 
 
-def refuse_gpu_config(config_file: str) -> None:
+def refuse_gpu_config(config_file: str) -> dict:
     """An accelerate config for GPUs on a machine without one: accelerate would start its processes on the CPU
-    anyway, as plain DDP (an FSDP config's sharding and bf16 silently dropped)."""
+    anyway, as plain DDP (an FSDP config's sharding and bf16 silently dropped). Returns the config."""
     with open(config_file) as f:
         config = yaml.safe_load(f) or {}
     kind = str(config.get("distributed_type", "NO"))
@@ -189,6 +194,7 @@ def refuse_gpu_config(config_file: str) -> None:
         raise ValueError(f"{config_file} is an accelerate config for GPUs ({kind}, {config.get('num_processes', 1)} "
                          "processes), and this machine has no CUDA GPU: on a CPU, run several processes with "
                          "--num_processes N and no --accelerate_config (no FSDP or mixed precision there)")
+    return config
 
 
 if __name__ == "__main__":

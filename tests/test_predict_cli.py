@@ -208,3 +208,18 @@ def test_an_accelerate_config_that_cannot_run_here_is_refused_in_one_line(monkey
         cli.main(["train", "--config", str(ROOT / "configs" / "demo.yaml"), "--accelerate_config", name])
     assert stop.value.code == 1 and not launched
     assert re.search(r"^dro-rl train: error: .*" + message, capsys.readouterr().err)
+
+
+def test_a_cpu_accelerate_config_starts_its_processes_and_num_processes_below_one_is_refused(monkeypatch, tmp_path,
+                                                                                               capsys):
+    """A MULTI_CPU config of 2 processes, and --num_processes 0, each ran ONE process without a word."""
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    config = tmp_path / "cpu2.yaml"
+    config.write_text("distributed_type: MULTI_CPU\nnum_processes: 2\nnum_machines: 1\nuse_cpu: true\n")
+    cli.main(["train", "--accelerate_config", str(config)])
+    assert launched[0].multi_gpu and launched[0].num_processes == 2  # accelerate's gloo launcher, as for the flag
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--num_processes", "0"])
+    assert "dro-rl train: error: --num_processes must be >= 1, got 0" in capsys.readouterr().err and len(launched) == 1
