@@ -213,12 +213,16 @@ class DROConfig(GRPOConfig, PipelineConfig):
                              "table). Use m >= 2 (paper: 8), or freeze_selector: true to train the generator alone.")
         if single:
             self.num_generations = 2
+        # DRO's evaluation is greedy, one pick per question (DROTrainer.evaluate): GRPO's check that the eval batch
+        # holds whole groups of num_generations_eval samples does not apply, so it runs with groups of one.
+        eval_generations, self.num_generations_eval = self.num_generations_eval, 1
         try:
             if self.generation_batch_size is None:  # else TRL derives steps_per_generation from it, checked below
                 # TRL refuses this too, but inside its own __post_init__: the message would come with its traceback.
                 self._check_whole_groups(self.steps_per_generation or self.gradient_accumulation_steps, single)
             super().__post_init__()
         finally:
+            self.num_generations_eval = eval_generations
             if single:
                 self.num_generations = 1
         if self.estimator not in ESTIMATORS:

@@ -115,7 +115,7 @@ def test_evaluation_runs_the_greedy_pipeline_during_training(tmp_path, demo_rows
     data = as_dataset(demo_rows)
     trainer = DROTrainer(
         model=make_model(word_tok), generator=make_model(word_tok, seed=1),
-        args=tiny_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4),
+        args=tiny_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=4),  # m = 4
         train_dataset=data, eval_dataset=data.select(range(6)), processing_class=word_tok,
         generator_processing_class=word_tok,
     )
@@ -136,6 +136,9 @@ def test_evaluation_runs_the_greedy_pipeline_during_training(tmp_path, demo_rows
     for h in hooks:
         h.remove()
     assert seen == {"selector": {4, 2}, "generator": {4, 2}}
+    # below m, as a large model's memory may need: GRPO refused it ("must be divisible by the number of generations
+    # used for evaluation"), a check of grouped sampling that DRO's greedy evaluation does not do
+    assert tiny_args(tmp_path, eval_strategy="steps", eval_steps=1, per_device_eval_batch_size=1).num_generations == 4
 
 
 def test_one_sample_per_question_trains_the_generator_with_finite_weights(tmp_path, demo_rows, word_tok):
