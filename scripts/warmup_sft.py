@@ -44,7 +44,11 @@ class WarmupArguments:
     target: Literal["retrieval", "gold_first", "teacher"] = field(
         default="retrieval", metadata={"help": "Selector target ranking."}
     )
-    teacher_rankings: str | None = field(default=None, metadata={"help": "JSONL of {id, ranking} for `teacher`."})
+    teacher_rankings: str | None = field(
+        default=None,
+        metadata={"help": "JSONL of {id, ranking} for `teacher`: per question id, passage ids best first — a "
+                  "passage's `id`, or for a passage without one its 0-based position in the file's list."},
+    )
     shuffle_candidates: bool = field(
         default=True, metadata={"help": "Present the selector's candidates shuffled (the target follows them)."}
     )
@@ -57,6 +61,11 @@ class WarmupArguments:
         if (self.target == "teacher") != (self.teacher_rankings is not None):
             raise ValueError("--target teacher needs --teacher_rankings (a JSONL of {id, ranking}), and "
                              "--teacher_rankings is read only with --target teacher")
+        if self.role == "generator" and self.teacher_rankings is not None:
+            raise ValueError("--teacher_rankings is a selector target: the generator's warm-up reads gold passages")
+        if ":" in self.data and not os.path.exists(self.data):  # "hotpotqa:path", as evaluate.py takes
+            raise ValueError(f"--data {self.data}: warmup_sft.py reads canonical JSONL in retrieval order; convert "
+                             f"first with scripts/retrieve.py --format {self.data.split(':', 1)[0]} (which ranks too)")
 
 
 def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
@@ -66,6 +75,9 @@ def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
                               "save over it, or choose another output_dir")
     rows, stats = load(args.data, "canonical", limit=args.limit)
     print(stats.summary(), flush=True)
+    if args.target == "gold_first" and args.role == "selector" and not any(any(r["gold"]) for r in rows):
+        raise ValueError(f"--target gold_first: no row of {args.data} has gold passage labels, so the target would "
+                         "be the retrieval order; use --target retrieval, or label the gold passages")
     if args.role == "selector":  # the targets (a teacher file's included) are checked before the model loads
         teacher = read_teacher_rankings(args.teacher_rankings) if args.teacher_rankings else None
         presented, rankings = selector_targets(rows, args.target, sft_args.seed, args.shuffle_candidates, teacher)

@@ -149,3 +149,13 @@ def test_a_teacher_ranking_file_is_checked_line_by_line_before_the_model_loads(t
             warmup_main(*args)
     with pytest.raises(ValueError, match="--target teacher needs --teacher_rankings"):
         WarmupArguments(data=str(data), role="selector", target="teacher")
+    with pytest.raises(ValueError, match="--teacher_rankings is a selector target"):  # was ignored
+        WarmupArguments(data=str(data), role="generator", target="teacher", teacher_rankings="t.jsonl")
+    with pytest.raises(ValueError, match="warmup_sft.py reads canonical JSONL .* --format hotpotqa"):
+        WarmupArguments(data="hotpotqa:dev.json", role="generator")  # was "data file not found: hotpotqa:dev.json"
+    # gold_first on rows without gold labels trained the retrieval order in silence
+    args = warmup_parser().parse_args_and_config(args=[
+        "--data", str(data), "--role", "selector", "--target", "gold_first", "--model", str(tmp_path / "no-model"),
+        "--output_dir", str(tmp_path / "out2"), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"])
+    with pytest.raises(ValueError, match="--target gold_first: no row of .* has gold passage labels"):
+        warmup_main(*args)
