@@ -181,7 +181,9 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
             if not raw.strip():
                 continue
             try:
-                yield where, json.loads((raw.removeprefix(codecs.BOM_UTF8) if lineno == 1 else raw).decode("utf-8"))
+                # without its line break, so that a line cut off short is named at its own last column
+                line = (raw.removeprefix(codecs.BOM_UTF8) if lineno == 1 else raw).rstrip(b"\r\n")
+                yield where, json.loads(line.decode("utf-8"))
             except UnicodeDecodeError as err:
                 yield where, DataError(f"{where}: invalid UTF-8 ({err.reason} at byte {err.start})")
             except json.JSONDecodeError as err:

@@ -135,6 +135,14 @@ def test_a_byte_order_mark_is_not_part_of_the_data(tmp_path, text):
     assert [r["question"] for r in rows] == ["a", "b"] and not stats.skipped
 
 
+def test_a_line_cut_off_short_is_named_at_its_own_last_column(tmp_path):
+    """It was named at "column 1": the position after its line break, on the next line."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text('{"id": "x"\n{"question": "q", "answers": ["a"]}\n')
+    with pytest.raises(DataError, match=r"cut.jsonl:1: not valid JSON \(Expecting ',' delimiter at column 11\)"):
+        load(str(path))
+
+
 def test_skipping_counts_every_dropped_row(tmp_path):
     lines = [{"question": "a", "answers": ["x"]}, {"question": "", "answers": ["x"]}, b"{oops",
              {"question": "b", "answers": ["y"]}]
