@@ -7,7 +7,8 @@ Layout (the final save in ``output_dir`` and every ``checkpoint-N`` alike)::
     pipeline.json              the PipelineConfig the models were trained with (K, prompt budgets, retriever)
     trainer_state.json         the Trainer's state and log history
     README.md                  the model card (final save)
-    checkpoint_complete        written last: a folder without it is an interrupted save and is never read
+    checkpoint_complete        written last: a folder without it is an interrupted save and is never read; it
+                               records the save's files, so a folder changed since is refused too
 
 The final save is written into ``_saving/`` beside the previous save, then swapped in: the marker is removed first,
 the new entries replace the old ones, and the marker is written last. A kill at any point leaves either the previous
@@ -62,7 +63,7 @@ EXPERIMENT_SETTINGS = ("retriever", "retriever_model", "top_n", "max_answer_toke
 
 
 # What the marker records file by file: the models and the pipeline they read (the model card and the report are
-# rewritten after a save, and a checkpoint's optimizer state is the Trainer's to check).
+# rewritten after a save); a checkpoint's marker adds its other files (saved_files(whole=True)).
 SAVED_ENTRIES = (SELECTOR, GENERATOR, *BASE_DIRS, "pipeline.json")
 
 
