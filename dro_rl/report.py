@@ -51,9 +51,12 @@ def build_report(before: dict, after: dict, wall: float, config: dict, data: dic
         return evaluations[evaluation].get(strategy, {}).get("per_question", {}).get(metric)
 
     rows = {}
+    warmed_up = (config.get("script") or {}).get("generator_warmup_steps", 1) != 0
     for label, evaluation, strategy in ROWS:
         if after and strategy not in evaluations[evaluation]:
             continue  # the oracle of an evaluation set without gold passage labels
+        if not warmed_up:  # the generator before DRO is the one the run started from
+            label = label.replace("warm-up generator", "generator before DRO (no warm-up)")
         found = evaluations[evaluation].get(strategy, {})
         rows[label] = {metric: {"mean": found.get(metric),
                                 "ci95": _interval(values(evaluation, strategy, metric) or [])}

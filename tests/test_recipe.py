@@ -596,6 +596,11 @@ def test_report_pairs_answer_recall_of_the_selector_with_the_retrieval_order():
     assert "oracle: scored on the 2 of 4 evaluation questions with gold passage labels" in table
     report["config"] = {"training": {"num_docs_selected": 1}}  # a run's report names its K
     assert format_table(report).splitlines()[0].startswith("| selection | support recall@1 | answer recall@1 |")
+    # a run without a generator warm-up does not call its starting generator "warm-up generator"
+    unwarmed = build_report({"retrieval": retrieval, "selector": retrieval}, {"retrieval": retrieval,
+                            "selector": {**selector, "n": 4}}, 1.0, {"script": {"generator_warmup_steps": 0}})
+    assert "retrieval top-K, generator before DRO (no warm-up)" in unwarmed["rows"]
+    assert not any("warm-up generator" in label for label in unwarmed["rows"])
 
 
 def test_a_short_warm_up_still_reaches_its_learning_rate(tmp_path):
