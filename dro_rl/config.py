@@ -200,9 +200,6 @@ class DROConfig(GRPOConfig, PipelineConfig):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
         if self.max_steps < -1 or self.max_steps == 0:
             raise ValueError(f"max_steps must be >= 1, or -1 to train for num_train_epochs, got {self.max_steps}")
-        for name in ("generator_batch_size", "per_device_eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         # GRPO refuses m = 1 (its group baseline needs two samples). With one sample w̃ = 1, so the selector's
         # expected gradient is exactly zero: refused while the selector trains; a frozen selector's generator-only
         # training is fine, so the parent checks then run with 2.
@@ -380,7 +377,8 @@ def check_field_types(config: Any) -> None:
 def check_counts(config: Any) -> None:
     """Counts the Trainer divides by or draws batches with, and the seed: refused in one line here, not by a
     ZeroDivisionError inside TRL or a torch error after the data stage and the model loads."""
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "steps_per_generation"):
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "generator_batch_size",
+                 "gradient_accumulation_steps", "steps_per_generation"):
         value = getattr(config, name)
         if value is not None and value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
