@@ -11,7 +11,7 @@ One row per question::
 supporting passages: it is used for support recall and the oracle baseline, never to train the selector.
 
 Every loader reads a file line by line (or record by record) and checks each row. A malformed row raises
-:class:`DataError` naming the file, the line (1-based; the record index for JSON arrays) and the field — or, with
+:class:`DataError` naming the file, the line (1-based; for JSON arrays the record, 1-based, with its index) and the field — or, with
 ``on_error="skip"``, is counted in :class:`LoadStats` and reported, so that rows in = rows kept + rows skipped.
 """
 
@@ -167,8 +167,8 @@ def iter_records(path: str) -> Iterator[tuple[str, Any]]:
                 records = json.load(f)
             except (json.JSONDecodeError, UnicodeDecodeError) as err:
                 raise DataError(f"{path}: not a valid JSON array ({err})") from err
-        for i, record in enumerate(records):
-            yield f"{path}:record {i}", record
+        for i, record in enumerate(records):  # counted from 1, as lines are; the Python index beside it
+            yield f"{path}:record {i + 1} (index {i})", record
         return
     if head.startswith(b"{"):
         columns = _column_wise(path, first_line)

@@ -55,17 +55,20 @@ class DROPipeline:
     """
 
     def __init__(self, selector, tokenizer, generator, generator_tokenizer, config: PipelineConfig,
-                 batch_size: int = 32):
+                 batch_size: int = 32, progress: bool | None = None):
+        """``progress``: progress bars of retrieval, selection and answering — by default retrieval's when stderr is
+        a terminal, the others' from 64 questions; False for none (a log file), True for all."""
         config.check_pipeline()
         check_positive_int("batch_size", batch_size)
         self.selector, self.tokenizer = selector.eval(), tokenizer  # greedy decoding, dropout off
         self.generator, self.generator_tokenizer = generator.eval(), generator_tokenizer
         self.config, self.batch_size = config, batch_size
         self.selector_prompt, self.generator_prompt = config.selector_prompt(), config.generator_prompt()
-        self._retriever = None
+        self._retriever, self.progress = None, progress
 
     @classmethod
-    def from_pretrained(cls, path: str, device: str | None = None, batch_size: int = 32, **model_init_kwargs):
+    def from_pretrained(cls, path: str, device: str | None = None, batch_size: int = 32,
+                        progress: bool | None = None, **model_init_kwargs):
         """Load a run folder or a ``checkpoint-N`` folder (or a Hub repo pushed by ``DROTrainer.push_to_hub``).
 
         Everything comes from the folder: both models (full weights, LoRA adapters on their base, or one base with
@@ -90,13 +93,13 @@ class DROPipeline:
             selector.to(device)
         if getattr(generator, "hf_device_map", None) is None:
             generator.to(device)
-        return cls(selector, tok, generator, gtok, config, batch_size)
+        return cls(selector, tok, generator, gtok, config, batch_size, progress)
 
     @property
     def retriever(self):
         """The run's first-stage retriever (None for ``retriever: none``), loaded on first use."""
         if self._retriever is None and self.config.retriever != "none":
-            self._retriever = make_retriever(self.config.retriever, self.config.retriever_model)
+            self._retriever = make_retriever(self.config.retriever, self.config.retriever_model, self.progress)
         return self._retriever
 
     def __call__(
@@ -159,6 +162,7 @@ class DROPipeline:
             if len(row["passages"]) < k:
                 raise ValueError(f"questions[{i}] ({row['question']!r}) has {len(row['passages'])} candidate "
                                  f"passages, fewer than the K = {k} the selector picks")
+        progress = self.progress if progress is None else progress
         show = len(rows) >= PROGRESS_AT if progress is None else progress
         n = max(len(r["passages"]) for r in rows)
         grammar = IdGrammar(self.tokenizer, n)  # refuses more candidates than the selector's tokenizer has ids for

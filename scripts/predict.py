@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+import transformers
 from trl import TrlParser
 
 from dro_rl import DROPipeline
@@ -44,6 +45,9 @@ class PredictArguments:
     limit: int | None = field(default=None, metadata={"help": "Answer at most this many questions."})
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Malformed rows: stop or skip."})
     batch_size: int = field(default=32, metadata={"help": "Questions per forward pass."})
+    disable_tqdm: bool = field(
+        default=False, metadata={"help": "No progress bars (a log file); train_rl.py's flag of the same name."}
+    )
 
     def __post_init__(self):
         fmt, path, _ = parse_spec(self.input)
@@ -86,7 +90,10 @@ def main(args: PredictArguments) -> dict:
         raise ValueError(f"{args.input}: no question left to answer")
     if skipped or stats.skipped:  # the rows the reader skipped as malformed, and those skipped here
         print(f"answering {len(rows)} questions; {len(skipped) + len(stats.skipped)} skipped in all", flush=True)
-    pipe = DROPipeline.from_pretrained(args.run_dir, batch_size=args.batch_size)
+    if args.disable_tqdm:  # transformers' own bars too (loading weights)
+        transformers.utils.logging.disable_progress_bar()
+    pipe = DROPipeline.from_pretrained(args.run_dir, batch_size=args.batch_size,
+                                       progress=False if args.disable_tqdm else None)
     predictions = pipe([r["question"] for r in rows], [r["passages"] for r in rows], corpus=args.corpus)
     records, scored = [], []
     for row, p in zip(rows, predictions):

@@ -81,6 +81,10 @@ def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
     if args.role == "selector":  # the targets (a teacher file's included) are checked before the model loads
         teacher = read_teacher_rankings(args.teacher_rankings) if args.teacher_rankings else None
         presented, rankings = selector_targets(rows, args.target, sft_args.seed, args.shuffle_candidates, teacher)
+        if teacher is not None:  # a file covering more questions (train and dev, say) is fine, but said
+            unused = len(set(teacher) - {str(r["id"]) for r in rows})
+            print(f"teacher rankings: {len(teacher) - unused} used, {unused} for questions not in {args.data} "
+                  "(ignored)", flush=True)
     model, tok = load_model(args.model, seed=sft_args.seed)
     if args.role == "generator":
         examples = generator_sft_rows(

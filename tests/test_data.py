@@ -337,6 +337,14 @@ def test_pandas_column_wise_json_with_a_bad_cell_names_the_row(tmp_path):
         load(str(path), "2wikimultihopqa")
 
 
+def test_a_json_array_names_a_bad_record_from_one_as_lines_are(tmp_path):
+    """The second record of an array is "record 2" (with its Python index), as the second JSONL line is line 2."""
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{**HOTPOT_ROW, "_id": "w0"}, {**HOTPOT_ROW, "_id": "w1", "question": ""}], indent=1))
+    with pytest.raises(DataError, match=rf"{path}:record 2 \(index 1\): field 'question'"):
+        load(str(path), "hotpotqa")
+
+
 def test_one_json_object_that_is_not_rows_says_how_to_re_save_it(tmp_path):
     path = tmp_path / "squad.json"
     path.write_text(json.dumps({"version": "1", "data": [{"question": "q"}]}, indent=2))

@@ -78,6 +78,24 @@ def test_predict_without_any_answers_prints_no_metrics(run, inputs, tmp_path, ca
     assert output.read_text() == written and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_predict_disable_tqdm_leaves_no_progress_bar_in_the_log(run, inputs, tmp_path, capsys):
+    """From 64 questions the selection and answer bars show; a log file wants none, as train_rl.py's flag does."""
+    questions, _ = inputs
+    b = json.loads(questions.read_text().splitlines()[1])
+    many = tmp_path / "many.jsonl"
+    many.write_text("".join(json.dumps({**b, "id": f"b{i}"}) + "\n" for i in range(64)))
+    predict_main(PredictArguments(run_dir=str(run), input=str(many), output=str(tmp_path / "with.jsonl")))
+    assert "answer: 100%" in capsys.readouterr().err
+    try:
+        predict_main(PredictArguments(run_dir=str(run), input=str(many), output=str(tmp_path / "without.jsonl"),
+                                      disable_tqdm=True))
+        assert "%|" not in capsys.readouterr().err
+    finally:  # the flag turns transformers' bars off process-wide, as the script's process wants
+        import transformers
+        transformers.utils.logging.enable_progress_bar()
+    assert (tmp_path / "with.jsonl").read_text() == (tmp_path / "without.jsonl").read_text()
+
+
 def test_predict_names_the_questions_it_cannot_answer_before_loading_the_models(run, inputs, tmp_path, capsys,
                                                                                monkeypatch):
     questions, _ = inputs

@@ -159,3 +159,22 @@ def test_a_teacher_ranking_file_is_checked_line_by_line_before_the_model_loads(t
         "--output_dir", str(tmp_path / "out2"), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"])
     with pytest.raises(ValueError, match="--target gold_first: no row of .* has gold passage labels"):
         warmup_main(*args)
+
+
+
+def test_teacher_rankings_of_questions_not_in_the_data_are_counted(tmp_path, capsys):
+    """A teacher file may cover more questions than the data (train and dev); those it does not use were ignored
+    without a word, so a file for another dataset with a few shared ids looked fully used."""
+    rows = [{"id": "q0", "question": "question?", "answers": ["Paris"],
+             "passages": [{"id": f"p{i}", "text": f"passage {i}"} for i in range(3)]}]
+    data = tmp_path / "data.jsonl"
+    write_jsonl(rows, str(data))
+    (tmp_path / "teacher.jsonl").write_text('{"id": "q0", "ranking": ["p2"]}\n{"id": "dev7", "ranking": ["x"]}\n'
+                                            '{"id": "dev8", "ranking": ["y"]}\n')
+    args = warmup_parser().parse_args_and_config(args=[
+        "--data", str(data), "--role", "selector", "--target", "teacher", "--teacher_rankings",
+        str(tmp_path / "teacher.jsonl"), "--model", str(tmp_path / "no-model-here"), "--output_dir",
+        str(tmp_path / "out"), "--use_cpu", "true", "--bf16", "false", "--report_to", "none"])
+    with pytest.raises(Exception, match="no-model-here"):  # the targets pass; the (missing) model is what stops it
+        warmup_main(*args)
+    assert f"teacher rankings: 1 used, 2 for questions not in {data} (ignored)" in capsys.readouterr().out
