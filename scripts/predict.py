@@ -27,6 +27,7 @@ from dro_rl.evaluation import exact_match, f1_score, sub_exact_match
 from dro_rl.files import claim_output, write_lines
 from dro_rl.pipeline import parse_spec
 from dro_rl.pipeline_config import PipelineConfig, check_positive_int
+from dro_rl.run_folder import check_complete
 
 
 @dataclass
@@ -65,6 +66,8 @@ def main(args: PredictArguments) -> dict:
     claim_output(output, args.overwrite, "--overwrite", [args.input])  # before any model loads, not after the answers
     rows, stats = load_questions(args.input, args.on_error, args.limit)
     print(stats.summary(), flush=True)
+    if os.path.isdir(args.run_dir):  # a damaged folder named as DROPipeline and evaluate.py name it
+        check_complete(args.run_dir)
     k = PipelineConfig.load_pipeline(args.run_dir).num_docs_selected if os.path.isdir(args.run_dir) else None
     problems = {  # found before any model loads (a Hub run's K only once it is downloaded, by DROPipeline)
         "no `passages` and no --corpus to retrieve them from": [

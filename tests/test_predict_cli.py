@@ -96,6 +96,18 @@ def test_predict_disable_tqdm_leaves_no_progress_bar_in_the_log(run, inputs, tmp
     assert (tmp_path / "with.jsonl").read_text() == (tmp_path / "without.jsonl").read_text()
 
 
+def test_predict_names_a_run_folder_changed_since_its_save_as_the_other_readers_do(run, inputs, tmp_path):
+    """With pipeline.json deleted, predict.py said "not a dro-rl run or checkpoint folder" where DROPipeline and
+    evaluate.py name the missing file."""
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run, damaged)
+    (damaged / "pipeline.json").unlink()
+    with pytest.raises(ValueError, match=r"damaged was changed since its save finished: pipeline.json is missing"):
+        predict_main(PredictArguments(run_dir=str(damaged), input=str(inputs[0]), output=str(tmp_path / "o.jsonl")))
+
+
 def test_predict_names_the_questions_it_cannot_answer_before_loading_the_models(run, inputs, tmp_path, capsys,
                                                                                monkeypatch):
     questions, _ = inputs
