@@ -152,9 +152,8 @@ class DROConfig(GRPOConfig, PipelineConfig):
         metadata={"help": "Where the E-step's log p(y | x, d_z) come from: `in_loss` = the generator loss's own "
                   "forward (one generator forward per sample instead of two; the same values, since the E-step is "
                   "dropout-free), `separate` = a no-grad scoring pass before the loss (the reference), `auto` = "
-                  "`in_loss` where possible: generator_update not `none`, disable_dropout, "
-                  "per_device_train_batch_size a multiple of num_generations, and gradient_accumulation_steps a "
-                  "multiple of steps_per_generation."},
+                  "`in_loss` where possible: generator_update not `none`, disable_dropout, and "
+                  "per_device_train_batch_size a multiple of num_generations."},
     )
 
     on_bad_row: Literal["raise", "skip"] = field(
@@ -245,6 +244,16 @@ class DROConfig(GRPOConfig, PipelineConfig):
             raise ValueError(f"entropy_coef={self.entropy_coef} is a bonus for the selector's training, which "
                              "freeze_selector=True turns off: set entropy_coef to 0 or train the selector")
         self._check_whole_groups(self.steps_per_generation)
+        if self.gradient_accumulation_steps % self.steps_per_generation:
+            # A generation batch spanning two optimizer steps would train its later micro-batches on samples drawn,
+            # and weights scored, by the parameters before the step: off-policy, with no correction (GRPO's ratio
+            # for this is not DRO's estimator).
+            raise ValueError(
+                f"steps_per_generation ({self.steps_per_generation}) must divide gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}): DRO trains each generation batch within one optimizer step, "
+                "on the parameters that sampled and scored it; leave steps_per_generation (and "
+                "generation_batch_size) unset, or make gradient_accumulation_steps a multiple of it"
+            )
         if self.generator_scoring not in ("auto", "in_loss", "separate"):
             raise ValueError(f"generator_scoring={self.generator_scoring!r} is not one of ('auto', 'in_loss', "
                              f"'separate')")
@@ -293,10 +302,6 @@ class DROConfig(GRPOConfig, PipelineConfig):
         if self.per_device_train_batch_size % self.num_generations:
             return (f"per_device_train_batch_size ({self.per_device_train_batch_size}) to be a multiple of "
                     f"num_generations ({self.num_generations}), so that a micro-batch holds whole question groups")
-        if self.gradient_accumulation_steps % self.steps_per_generation:
-            return (f"gradient_accumulation_steps ({self.gradient_accumulation_steps}) to be a multiple of "
-                    f"steps_per_generation ({self.steps_per_generation}), so that a generation batch is scored by "
-                    f"the parameters that sampled it")
         return None
 
 
