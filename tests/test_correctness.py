@@ -150,14 +150,17 @@ def per_row_answer_logprob(generator, prompt: list[int], target: list[int]) -> f
     return torch.log_softmax(logits.double(), -1)[torch.arange(len(target)), target].sum().item()
 
 
-@pytest.mark.parametrize("estimator, importance_logits", [("dro", "sum"), ("dro_baseline", "mean")])
+@pytest.mark.parametrize("estimator, importance_logits, generator_update",
+                         [("dro", "sum", "weighted"), ("dro_baseline", "mean", "weighted"), ("dro", "sum", "uniform"),
+                          ("dro", "mean", "best")])
 def test_weights_are_a_per_question_softmax_of_the_generator_scores(
-    tmp_path, demo_rows, word_tok, monkeypatch, estimator, importance_logits
+    tmp_path, demo_rows, word_tok, monkeypatch, estimator, importance_logits, generator_update
 ):
     """Recomputed outside the trainer, one row at a time. Catches: weights normalised across questions, advantages
-    or generator coefficients shifted to another question, ``importance_logits`` ignored."""
+    or generator coefficients shifted to another question, ``importance_logits`` or ``generator_update`` ignored (the
+    trainer passing "weighted" whatever was set passed every test before)."""
     trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator=estimator, importance_logits=importance_logits,
-                           generator_scoring="separate")
+                           generator_scoring="separate", generator_update=generator_update)
     sharpen(trainer.generator)
     sampled = Spy(monkeypatch, trainer_module, "sample_rankings")
     batch, m = generation_batch(trainer, 3), trainer.num_generations
@@ -181,7 +184,9 @@ def test_weights_are_a_per_question_softmax_of_the_generator_scores(
     assert (spread > 0.005).all()  # far above the tolerance: weights from another question could not pass
     expected = weights - 1 / m if estimator == "dro_baseline" else weights
     torch.testing.assert_close(out["advantages"], expected.float(), atol=1e-5, rtol=0)
-    torch.testing.assert_close(out["gen_coef"], weights.float(), atol=1e-5, rtol=0)
+    coef = {"weighted": weights, "uniform": torch.full_like(weights, 1 / m),  # the paper; plain SFT on each sample
+            "best": torch.nn.functional.one_hot(weights.view(-1, m).argmax(-1), m).flatten().to(weights.dtype)}
+    torch.testing.assert_close(out["gen_coef"], coef[generator_update].float(), atol=1e-5, rtol=0)
 
 
 def test_reward_advantages_use_each_rows_weighted_rewards_and_decode_answers_only_when_needed(

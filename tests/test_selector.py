@@ -94,8 +94,11 @@ def test_forced_tokens_wait_for_the_next_choice_and_keep_the_random_stream(bpe_t
     assert torch.equal(torch.rand(4, generator=after), torch.rand(4, generator=replay))
 
 
-def test_sampling_frequencies_match_constrained_probabilities(word_tok):
-    """Draw 6000 rankings of K = 2 of N = 3 and compare with the exact probabilities of the 6 permutations."""
+@pytest.mark.parametrize("temperature", [1.0, 0.5, 2.0])
+def test_sampling_frequencies_match_constrained_probabilities(word_tok, temperature):
+    """Draw 6000 rankings of K = 2 of N = 3 and compare with the exact probabilities of the 6 permutations — at the
+    temperature the loss scores them with (a sampler drawing at T = 1 but recording log-probs at T passed the
+    tests that compare recorded with teacher-forced log-probs: both are at T)."""
     torch.manual_seed(0)
     model = make_model(word_tok, seed=2)
     with torch.no_grad():  # sharpen the random model so the distribution is far from uniform
@@ -103,7 +106,7 @@ def test_sampling_frequencies_match_constrained_probabilities(word_tok):
     grammar = IdGrammar(word_tok, 3)
     prompt = SelectorPrompt(2, 16, use_chat_template=False)(word_tok, "which one ?", passages(3))
     draws = 6000
-    out = sample(model, word_tok, grammar, [prompt], [3], 2, m=draws, seed=123)
+    out = sample(model, word_tok, grammar, [prompt], [3], 2, m=draws, temperature=temperature, seed=123)
     perms = list(itertools.permutations(range(3), 2))
     counts = torch.tensor([sum(p == list(perm) for p in out.picks) for perm in perms], dtype=torch.float64)
 
@@ -118,7 +121,7 @@ def test_sampling_frequencies_match_constrained_probabilities(word_tok):
     with torch.no_grad():
         c_ids = torch.tensor(completions)
         logp = ranking_logprobs(model, p_ids, p_mask, c_ids, torch.ones_like(c_ids),
-                                allowed_t)
+                                allowed_t, temperature=temperature)
     probs = logp.double().exp()
     assert probs.sum().item() == pytest.approx(1.0, abs=1e-5)  # the constrained distribution is normalised
     assert probs.max() > 2 * probs.min()  # and far from uniform, so the test can tell them apart
