@@ -457,6 +457,31 @@ def test_without_replacement_at_m_equal_n_weighs_by_the_exact_posterior(tmp_path
     assert trainer._metrics["train"]["reward_std"][-1] == pytest.approx(torch.stack(spread).mean().item(), rel=1e-4)
 
 
+def test_without_replacement_below_n_weighs_by_the_normalised_ratios(tmp_path, demo_rows, word_tok, monkeypatch):
+    """m = 2 of N = 4 (K = 1): the ratios ρ_i = p_i / q_i no longer sum to one, so the weights and dro_baseline's
+    subtracted proposal weights must use their normalisation ρ̃ — ρ itself in place of ρ̃ passed every test at m = N,
+    where ρ = p. The recorded ratios are checked against the policy's teacher-forced p_i: both samples of a question
+    imply one threshold κ (q_i = 1 − exp(−p_i e^−κ))."""
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, num_docs_selected=1, num_generations=2,
+                           estimator="dro_baseline", sample_without_replacement=True, generator_scoring="separate")
+    sharpen(trainer.generator)
+    sharpen(trainer.model)
+    trainer.model.train()
+    m = trainer.num_generations
+    weighed = Spy(monkeypatch, trainer_module.E, "importance_weights")
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 4))
+    (_, log_ratio), _ = weighed.calls[0]
+    prior, answer = (x.view(-1, m) for x in teacher_forced(trainer, out))
+    assert all(len({r["picks"][0] for r in out["rows"][q * m:(q + 1) * m]}) == m for q in range(4))  # distinct
+    assert (log_ratio.exp().sum(-1) - 1).abs().max() > 0.05  # ρ and ρ̃ differ: the test can tell them apart
+    kappa = prior - torch.log(-torch.log1p(-torch.exp(prior - log_ratio)))  # from q_i = p_i / ρ_i
+    torch.testing.assert_close(kappa[:, 0], kappa[:, 1], atol=1e-3, rtol=0)
+    weights = torch.softmax(answer + log_ratio, -1)
+    torch.testing.assert_close(out["gen_coef"].view(-1, m), weights, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out["advantages"].view(-1, m), weights - torch.softmax(log_ratio, -1), atol=1e-4,
+                               rtol=0)
+
+
 def test_without_replacement_trains_with_the_ratios_through_micro_batches(tmp_path, demo_rows, word_tok, monkeypatch):
     """A real step (K = 2, generator scored in the loss, two micro-batches per generation batch): every weighing sees
     the ratios of its own rows, and the selector moves."""
