@@ -102,7 +102,7 @@ class DROConfig(GRPOConfig, PipelineConfig):
         default="dro",
         metadata={
             "help": "Selector advantage (README, 'How DRO is implemented'; docs/estimator.md): `dro` = self-normalised weights (the paper), `dro_baseline` = "
-            "weights − 1/m, `reinforce` = reward, `rloo` = leave-one-out baseline, `grpo` = group-normalised reward "
+            "weights − 1/m (− ρ̃ without replacement), `reinforce` = reward, `rloo` = leave-one-out baseline, `grpo` = group-normalised reward "
             "(divided by the group std unless scale_rewards='none')."
         },
     )

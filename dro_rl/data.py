@@ -11,8 +11,9 @@ One row per question::
 supporting passages: it is used for support recall and the oracle baseline, never to train the selector.
 
 Every loader reads a file line by line (or record by record) and checks each row. A malformed row raises
-:class:`DataError` naming the file, the line (1-based; for JSON arrays the record, 1-based, with its index) and the field — or, with
-``on_error="skip"``, is counted in :class:`LoadStats` and reported, so that rows in = rows kept + rows skipped.
+:class:`DataError` naming the file, the line (1-based; for JSON arrays the record, 1-based, with its index) and
+the field — or, with ``on_error="skip"``, is counted in :class:`LoadStats` and reported, so that rows in = rows
+kept + rows skipped.
 """
 
 from __future__ import annotations

@@ -67,8 +67,10 @@ def importance_weights(answer_logp: torch.Tensor, log_ratio: torch.Tensor | None
     """Self-normalised E-step weights w̃ = softmax over the m samples of log p(y | x, d_z).  [Q, m] -> [Q, m]
 
     The selector's own probability cancels (docs/estimator.md), so the weight is the generator's likelihood, normalised
-    per question in log space (never exponentiating raw sums). NaN and +inf scores (impossible for a log-probability) count as -inf; a question
-    whose samples are all impossible gets uniform weights, so weights are always finite and sum to one.
+    per question in log space (never exponentiating raw sums). NaN and +inf scores (impossible for a log-probability)
+    count as -inf; a question whose samples are all impossible gets the proposal's weights ρ̃ (uniform with
+    replacement), so weights are always finite and sum to one, and dro_baseline's advantages w̃ − ρ̃ are zero there:
+    no push without information.
     Samples drawn without replacement (``priority_sample``) carry their log ratios log ρ_i, which the weight then
     includes (w̃_i ∝ ρ_i · p(y | x, d_{z_i})): the proposal is no longer the policy, so its probability no longer cancels.
     """
@@ -76,8 +78,8 @@ def importance_weights(answer_logp: torch.Tensor, log_ratio: torch.Tensor | None
     if log_ratio is not None:
         logits = logits + log_ratio.float()
     logits = torch.where(torch.isnan(logits) | torch.isposinf(logits), float("-inf"), logits)
-    dead = torch.isneginf(logits).all(-1, keepdim=True)
-    logits = torch.where(dead, torch.zeros_like(logits), logits)
+    dead = torch.isneginf(logits).all(-1, keepdim=True)  # no information: the proposal's own weights ρ̃
+    logits = torch.where(dead, torch.zeros_like(logits) if log_ratio is None else log_ratio.float(), logits)
     return torch.softmax(logits, dim=-1)
 
 

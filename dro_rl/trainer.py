@@ -465,7 +465,11 @@ class DROTrainer(GRPOTrainer):
             "gen_target_ids": y_ids,
             "gen_target_mask": y_mask,
             "sample_logps": samples.logps,
-            **({"sample_log_ratio": samples.log_ratio} if samples.log_ratio is not None else {}),
+            # Without replacement: the log ratios log ρ, and each row's share ρ̃·m of its question's policy
+            # expectations (mean 1 per question; 0 for spare repeats) — with replacement every row's share is 1.
+            **({"sample_log_ratio": samples.log_ratio,
+                "sample_share": (E.proposal_weights(samples.log_ratio.view(-1, m), m) * m).reshape(-1)}
+               if samples.log_ratio is not None else {}),
             "rows": rows,
             "completions": completions,
         }
@@ -528,10 +532,7 @@ class DROTrainer(GRPOTrainer):
         normalised ratios ρ̃ (a plain mean would describe the proposal — with m = N, every candidate equally)."""
         metrics, m, gathered = self._metrics[mode], self.num_generations, self.accelerator.gather
         device, rows, args = answer_logp.device, batch["rows"], self.args
-        log_ratio = batch.get("sample_log_ratio")
-        ratio = None if log_ratio is None else log_ratio.view(-1, m)
-        share = torch.ones(len(rows) // m, m, device=device) * E.proposal_weights(ratio, m) * m  # mean 1 per question
-        share = gathered(share.reshape(-1))
+        share = gathered(batch.get("sample_share", torch.ones(len(rows), device=device)))
 
         def policy_mean(values: torch.Tensor) -> float:  # over all processes' rows; NaN or weightless rows left out
             values = values.float()
@@ -615,7 +616,8 @@ class DROTrainer(GRPOTrainer):
             self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
             loss = loss + select
             if entropy is not None:  # a gradient even where the advantages vanish (a group of m equal samples)
-                bonus = entropy.mean()
+                # the policy's expected entropy: rows drawn without replacement count by their share ρ̃·m
+                bonus = entropy.mean() if "sample_share" not in inputs else (entropy * inputs["sample_share"]).mean()
                 self._metrics[mode]["selector/entropy"].append(self.accelerator.gather(bonus.detach()).mean().item())
                 loss = loss - args.entropy_coef * bonus
         if not torch.isfinite(loss):

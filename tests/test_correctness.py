@@ -482,6 +482,27 @@ def test_without_replacement_below_n_weighs_by_the_normalised_ratios(tmp_path, d
                                rtol=0)
 
 
+def test_without_replacement_the_entropy_bonus_is_the_policys_expected_entropy(tmp_path, demo_rows, word_tok):
+    """K = 2, m = N = 4 without replacement: each question's rows start with its four candidates once each, so the
+    plain mean of their entropies weighs each first pick 1/4 where the policy weighs it p(first) — the bonus and its
+    metric count each row by ρ̃ (an outside review found the plain mean)."""
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, estimator="dro", sample_without_replacement=True,
+                           generator_scoring="separate", entropy_coef=0.1)
+    with torch.no_grad():  # a peaked selector, whose entropy after the first pick depends on that pick
+        trainer.model.lm_head.weight.mul_(8.0)
+    trainer.model.train()
+    m = trainer.num_generations
+    out = trainer._generate_and_score_completions(generation_batch(trainer, 2))
+    trainer._compute_loss(trainer.model, out)
+    with torch.no_grad():
+        _, entropy = ranking_logprobs(trainer.model, out["prompt_ids"], out["prompt_mask"], out["completion_ids"],
+                                      out["completion_mask"], out["allowed"], trainer.temperature, entropy=True)
+    share = torch.softmax(out["sample_log_ratio"].view(-1, m), -1).reshape(-1) * m  # ρ̃ = p(first) at m = N
+    expected = (entropy * share).mean().item()
+    assert abs(expected - entropy.mean().item()) > 0.01  # the plain mean differs: the test can fail
+    assert trainer._metrics["train"]["selector/entropy"][-1] == pytest.approx(expected, abs=1e-4)
+
+
 def test_without_replacement_trains_with_the_ratios_through_micro_batches(tmp_path, demo_rows, word_tok, monkeypatch):
     """A real step (K = 2, generator scored in the loss, two micro-batches per generation batch): every weighing sees
     the ratios of its own rows, and the selector moves."""
