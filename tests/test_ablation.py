@@ -1,4 +1,5 @@
-"""The ablation script's --quick modes: the CI-sized grid and the gradient-variance analysis."""
+"""The ablation script's --quick modes (the CI-sized grid and the gradient-variance analysis), and its refusals at
+start-up: bad settings and earlier results stop it before any task is built."""
 
 import csv
 import sys
@@ -9,7 +10,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import reward_ablation  # noqa: E402
 from reward_ablation import main, make_parser  # noqa: E402
+
+from dro_rl.cli import refusals_in_one_line  # noqa: E402
 
 
 def run(tmp_path, *flags):
@@ -65,3 +69,59 @@ def test_a_task_folder_is_reused_only_while_its_settings_match(tmp_path):
     args.num_train = 24  # other settings: rebuilt, never silently reused
     prepare(args, 0)
     assert [len(v) for v in json.loads(rows.read_text()).values()] == [24, 4]
+
+
+def refusal(capsys, call, prog: str = "reward_ablation.py") -> str:
+    """The one line the script ``prog`` prints when ``call`` refuses (status 1, no traceback)."""
+    with pytest.raises(SystemExit) as exit_info:
+        with refusals_in_one_line(prog):
+            call()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--estimators", "dro_baseline", "foo"], "--estimators: unknown ['foo']"),  # was refused after dro_baseline ran
+    (["--rewards", "bogus"], "--rewards: unknown reward 'bogus'"),
+    (["--seeds", "0", "0"], "--seeds: [0] repeated"),  # one world counted twice, a spread of 0
+    (["--analysis", "variance", "--variance_repeats", "1"], "--variance_repeats must be >= 2"),  # variance 0
+    (["--max_steps", "0"], "--max_steps must be >= 1, got 0"),
+    (["--num_train", "0"], "--num_train must be >= 1, got 0"),  # was an IndexError
+    (["--recall_threshold", "2"], "--recall_threshold is a support recall, within [0, 1]; got 2.0"),
+])
+def test_a_setting_no_run_can_use_is_refused_in_one_line_when_parsed(capsys, flags, message):
+    err = refusal(capsys, lambda: make_parser().parse_args_and_config(args=["--quick", "true", *flags]))
+    assert err.startswith(f"reward_ablation.py: error: {message}")
+
+
+@pytest.fixture
+def no_task(monkeypatch):
+    """Fail the test if a task is built: every refusal here must come before any work."""
+    def prepare(args, seed):
+        raise AssertionError("a task was built before the refusal")
+
+    monkeypatch.setattr(reward_ablation, "prepare", prepare)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_train", "5"], "the training set has 5 questions, fewer than the 16 that one step samples"),
+    (["--seeds", "-1"], "seed must be between 0 and 2**32 - 1"),
+])
+def test_a_setting_a_run_would_refuse_stops_the_ablation_before_any_task(tmp_path, capsys, no_task, flags, message):
+    assert refusal(capsys, lambda: run(tmp_path, *flags)).startswith(f"reward_ablation.py: error: {message}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_earlier_result_is_refused_unless_overwrite_and_a_file_as_output_dir_in_one_line(tmp_path, capsys, no_task):
+    (tmp_path / "grid.md").write_text("| an earlier table |\n")
+    assert refusal(capsys, lambda: run(tmp_path, "--seeds", "1")) == (
+        f"reward_ablation.py: error: {tmp_path / 'grid.md'} already exists: pass --overwrite true to replace it, or "
+        "write elsewhere\n")
+    assert (tmp_path / "grid.md").read_text() == "| an earlier table |\n"
+    for flags in (["--analysis", "variance"], ["--seeds", "1", "--overwrite", "true"]):
+        with pytest.raises(AssertionError, match="a task was built"):  # another analysis's, or replaced: to the work
+            run(tmp_path, *flags)
+    output_file = tmp_path / "grid.md"
+    assert refusal(capsys, lambda: run(output_file)) == (
+        f"reward_ablation.py: error: {output_file} is a file, not a folder: nothing can be written under it\n")
