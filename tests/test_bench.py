@@ -1,15 +1,18 @@
-"""scripts/bench.py: the memory tracker, and the QLoRA presets' code path (4-bit base, LoRA, shared base, gradient
-checkpointing) at a tiny width on CPU."""
+"""scripts/bench.py: the memory tracker, the QLoRA presets' code path (4-bit base, LoRA, shared base, gradient
+checkpointing) at a tiny width on CPU, and its refusals at start-up."""
 
 import gc
+import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from trl import TrlParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402
+from test_ablation import refusal  # noqa: E402
 
 
 def test_live_tensor_peak_counts_what_is_alive():
@@ -52,13 +55,17 @@ def test_qlora_paths_run_and_the_shared_base_needs_less_memory():
     assert lora == {"selector", "generator"}
 
 
-def test_every_row_computes_the_same_loss_and_the_predictions_order_the_rows(monkeypatch):
+def test_every_row_computes_the_same_loss_and_the_predictions_order_the_rows(monkeypatch, tmp_path):
     """fp32 rows of both checkpointing settings: the run stops unless every path but the lower bound gives the same
-    loss; the FLOP predictions order naive > ours with a separate scoring pass > ours > lower bound."""
+    loss; the FLOP predictions order naive > ours with a separate scoring pass > ours > lower bound. The JSON line
+    records what the timings depend on: threads and torch's version."""
     preset = bench.Preset(bench.TINY, bench.TINY, "full", (False, True), 2, 8, n=6, k=2, m=3, paths=bench.PATHS)
     monkeypatch.setitem(bench.PRESETS, "test", preset)
-    out = bench.main(bench.BenchArguments(preset="test", repeats=1, memory=False, paths=",".join(
+    output = tmp_path / "figures" / "bench.jsonl"
+    out = bench.main(bench.BenchArguments(preset="test", repeats=1, memory=False, output=str(output), paths=",".join(
         p for p in bench.PATHS if p != "ours-shared")))
+    assert json.loads(output.read_text()) == out
+    assert (out["threads"], out["torch"]) == (1, torch.__version__)
     rows = out["rows"]
     assert "ours-kv/ckpt" not in rows and "ours-kv/no-ckpt" in rows  # the KV-cache loss cannot be checkpointed
     assert out["loss_relative_spread"] < 1e-6
@@ -140,3 +147,40 @@ def test_count_step_ops_attributes_each_phase_and_does_not_depend_on_passage_len
     assert counts[0]["shape"]["lora"] is True and counts[0]["shape"]["questions_per_step"] == 2
     assert all(fn.__module__ != "count_step_ops" for fn in  # the trainer's functions are its own again
                (count_step_ops.trainer_module.sample_rankings, count_step_ops.trainer_module.target_logprobs))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_layers", "0"], "--num_layers must be >= 1, got 0"),  # was a model without decoder layers
+    (["--questions", "0"], "--questions must be >= 1, got 0"),  # was replaced by the preset's
+    (["--questions", "-3"], "--questions must be >= 1, got -3"),  # was a ZeroDivisionError
+    (["--passage_tokens", "0"], "--passage_tokens must be >= 1, got 0"),  # was replaced by the preset's
+    (["--passage_tokens", "-5"], "--passage_tokens must be >= 1, got -5"),  # ran
+    (["--repeats", "-1"], "--repeats must be >= 0 (0: no timed steps), got -1"),
+    (["--threads", "0"], "--threads must be >= 1, got 0"),  # was torch's RuntimeError
+    (["--device", "cuda"], "--device cuda: this machine has no CUDA GPU"),  # was an AssertionError
+    (["--preset", "cpu-huge"], "--preset 'cpu-huge' is unknown; known: cpu-paper-shape, cpu-smollm2"),
+    (["--paths", "naive,fast"], "--paths: unknown ['fast']"),
+])
+def test_a_setting_that_would_measure_something_else_is_refused_in_one_line_when_parsed(
+        capsys, monkeypatch, flags, message):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the machine of the report
+    err = refusal(capsys, lambda: TrlParser((bench.BenchArguments,)).parse_args_and_config(args=flags), "bench.py")
+    assert err.startswith(f"bench.py: error: {message}")
+
+
+def test_an_output_folder_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    def make_rows(*args):
+        raise AssertionError("measuring started before the refusal")
+
+    monkeypatch.setattr(bench, "make_rows", make_rows)
+    err = refusal(capsys, lambda: bench.main(bench.BenchArguments(output=str(tmp_path))), "bench.py")
+    assert err == f"bench.py: error: {tmp_path} is a folder: give a file path\n"
+
+
+def test_one_timed_step_prints_no_spread(capsys):
+    figures = {"phases_s": {"sample": 0.1}, "questions_per_s": 1.0, "prompt_tokens_per_s": 9.0, "predicted_flops": 1e12}
+    bench.print_row("ours/no-ckpt", {**figures, "step_s": 2.0, "step_s_all": [2.0]})
+    bench.print_row("ours/no-ckpt", {**figures, "step_s": 2.0, "step_s_all": [1.8, 2.0, 2.2]})
+    one, three = capsys.readouterr().out.splitlines()
+    assert "(n = 1)" in one and "±" not in one
+    assert "(± 10 %)" in three
