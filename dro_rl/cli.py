@@ -191,8 +191,11 @@ def refuse_gpu_config(config_file: str) -> dict:
         config = yaml.safe_load(f) or {}
     kind = str(config.get("distributed_type", "NO"))
     if not config.get("use_cpu") and (kind not in ("NO", "MULTI_CPU") or config.get("mixed_precision") == "bf16"):
-        raise ValueError(f"{config_file} is an accelerate config for GPUs ({kind}, {config.get('num_processes', 1)} "
-                         "processes), and this machine has no CUDA GPU: on a CPU, run several processes with "
+        shape = "one process" if kind == "NO" else f"{kind}, {config.get('num_processes', 1)} processes"
+        if config.get("mixed_precision") not in (None, "no"):
+            shape += f", {config['mixed_precision']}"
+        raise ValueError(f"{config_file} is an accelerate config for GPUs ({shape}), and this machine has no CUDA "
+                         "GPU: on a CPU, run several processes with "
                          "--num_processes N and no --accelerate_config (no FSDP or mixed precision there)")
     return config
 

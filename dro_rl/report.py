@@ -108,8 +108,12 @@ def format_table(report: dict) -> str:
         lines.append("\noracle: no evaluation question has gold passage labels, so there is no oracle row"
                      if not labelled else
                      f"\noracle: scored on the {labelled} of {total} evaluation questions with gold passage labels")
-    for name, by_metric in report["differences"].items():
-        lines.append(f"\n{name.replace('_', ' ')}: " + ", ".join(f"{m} {cell(e)}" for m, e in by_metric.items()))
+    warmed_up = ((report.get("config") or {}).get("script") or {}).get("generator_warmup_steps", 1) != 0
+    for name, by_metric in report["differences"].items():  # report.json keeps the key; the line says what it is
+        label = name.replace("_", " ")
+        if not warmed_up:
+            label = label.replace("warmup generator", "generator before DRO (no warm-up)")
+        lines.append(f"\n{label}: " + ", ".join(f"{m} {cell(e)}" for m, e in by_metric.items()))
     data = report.get("data") or {}
     if any(d["skipped"] for d in data.values()):
         lines.append("\nrows skipped as malformed (on_bad_row: skip; which and why: data/skipped.json): " +

@@ -11,6 +11,7 @@ over a corpus) shows a progress bar: by default when stderr is a terminal, alway
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -111,27 +112,46 @@ def rank_candidates(retriever, questions: Sequence[str], candidates: Sequence[Se
 
 
 def load_corpus(path: str) -> list[dict]:
-    """A FlashRAG corpus JSONL (``id``, ``contents`` = title line + text) or canonical passages (id, title, text)."""
-    passages = []
-    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not the data
-        for lineno, line in enumerate(f, start=1):
+    """A FlashRAG corpus JSONL (``id``, ``contents`` = title line + text) or canonical passages (id, title, text).
+
+    Refused by line: invalid UTF-8 or JSON, a passage without text (it would be retrieved as readily as any other)
+    and an id given twice (a question's candidates would hold one passage twice, which the data loaders refuse)."""
+    passages, first_line = [], {}
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            where = f"{path}:{lineno}"
+            try:
+                line = (raw.removeprefix(codecs.BOM_UTF8) if lineno == 1 else raw).decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{where}: invalid UTF-8 ({err.reason} at byte {err.start})") from None
             if not line.strip():
                 continue
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: {json_problem(err)}") from err
+                raise ValueError(f"{where}: {json_problem(err)}") from err
             if not isinstance(r, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be an object with 'contents' (or 'text')")
+                raise ValueError(f"{where}: each line must be an object with 'contents' (or 'text')")
             if "contents" in r:
-                title, newline, text = str(r["contents"]).partition("\n")
+                if not isinstance(r["contents"], str):
+                    raise ValueError(f"{where}: field 'contents' must be a string, got {type(r['contents']).__name__}")
+                title, newline, text = r["contents"].partition("\n")
                 if not newline:  # FlashRAG writes "title\ntext"; a one-line passage is all text, not a title
                     title, text = "", title
-                passages.append({"id": str(r.get("id", lineno)), "title": title.strip().strip('"'), "text": text})
-            elif isinstance(r.get("text"), str):
-                passages.append({"id": str(r.get("id", lineno)), "title": r.get("title") or "", "text": r["text"]})
+                passage = {"id": str(r.get("id", lineno)), "title": title.strip().strip('"'), "text": text}
+            elif "text" in r:
+                if not isinstance(r["text"], str):
+                    raise ValueError(f"{where}: field 'text' must be a string, got {type(r['text']).__name__}")
+                passage = {"id": str(r.get("id", lineno)), "title": r.get("title") or "", "text": r["text"]}
             else:
-                raise ValueError(f"{path}:{lineno}: field 'contents' (or 'text') is missing")
+                raise ValueError(f"{where}: field 'contents' (or 'text') is missing")
+            if not (passage["title"].strip() or passage["text"].strip()):
+                raise ValueError(f"{where}: the passage has no text; remove the line")
+            if passage["id"] in first_line:
+                raise ValueError(f"{where}: field 'id' repeats the id {passage['id']!r} of line "
+                                 f"{first_line[passage['id']]}; corpus ids must be unique")
+            first_line[passage["id"]] = lineno
+            passages.append(passage)
     if not passages:
         raise ValueError(f"{path}: the corpus has no passages (the file is empty)")
     return passages

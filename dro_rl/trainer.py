@@ -59,7 +59,7 @@ from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, split_ten
 from rewards import get_reward
 
 from . import estimators as E
-from .config import EVAL_METRICS, DROConfig
+from .config import DEEPSPEED_REFUSAL, EVAL_METRICS, DROConfig
 from .data import check_dataset
 from .evaluation import score_picks, select_greedy, support_recall
 from .files import readable_as_umask_allows
@@ -872,11 +872,7 @@ def refuse_deepspeed(args: DROConfig) -> None:
     each process would train its own generator. (With a shared base, PEFT adapter switching inside one engine is
     untested.) DDP, with QLoRA and ``share_base_model`` for memory, is the tested multi-process path."""
     if getattr(args.distributed_state, "distributed_type", None) == DistributedType.DEEPSPEED:
-        raise ValueError(
-            "DeepSpeed is not supported by DROTrainer: the generator is a second trainable model outside the "
-            "DeepSpeed engine, so its gradients would not be averaged across processes. Launch with DDP "
-            "(configs/accelerate/ddp.yaml), using QLoRA and share_base_model: true to fit large models."
-        )
+        raise ValueError(DEEPSPEED_REFUSAL)
 
 
 def load_by_name(name: str, args: DROConfig, quantization_config, seed: int):

@@ -56,7 +56,8 @@ def warmup_config(output_dir: str, steps: int, batch_size: int, learning_rate: f
         output_dir=output_dir, max_steps=steps, per_device_train_batch_size=batch_size, learning_rate=learning_rate,
         lr_scheduler_type="constant_with_warmup", warmup_steps=min(20, 2 * steps // 3),
         logging_steps=max(1, steps // 6),
-        save_strategy="no", report_to="none", bf16=dro.bf16, use_cpu=dro.use_cpu, disable_tqdm=dro.disable_tqdm,
+        save_strategy="no", report_to="none", bf16=dro.bf16, fp16=dro.fp16, use_cpu=dro.use_cpu,
+        disable_tqdm=dro.disable_tqdm,
         activation_checkpointing=dro.gradient_checkpointing, weight_decay=0.0, seed=dro.seed, max_length=None,
     )
     values.update(overrides)

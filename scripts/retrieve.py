@@ -21,6 +21,7 @@ from trl import TrlParser
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import FORMATS, load, parse_mapping, write_jsonl
 from dro_rl.files import claim_output
+from dro_rl.models import check_model_name
 from dro_rl.pipeline import make_retriever, retrieval_order
 from dro_rl.pipeline_config import check_positive_int
 from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidates
@@ -56,6 +57,8 @@ class RetrieveArguments:
 def main(args: RetrieveArguments) -> list[dict]:
     mapping = parse_mapping(args.mapping) if args.mapping is not None else None
     claim_output(args.output, args.overwrite, "--overwrite", [args.questions])  # before the retrieval, not after it
+    if args.retriever == "dense":  # a misspelt name: refused now, not by the Hub client's traceback
+        check_model_name(args.retriever_model, setting="retriever_model")
     rows, stats = load(args.questions, args.format, args.on_error, mapping, limit=args.limit)
     print(stats.summary(), flush=True)
     retriever = make_retriever(args.retriever, args.retriever_model)
@@ -63,7 +66,9 @@ def main(args: RetrieveArguments) -> list[dict]:
         corpus = load_corpus(args.corpus)
         replaced = sum(bool(r["passages"]) for r in rows)
         print(f"retrieving top-{args.top_n} of {len(corpus)} passages for {len(rows)} questions"
-              + (f" ({replaced} rows' own candidates are replaced)" if replaced else ""), flush=True)
+              + (f" ({replaced} rows' own candidates are replaced)" if replaced else "")
+              + (f"; the corpus is smaller than --top_n, so each question gets all {len(corpus)}"
+                 if len(corpus) < args.top_n else ""), flush=True)
         rows = retrieve_candidates(rows, corpus, retriever, args.top_n, args.output + ".cache.json")
     else:
         rows = retrieval_order(rows, retriever)

@@ -1,6 +1,7 @@
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,18 @@ def test_a_config_file_that_is_not_yaml_is_refused_with_its_line(tmp_path, capsy
     assert exit_info.value.code == 2 and "Traceback" not in err
     assert err.startswith("train_rl.py: error: the --config file is not valid YAML: mapping values are not allowed ")
     assert f'in "{path}", line 2, column 15' in err
+
+
+def test_a_setting_given_twice_in_yaml_is_refused_and_a_bare_no_strategy_is_read_as_no(tmp_path):
+    """PyYAML keeps a repeated key's last value in silence (m = 8 ran where the reader saw 4 first); YAML 1.1 reads a
+    bare `no` as false, which ended in transformers' "False is not a valid SaveStrategy" traceback."""
+    path = write_yaml(tmp_path, "num_generations: 4\noutput_dir: x\nuse_cpu: true\nbf16: false\nnum_generations: 8\n")
+    with pytest.raises(ValueError, match=r"gives a setting more than once: num_generations \(lines 1, 5\)"):
+        make_parser().parse_args_and_config(args=["--config", path])
+    path = write_yaml(tmp_path, "save_strategy: no\neval_strategy: no\nlogging_strategy: no\noutput_dir: x\n"
+                                "use_cpu: true\nbf16: false\n")
+    config = make_parser().parse_args_and_config(args=["--config", path])[1]
+    assert (config.save_strategy, config.eval_strategy, config.logging_strategy) == ("no", "no", "no")
 
 
 def test_an_integer_written_as_a_string_in_yaml_is_refused_and_a_float_in_e_notation_is_read(tmp_path):
@@ -147,3 +160,14 @@ def test_defaults_that_depend_on_the_machine_fit_a_cpu_and_evaluation_picks_a_me
     assert DROConfig(output_dir="x", use_cpu=True, bf16=True).bf16 is True  # asked for: honoured (CPU autocast)
     best = DROConfig(output_dir="x", load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps")
     assert (best.metric_for_best_model, best.greater_is_better) == ("answer_em", True)
+
+
+def test_reward_funcs_that_the_weight_estimators_only_log_are_said_to_be_logged():
+    """`estimator: dro` with `reward_funcs: [answer_em]` ran as if the reward steered the selector; it is logged
+    only (the weights come from the generator's likelihood), and answer rewards decode an answer every step."""
+    with pytest.warns(UserWarning, match=r"reward_funcs \['answer_em'\] are logged, not trained on: estimator 'dro'"):
+        DROConfig(output_dir="x", use_cpu=True, bf16=False, reward_funcs=["answer_em"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the default, and a reward estimator's rewards, say nothing
+        DROConfig(output_dir="x", use_cpu=True, bf16=False)
+        DROConfig(output_dir="x", use_cpu=True, bf16=False, estimator="rloo", reward_funcs=["answer_em"])

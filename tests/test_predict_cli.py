@@ -225,7 +225,8 @@ def test_dro_rl_warmup_launches_its_script(monkeypatch):
 
 
 @pytest.mark.parametrize("name, message", [
-    ("fsdp", r"fsdp.yaml is an accelerate config for GPUs \(FSDP, 8 processes\), and this machine has no CUDA GPU"),
+    ("fsdp", r"fsdp.yaml is an accelerate config for GPUs \(FSDP, 8 processes, bf16\), and this machine has no CUDA "),
+    ("single_gpu", r"single_gpu.yaml is an accelerate config for GPUs \(one process, bf16\)"),  # was "(NO, 1 processes)"
     ("deepspeed", r"--accelerate_config deepspeed: neither a file nor a config name \(ours: ddp, fsdp, single_gpu"),
 ])
 def test_an_accelerate_config_that_cannot_run_here_is_refused_in_one_line(monkeypatch, capsys, name, message):

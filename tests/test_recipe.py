@@ -414,6 +414,7 @@ BAD_SETTINGS = [
     (["--generator_max_passage_tokens", "-3"], "generator_max_passage_tokens"),
     (["--top_n", "0"], "top_n"),
     (["--report_to", "wandb"], "wandb"),
+    (["--report_to", "foo"], r"report_to=\['foo'\]: no integration of that name"),  # offered `pip install dro-rl[foo]`
     (["--top_p", "0.9"], "top_p"),
     (["--top_k", "5"], "top_k"),
     (["--min_p", "0.1"], "min_p"),
@@ -446,6 +447,26 @@ BAD_SETTINGS = [
     (["--metric_for_best_model", "nosuch"], "metric_for_best_model='nosuch' is not a metric"),
     (["--share_base_model", "true", "--generator_warmup_steps", "0"], "share_base_model needs LoRA adapters"),
     (["--load_in_4bit", "true", "--use_peft", "true"], "load_in_4bit: quantised .QLoRA. training needs a CUDA GPU"),
+    # an outside try of every setting: accepted with no effect (or a wrong one), or refused only after the warm-up
+    (["--max_steps", "-1", "--num_train_epochs", "0"], "num_train_epochs must be > 0 when max_steps is -1"),
+    (["--weight_decay", "-0.1"], "weight_decay must be a finite number >= 0"),
+    (["--max_grad_norm", "-1"], "max_grad_norm must be a finite number >= 0"),
+    (["--adam_beta1", "2"], r"adam_beta1 must be in \[0, 1\)"),
+    (["--data_seed", "5"], "data_seed=5: DRO does not use this setting"),
+    (["--label_smoothing_factor", "0.5"], "label_smoothing_factor=0.5: DRO does not use"),
+    (["--train_sampling_strategy", "sequential"], "train_sampling_strategy='sequential': DRO does not use"),
+    (["--use_liger_kernel", "true"], "use_liger_kernel=True: DRO does not use"),
+    (["--deepspeed", "ds.json"], "DeepSpeed is not supported by DROTrainer"),
+    (["--push_to_hub", "true"], "push_to_hub: true needs the Hugging Face Hub, and HF_HUB_OFFLINE=1 is set"),
+    (["--dtype", "bfloat16"], "dtype=bfloat16: the demo's and `tiny:` models are built from a config in float32"),
+    (["--use_peft", "true", "--lora_r", "0"], "lora_r must be >= 1, got 0"),
+    (["--use_peft", "true", "--lora_dropout", "1.5"], r"lora_dropout must be in \[0, 1\), got 1.5"),
+    (["--retriever", "dense", "--retriever_model", "nonexistent/model"], "retriever_model 'nonexistent/model' "
+                                                                         "cannot be resolved"),
+    (["--demo_two_hop_fraction", "1.5"], r"demo_two_hop_fraction is a share, in \[0, 1\]"),
+    (["--demo_num_people", "3"], r"demo_num_people must be >= demo_num_candidates \(8\)"),  # looped for ever
+    (["--demo_hidden_size", "0"], "demo_hidden_size must be a positive multiple of 8"),
+    (["--warmup_learning_rate", "-1"], "warmup_learning_rate must be a finite number > 0, got -1"),
 ]
 
 
@@ -455,6 +476,15 @@ def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
     with pytest.raises((ValueError, OSError), match=name):
         run(*TINY_DEMO, "--output_dir", str(out), *flags)
     assert not (out / "data").exists()  # nothing ran: no retrieval, no warm-up
+
+
+def test_fp16_runs_through_the_warm_up_and_dro(tmp_path):
+    """The warm-up's SFTConfig did not carry fp16, so its Trainer set up Accelerate without it and DRO's Trainer then
+    stopped with "AcceleratorState has already been initialized ... pass mixed_precision='fp16'" — on any machine."""
+    out = tmp_path / "run"
+    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1", "--fp16", "true", "--use_cpu", "true")
+    assert json.loads((out / "run_config.json").read_text())["training"]["fp16"] is True
+    assert (out / "report.json").exists()
 
 
 def test_fewer_training_questions_than_one_step_samples_are_refused_before_the_warm_up(tmp_path):
@@ -601,6 +631,9 @@ def test_report_pairs_answer_recall_of_the_selector_with_the_retrieval_order():
                             "selector": {**selector, "n": 4}}, 1.0, {"script": {"generator_warmup_steps": 0}})
     assert "retrieval top-K, generator before DRO (no warm-up)" in unwarmed["rows"]
     assert not any("warm-up generator" in label for label in unwarmed["rows"])
+    table = format_table(unwarmed)  # nor does the paired line (report.json keeps its key)
+    assert "dro pair minus generator before DRO (no warm-up) on retrieval: answer_em" in table
+    assert "warmup generator" not in table and "dro_pair_minus_warmup_generator_on_retrieval" in unwarmed["differences"]
 
 
 def test_a_short_warm_up_still_reaches_its_learning_rate(tmp_path):

@@ -1,4 +1,5 @@
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -257,6 +258,22 @@ def test_corpus_lines_one_line_contents_a_byte_order_mark_and_non_objects(tmp_pa
                                       {"id": "b", "title": "Title", "text": "body"}]
     path.write_text('{"id": "a", "text": "x"}\n["not", "an", "object"]\n')
     with pytest.raises(ValueError, match=rf"{path}:2: each line must be an object with 'contents' \(or 'text'\)"):
+        load_corpus(str(path))
+
+
+@pytest.mark.parametrize("lines, message", [
+    (b'{"id": "a", "text": "x"}\n{"id": "a", "text": "y"}\n', r":2: field 'id' repeats the id 'a' of line 1"),
+    (b'{"id": "a", "text": "x"}\n{"id": "b", "text": "caf\xe9"}\n', r":2: invalid UTF-8 \(invalid continuation"),
+    (b'{"id": "a", "contents": ""}\n', r":1: the passage has no text"),
+    (b'{"id": "a", "text": "x"}\n{"id": "b", "text": null}\n', r":2: field 'text' must be a string, got NoneType"),
+])
+def test_a_corpus_line_that_would_retrieve_wrongly_is_named(tmp_path, lines, message):
+    """Duplicate ids gave a question the same passage twice (a file the loaders then refused, naming the output);
+    invalid UTF-8 raised UnicodeDecodeError without file or line; an all-empty corpus failed inside bm25s (and dense
+    retrieval returned empty passages); `"text": null` was "missing"."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_bytes(lines)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + message):
         load_corpus(str(path))
 
 
