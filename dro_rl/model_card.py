@@ -90,6 +90,9 @@ def recipe_settings(args, global_step: int) -> dict[str, Any]:
     """The training settings that define a DRO run (``args`` is the run's DROConfig)."""
     return {
         "estimator": args.estimator,
+        # what the reward estimators train on (dro and dro_baseline only log them)
+        "reward_funcs": ", ".join(args.reward_funcs),
+        "reward_weights": ", ".join(map(str, args.reward_weights)) if args.reward_weights else "1 each",
         "importance_logits": args.importance_logits,
         "num_generations (m, rankings per question)": args.num_generations,
         "generator_update": args.generator_update,

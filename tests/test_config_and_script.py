@@ -171,3 +171,11 @@ def test_reward_funcs_that_the_weight_estimators_only_log_are_said_to_be_logged(
         warnings.simplefilter("error", UserWarning)  # the default, and a reward estimator's rewards, say nothing
         DROConfig(output_dir="x", use_cpu=True, bf16=False)
         DROConfig(output_dir="x", use_cpu=True, bf16=False, estimator="rloo", reward_funcs=["answer_em"])
+
+
+def test_save_strategy_best_takes_the_answer_em_metric_as_load_best_model_at_end_does():
+    """Without a metric, transformers refused `save_strategy: best` when the Trainer started (after the warm-up);
+    DRO's evaluation gives answer_em, the same default load_best_model_at_end takes."""
+    config = DROConfig(output_dir="x", use_cpu=True, bf16=False, save_strategy="best", eval_strategy="steps",
+                       eval_steps=1)
+    assert config.metric_for_best_model == "answer_em"

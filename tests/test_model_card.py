@@ -29,7 +29,8 @@ def test_the_card_describes_both_models_data_recipe_and_citations(runs):
     for key, value in (("estimator", "dro"), ("num_generations (m, rankings per question)", "4"),
                        ("num_docs_selected", "2"), ("repeat_ids", "True"), ("retriever", "bm25"),
                        ("steps trained", "1"), ("sample_without_replacement", "False"),
-                       ("shuffle_candidates", "False"), ("entropy_coef", "0.0")):
+                       ("shuffle_candidates", "False"), ("entropy_coef", "0.0"),
+                       ("reward_funcs", "log_likelihood"), ("reward_weights", "1 each")):  # were missing
         assert f"| `{key}` | {value} |" in card, key
     assert "eprint        = {2505.03075}" in card and "Zhengliang Shi" in card and "@software{vonwerra2020trl" in card
     assert "No evaluation report" in card  # none was written for this save
