@@ -16,8 +16,9 @@ Each `--datasets` entry is `[format:]path` (default format: canonical). Rows wit
 by the first-stage retriever (`--retriever none` keeps the file's order); question-only rows retrieve their top-N
 from `--corpus`. `--strategies` picks the selections to score (default: retrieval, selector, oracle; `closed_book` has
 the generator read no passage; `best_reward` is the pick DRO's reward points to, a ceiling). Writes, per dataset,
-`<name>.<strategy>.predictions.jsonl` (with each question's scores), plus `metrics.json` and `metrics.md` for all of them: each metric with its 95 % bootstrap interval over
-questions, and each strategy's wall time and throughput (non-padding tokens through the models' forwards, prompts and
+`<name>.<strategy>.predictions.jsonl` (with each question's scores), plus `metrics.json` and `metrics.md` for all of
+them: each metric with its 95 % bootstrap interval over questions, what made them (`evaluated_with`: the run or
+models, the datasets, `--limit` and every pipeline setting), and each strategy's wall time and throughput (non-padding tokens through the models' forwards, prompts and
 decoding steps, per second). An output_dir holding an earlier evaluation's files is refused before any model loads,
 unless `--overwrite true`, which removes all of them once the inputs are read and the models loaded (a folder never
 mixes two evaluations, and a mistyped path costs nothing).
@@ -213,10 +214,15 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                          for i, (r, p, pred) in enumerate(zip(scored_rows, chosen, scores["predictions"]))),
                         os.path.join(args.output_dir, f"{name}.{strategy}.predictions.jsonl"))
         results[name]["n"] = len(rows)
-    write_json(results, os.path.join(args.output_dir, "metrics.json"))
     table = markdown_table(results, k)
-    with atomic_write(os.path.join(args.output_dir, "metrics.md")) as f:
-        f.write(table + "\n")
+    setup = {"run_dir": args.run_dir, "selector": args.selector, "generator": args.generator,
+             "datasets": args.datasets, "limit": args.limit, "pipeline": pipeline.pipeline_dict()}
+    write_json({**results, "evaluated_with": setup}, os.path.join(args.output_dir, "metrics.json"))
+    with atomic_write(os.path.join(args.output_dir, "metrics.md")) as f:  # what made the figures, above them
+        models = (f"run {args.run_dir}" if args.run_dir else f"selector {args.selector}, generator {args.generator}")
+        f.write(f"{models}; K = {k}, retriever {pipeline.retriever}" +
+                (f" ({pipeline.retriever_model})" if pipeline.retriever == "dense" else "") +
+                (f"; at most {args.limit} questions per dataset" if args.limit else "") + "\n\n" + table + "\n")
     print("\n" + table, flush=True)
     return results
 

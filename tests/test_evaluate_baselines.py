@@ -228,8 +228,14 @@ def test_closed_book_intervals_and_throughput_on_hotpotqa(tmp_path):
             assert m["wall_seconds"] > 0 and m["tokens_per_second"] == pytest.approx(m["tokens"] / m["wall_seconds"])
             for metric, ci in m["ci95"].items():
                 assert (ci is m[metric] is None) or ci[0] - 1e-9 <= m[metric] <= ci[1] + 1e-9
-    saved = json.loads((tmp_path / "metrics.json").read_text())["hotpotqa_distractor_dev300"]
-    assert saved["closed_book"]["ci95"]["answer_f1"] is not None
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["hotpotqa_distractor_dev300"]["closed_book"]["ci95"]["answer_f1"] is not None
+    # what made the figures: the models, the limit and the pipeline (they were only in the command line)
+    setup = saved["evaluated_with"]
+    assert (setup["selector"], setup["generator"], setup["limit"]) == ("tiny:minilm", "tiny:minilm", 6)
+    assert setup["pipeline"]["num_docs_selected"] == 2 and setup["pipeline"]["retriever"] == "bm25"
+    assert (tmp_path / "metrics.md").read_text().startswith("selector tiny:minilm, generator tiny:minilm; K = 2, "
+                                                            "retriever bm25; at most 6 questions per dataset\n")
     record = json.loads((tmp_path / "hotpotqa_distractor_dev300.closed_book.predictions.jsonl").read_text()
                         .splitlines()[0])
     assert record["selected"] == [] and set(record["scores"]) >= {"answer_em", "support_recall_at_k"}
