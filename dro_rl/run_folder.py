@@ -151,9 +151,10 @@ def check_complete(folder: str) -> None:
 
 
 def check_model_folder(path: str) -> None:
-    """Refuse a model folder that sits in a run folder (beside ``pipeline.json``) whose save did not finish."""
+    """Refuse a model folder that sits in a run folder (beside ``pipeline.json``) whose save did not finish — or that
+    such a save has not written yet (a kill mid-save can leave a run folder without its ``selector/``)."""
     parent = os.path.dirname(os.path.normpath(path))
-    if os.path.isdir(path) and os.path.exists(os.path.join(parent, "pipeline.json")):
+    if os.path.exists(os.path.join(parent, "pipeline.json")):
         check_complete(parent)
 
 

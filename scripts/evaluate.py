@@ -54,7 +54,7 @@ from dro_rl.files import atomic_write, claim_folder, write_json, write_lines
 from dro_rl.models import GENERATOR, SELECTOR, as_role, check_model_name
 from dro_rl.pipeline import load_ranked, make_retriever, parse_spec
 from dro_rl.pipeline_config import PipelineConfig, check_positive_int
-from dro_rl.run_folder import COMPLETE_MARKER, check_complete, given_settings, run_settings
+from dro_rl.run_folder import COMPLETE_MARKER, check_complete, check_model_folder, given_settings, run_settings
 from dro_rl.run_models import load_pair
 from dro_rl.selector import IdGrammar
 
@@ -149,6 +149,9 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
     if earlier and not args.overwrite:  # earlier results are never replaced silently
         raise FileExistsError(f"output_dir {args.output_dir} holds an earlier evaluation's {', '.join(earlier)}: pass "
                               "--overwrite true to replace them, or choose another --output_dir")
+    for path in (args.selector, args.generator):
+        if path is not None:  # a run's model folder whose save did not finish: named as such, not as a bad name
+            check_model_folder(path)
     for name, setting in ((args.selector, "--selector"), (args.generator, "--generator"),
                           (pipeline.retriever_model if pipeline.retriever == "dense" else None, "retriever_model")):
         if name is not None:  # a misspelt name: refused now, not by the Hub client after the other models load
