@@ -187,7 +187,7 @@ class DROConfig(GRPOConfig, PipelineConfig):
         if self.estimator in WEIGHT_ESTIMATORS and list(self.reward_funcs) != ["log_likelihood"]:
             warnings.warn(f"reward_funcs {list(self.reward_funcs)} are logged, not trained on: estimator "
                           f"{self.estimator!r} weighs each sample by the generator's likelihood of the answer "
-                          "(reinforce, rloo and grpo train on reward_funcs)", stacklevel=2)
+                          "(reinforce, rloo and grpo train on reward_funcs)", stacklevel=3)
         if self.deepspeed:  # transformers would first fail on a missing package, or start an engine DRO cannot use
             raise ValueError(f"deepspeed={self.deepspeed!r}: {DEEPSPEED_REFUSAL}")
         if self.push_to_hub and huggingface_hub.constants.HF_HUB_OFFLINE:  # else refused after the whole run
@@ -391,6 +391,12 @@ def _accepts(hint: Any, kind: type) -> bool:
     return any(a is kind or typing.get_origin(a) is kind for a in args)
 
 
+def _list_of(hint: Any) -> Any:
+    """The item type of the ``list[...]`` in ``hint`` (None if there is none)."""
+    args = typing.get_args(hint) if typing.get_origin(hint) is not list else (hint,)
+    return next((typing.get_args(a)[0] for a in args if typing.get_origin(a) is list and typing.get_args(a)), None)
+
+
 def check_field_types(config: Any) -> None:
     """Catch what YAML lets through untyped: a float or string where an int belongs, a non-boolean for a flag (``0``
     equals ``False`` but is not a flag), ``null`` for a setting that has no such value, a string for a list
@@ -416,6 +422,13 @@ def check_field_types(config: Any) -> None:
             raise ValueError(f"{f.name} must be a number, got {value!r} ({type(value).__name__})")
         elif _accepts(hint, list) and not _accepts(hint, str) and isinstance(value, str):
             raise ValueError(f"{f.name} must be a list (YAML: `{f.name}: [{value}]`), got the string {value!r}")
+        elif _accepts(hint, list) and isinstance(value, list) and _list_of(hint) is str and not all(
+                isinstance(item, str) for item in value):
+            raise ValueError(f"{f.name} must be a list of strings, got {value!r} (YAML: quote each item)")
+        elif (_accepts(hint, str) and not isinstance(value, str)
+              and not any(_accepts(hint, kind) for kind in (bool, int, float, list, dict))):
+            # YAML reads `yes`/`no`/`on`/`off` as booleans and digits as numbers: `retriever_model: yes` is True
+            raise ValueError(f"{f.name} must be a string, got {value!r} ({type(value).__name__}); in YAML, quote it")
 
 
 def check_counts(config: Any) -> None:

@@ -22,17 +22,24 @@ NOT_USED = "[not used by DRO: refused unless left at its default] "
 
 
 def refuse_repeated_keys(path: str) -> None:
-    """Refuse a YAML file whose top-level mapping gives a key more than once, naming the key and its lines."""
+    """Refuse a YAML file in which a mapping (the top level or a nested one) gives a key more than once, naming the
+    key and its lines."""
     import yaml
 
     with open(path, encoding="utf-8") as f:
-        node = yaml.compose(f)
-    if not isinstance(node, yaml.MappingNode):
-        return  # not a mapping: TRL's reader says what is wrong with it
-    lines: dict[str, list[int]] = {}
-    for key, _ in node.value:
-        lines.setdefault(str(key.value), []).append(key.start_mark.line + 1)
-    repeated = [f"{key} (lines {', '.join(map(str, at))})" for key, at in lines.items() if len(at) > 1]
+        root = yaml.compose(f)
+    repeated, nodes = [], [("", root)]
+    while nodes:  # every mapping, nested ones included (lr_scheduler_kwargs: {foo: 1, foo: 2})
+        prefix, node = nodes.pop()
+        if isinstance(node, yaml.SequenceNode):
+            nodes += [(prefix, item) for item in node.value]
+        if not isinstance(node, yaml.MappingNode):
+            continue
+        lines: dict[str, list[int]] = {}
+        for key, value in node.value:
+            lines.setdefault(str(key.value), []).append(key.start_mark.line + 1)
+            nodes.append((f"{prefix}{key.value}.", value))
+        repeated += [f"{prefix}{key} (lines {', '.join(map(str, at))})" for key, at in lines.items() if len(at) > 1]
     if repeated:
         raise ValueError(f"the --config file {path} gives a setting more than once: {'; '.join(repeated)} — YAML "
                          "would keep the last in silence; keep one")

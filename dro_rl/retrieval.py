@@ -138,23 +138,37 @@ def load_corpus(path: str) -> list[dict]:
                 title, newline, text = r["contents"].partition("\n")
                 if not newline:  # FlashRAG writes "title\ntext"; a one-line passage is all text, not a title
                     title, text = "", title
-                passage = {"id": str(r.get("id", lineno)), "title": title.strip().strip('"'), "text": text}
+                passage = {"id": _corpus_id(r, where, lineno), "title": title.strip().strip('"'), "text": text}
             elif "text" in r:
                 if not isinstance(r["text"], str):
                     raise ValueError(f"{where}: field 'text' must be a string, got {type(r['text']).__name__}")
-                passage = {"id": str(r.get("id", lineno)), "title": r.get("title") or "", "text": r["text"]}
+                passage = {"id": _corpus_id(r, where, lineno), "title": r.get("title") or "", "text": r["text"]}
             else:
                 raise ValueError(f"{where}: field 'contents' (or 'text') is missing")
             if not (passage["title"].strip() or passage["text"].strip()):
                 raise ValueError(f"{where}: the passage has no text; remove the line")
             if passage["id"] in first_line:
-                raise ValueError(f"{where}: field 'id' repeats the id {passage['id']!r} of line "
-                                 f"{first_line[passage['id']]}; corpus ids must be unique")
+                given = r.get("id") is not None
+                raise ValueError(f"{where}: " + (f"field 'id' repeats the id {passage['id']!r} of" if given else
+                                 f"a line without an id takes its line number, {passage['id']!r}, as its id, and so "
+                                 "did") + f" line {first_line[passage['id']]}; corpus ids must be unique (give every "
+                                 "line an id, or none)")
             first_line[passage["id"]] = lineno
             passages.append(passage)
     if not passages:
         raise ValueError(f"{path}: the corpus has no passages (the file is empty)")
     return passages
+
+
+def _corpus_id(row: dict, where: str, lineno: int) -> str:
+    """A corpus line's id as a string: its ``id`` (a string or an integer; JSON writes 3 and "3" for one passage),
+    or, when it has none (or null), its line number."""
+    value = row.get("id")
+    if value is None:
+        return str(lineno)
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{where}: field 'id' must be a non-empty string or an integer, got {value!r}")
+    return str(value)
 
 
 def search_corpus(

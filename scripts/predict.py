@@ -63,7 +63,8 @@ class PredictArguments:
 
 def main(args: PredictArguments) -> dict:
     output = args.output or os.path.splitext(os.path.basename(args.input))[0] + ".predictions.jsonl"
-    claim_output(output, args.overwrite, "--overwrite", [args.input])  # before any model loads, not after the answers
+    claim_output(output, args.overwrite, "--overwrite",  # before any model loads, not after the answers; never an input
+                 [args.input] + ([args.corpus] if args.corpus else []))
     rows, stats = load_questions(args.input, args.on_error, args.limit)
     print(stats.summary(), flush=True)
     if os.path.isdir(args.run_dir):  # a damaged folder named as DROPipeline and evaluate.py name it

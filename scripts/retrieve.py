@@ -56,7 +56,8 @@ class RetrieveArguments:
 
 def main(args: RetrieveArguments) -> list[dict]:
     mapping = parse_mapping(args.mapping) if args.mapping is not None else None
-    claim_output(args.output, args.overwrite, "--overwrite", [args.questions])  # before the retrieval, not after it
+    claim_output(args.output, args.overwrite, "--overwrite",  # before the retrieval, not after it; never an input
+                 [args.questions] + ([args.corpus] if args.corpus else []))
     if args.retriever == "dense":  # a misspelt name: refused now, not by the Hub client's traceback
         check_model_name(args.retriever_model, setting="retriever_model")
     rows, stats = load(args.questions, args.format, args.on_error, mapping, limit=args.limit)

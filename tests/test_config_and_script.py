@@ -71,6 +71,9 @@ def test_a_setting_given_twice_in_yaml_is_refused_and_a_bare_no_strategy_is_read
     path = write_yaml(tmp_path, "num_generations: 4\noutput_dir: x\nuse_cpu: true\nbf16: false\nnum_generations: 8\n")
     with pytest.raises(ValueError, match=r"gives a setting more than once: num_generations \(lines 1, 5\)"):
         make_parser().parse_args_and_config(args=["--config", path])
+    path = write_yaml(tmp_path, "output_dir: x\nuse_cpu: true\nbf16: false\nlr_scheduler_kwargs:\n  foo: 1\n  foo: 2\n")
+    with pytest.raises(ValueError, match=r"more than once: lr_scheduler_kwargs.foo \(lines 5, 6\)"):  # nested too
+        make_parser().parse_args_and_config(args=["--config", path])
     path = write_yaml(tmp_path, "save_strategy: no\neval_strategy: no\nlogging_strategy: no\noutput_dir: x\n"
                                 "use_cpu: true\nbf16: false\n")
     config = make_parser().parse_args_and_config(args=["--config", path])[1]
@@ -179,3 +182,18 @@ def test_save_strategy_best_takes_the_answer_em_metric_as_load_best_model_at_end
     config = DROConfig(output_dir="x", use_cpu=True, bf16=False, save_strategy="best", eval_strategy="steps",
                        eval_steps=1)
     assert config.metric_for_best_model == "answer_em"
+
+
+@pytest.mark.parametrize("line, message", [
+    ("retriever_model: yes", r"retriever_model must be a string, got True \(bool\); in YAML, quote it"),
+    ("dataset: 1", r"dataset must be a string, got 1 \(int\)"),
+    ("reward_funcs: [1]", r"reward_funcs must be a list of strings, got \[1\]"),
+    ("model_name_or_path: 123", r"model_name_or_path must be a string, got 123"),  # TRL's ModelConfig
+])
+def test_a_yaml_value_that_is_no_string_where_a_string_belongs_is_refused_by_name(tmp_path, line, message):
+    """YAML reads `yes` as true and digits as numbers: each ended in an AttributeError (`'bool' object has no
+    attribute 'startswith'`) inside the start-up checks."""
+    path = write_yaml(tmp_path, f"output_dir: {tmp_path / 'run'}\nuse_cpu: true\nbf16: false\n{line}\n")
+    with pytest.raises(ValueError, match=message):
+        main(*make_parser().parse_args_and_config(args=["--config", path]))
+    assert not (tmp_path / "run" / "data").exists()  # before any stage

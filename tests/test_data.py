@@ -291,6 +291,12 @@ def test_retrieve_script_refuses_empty_and_all_skipped_inputs_without_writing(tm
         with pytest.raises(DataError, match="no rows"):
             retrieve_main(RetrieveArguments(questions=questions, output=str(out), retriever="bm25", on_error="skip"))
         assert not out.exists()
+    corpus = tmp_path / "corpus.jsonl"  # --output equal to --corpus, with --overwrite, replaced the corpus
+    corpus.write_text('{"id": "a", "text": "x"}\n')
+    with pytest.raises(ValueError, match="corpus.jsonl is also the input"):
+        retrieve_main(RetrieveArguments(questions=bad, corpus=str(corpus), output=str(corpus), retriever="bm25",
+                                        overwrite=True))
+    assert corpus.read_text() == '{"id": "a", "text": "x"}\n'
 
 
 def test_on_bad_row_skip_with_every_row_bad_says_no_rows_are_left(tmp_path, word_tok):

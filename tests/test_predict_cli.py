@@ -108,6 +108,16 @@ def test_predict_names_a_run_folder_changed_since_its_save_as_the_other_readers_
         predict_main(PredictArguments(run_dir=str(damaged), input=str(inputs[0]), output=str(tmp_path / "o.jsonl")))
 
 
+def test_predict_never_writes_over_its_corpus_even_with_overwrite(run, inputs, tmp_path):
+    """--output equal to --corpus with --overwrite replaced the corpus with predictions (the input was protected)."""
+    questions, corpus = inputs
+    before = corpus.read_text()
+    with pytest.raises(ValueError, match="corpus.jsonl is also the input"):
+        predict_main(PredictArguments(run_dir=str(run), input=str(questions), corpus=str(corpus), output=str(corpus),
+                                      overwrite=True))
+    assert corpus.read_text() == before
+
+
 def test_predict_names_the_questions_it_cannot_answer_before_loading_the_models(run, inputs, tmp_path, capsys,
                                                                                monkeypatch):
     questions, _ = inputs

@@ -433,7 +433,8 @@ BAD_SETTINGS = [
     (["--max_steps", "-5"], "max_steps must be >= 1, or -1"),
     (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size must be >= 1, got 0"),
     *([(["--bf16", "true", "--use_cpu", "false"], "bf16: true needs a GPU with bf16, and this machine has none")]
-      if not torch.cuda.is_available() else []),  # a GPU recipe on a CPU: transformers' "setup doesn't support bf16"
+      if not torch.cuda.is_available() else []),
+    (["--fp16", "true", "--use_cpu", "true"], "fp16: true has no effect on a CPU"),  # recorded fp16, trained float32  # a GPU recipe on a CPU: transformers' "setup doesn't support bf16"
     # tracebacks before: after the data stage (batch size 0, seed -1, a tiny: model over a tokenizer that is not
     # there), inside TRL (a ZeroDivisionError), or never (save_steps 0 saved nothing)
     (["--per_device_train_batch_size", "0"], "per_device_train_batch_size must be >= 1, got 0"),
@@ -478,13 +479,15 @@ def test_a_wrong_setting_stops_the_run_before_any_stage(tmp_path, flags, name):
     assert not (out / "data").exists()  # nothing ran: no retrieval, no warm-up
 
 
-def test_fp16_runs_through_the_warm_up_and_dro(tmp_path):
+def test_the_warm_up_runs_in_the_runs_precision():
     """The warm-up's SFTConfig did not carry fp16, so its Trainer set up Accelerate without it and DRO's Trainer then
-    stopped with "AcceleratorState has already been initialized ... pass mixed_precision='fp16'" — on any machine."""
-    out = tmp_path / "run"
-    run(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "1", "--fp16", "true", "--use_cpu", "true")
-    assert json.loads((out / "run_config.json").read_text())["training"]["fp16"] is True
-    assert (out / "report.json").exists()
+    stopped with "AcceleratorState has already been initialized ... pass mixed_precision='fp16'" (seen on a CPU with
+    use_cpu, where fp16 is now refused as having no effect: an fp16 run needs a GPU)."""
+    from dro_rl.warmup import warmup_config
+
+    dro = DROConfig(output_dir="x", use_cpu=True, bf16=False, fp16=True, report_to="none")
+    assert warmup_config("w", 4, 2, 1e-4, dro).fp16 is True
+    assert warmup_config("w", 4, 2, 1e-4, DROConfig(output_dir="x", use_cpu=True, bf16=False)).fp16 is False
 
 
 def test_fewer_training_questions_than_one_step_samples_are_refused_before_the_warm_up(tmp_path):

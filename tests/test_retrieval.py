@@ -266,6 +266,9 @@ def test_corpus_lines_one_line_contents_a_byte_order_mark_and_non_objects(tmp_pa
     (b'{"id": "a", "text": "x"}\n{"id": "b", "text": "caf\xe9"}\n', r":2: invalid UTF-8 \(invalid continuation"),
     (b'{"id": "a", "contents": ""}\n', r":1: the passage has no text"),
     (b'{"id": "a", "text": "x"}\n{"id": "b", "text": null}\n', r":2: field 'text' must be a string, got NoneType"),
+    (b'{"id": "a", "text": "x"}\n{"id": [1], "text": "y"}\n', r":2: field 'id' must be a non-empty string or an "),
+    (b'{"id": "2", "text": "x"}\n{"text": "y"}\n', r":2: a line without an id takes its line number, '2', as its id, "
+                                                     r"and so did line 1"),  # named as what it is, not "repeats"
 ])
 def test_a_corpus_line_that_would_retrieve_wrongly_is_named(tmp_path, lines, message):
     """Duplicate ids gave a question the same passage twice (a file the loaders then refused, naming the output);
@@ -275,6 +278,13 @@ def test_a_corpus_line_that_would_retrieve_wrongly_is_named(tmp_path, lines, mes
     path.write_bytes(lines)
     with pytest.raises(ValueError, match=re.escape(str(path)) + message):
         load_corpus(str(path))
+
+
+def test_a_corpus_id_of_null_is_no_id_and_numbers_are_ids(tmp_path):
+    """`"id": null` became the id "None" (two such lines then "repeated" it); 3 and "3" name one passage."""
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": null, "text": "x"}\n{"id": 7, "text": "y"}\n{"id": null, "text": "z"}\n')
+    assert [p["id"] for p in load_corpus(str(path))] == ["1", "7", "3"]
 
 
 def test_evaluate_and_train_score_the_files_own_order_with_retriever_none(tmp_path, capsys):
