@@ -104,9 +104,10 @@ class DROConfig(GRPOConfig, PipelineConfig):
     estimator: Literal["dro", "dro_baseline", "reinforce", "rloo", "grpo"] = field(
         default="dro",
         metadata={
-            "help": "Selector advantage (README, 'How DRO is implemented'; docs/estimator.md): `dro` = self-normalised weights (the paper), `dro_baseline` = "
-            "weights − 1/m (− ρ̃ without replacement), `reinforce` = reward, `rloo` = leave-one-out baseline, `grpo` = group-normalised reward "
-            "(divided by the group std unless scale_rewards='none')."
+            "help": "Selector advantage (README, 'How DRO is implemented'; docs/estimator.md): `dro` = "
+            "self-normalised weights (the paper), `dro_baseline` = weights − 1/m (− ρ̃ without replacement), "
+            "`reinforce` = reward, `rloo` = leave-one-out baseline, `grpo` = group-normalised reward (divided by the "
+            "group std unless scale_rewards='none')."
         },
     )
     importance_logits: Literal["sum", "mean"] = field(
