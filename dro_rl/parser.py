@@ -75,6 +75,8 @@ class DROParser(TrlParser):
         for key in ("save_strategy", "eval_strategy", "logging_strategy"):
             if kwargs.get(key) is False:  # YAML 1.1 reads a bare `no` as false: the strategy "no" was meant
                 kwargs[key] = "no"
+        if kwargs.get("report_to") is False:  # `report_to: no`: no integration, "none"
+            kwargs["report_to"] = "none"
         integers = {name for dtype in self.dataclass_types for name, hint in get_type_hints(dtype).items()
                     if set(get_args(hint) or [hint]) - {type(None)} == {int}}
         quoted = [f"{key}: {value!r}" for key, value in kwargs.items() if isinstance(value, str) and key in integers]

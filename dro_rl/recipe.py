@@ -428,7 +428,7 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
         if os.path.isdir(saved):
             print(f"warm-up: reusing the {role} in {saved}", flush=True)
             return
-        print(f"warm-up: {role} SFT, {steps} steps", flush=True)
+        print(f"warm-up: {role} SFT, {steps} step{'s' if steps != 1 else ''}", flush=True)
         config = warmup_config(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), steps,
                                args.warmup_batch_size, args.warmup_learning_rate, dro)
         run_sft(model, tokenizer, make_rows(), config)

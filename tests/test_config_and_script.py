@@ -75,9 +75,10 @@ def test_a_setting_given_twice_in_yaml_is_refused_and_a_bare_no_strategy_is_read
     with pytest.raises(ValueError, match=r"more than once: lr_scheduler_kwargs.foo \(lines 5, 6\)"):  # nested too
         make_parser().parse_args_and_config(args=["--config", path])
     path = write_yaml(tmp_path, "save_strategy: no\neval_strategy: no\nlogging_strategy: no\noutput_dir: x\n"
-                                "use_cpu: true\nbf16: false\n")
+                                "use_cpu: true\nbf16: false\nreport_to: no\n")
     config = make_parser().parse_args_and_config(args=["--config", path])[1]
     assert (config.save_strategy, config.eval_strategy, config.logging_strategy) == ("no", "no", "no")
+    assert config.report_to == []  # `report_to: no` is "none" (was refused as "[False]")
 
 
 def test_an_integer_written_as_a_string_in_yaml_is_refused_and_a_float_in_e_notation_is_read(tmp_path):
