@@ -6,6 +6,7 @@ import math
 import types
 import typing
 import warnings
+from collections.abc import Collection
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal
 
@@ -398,12 +399,13 @@ def _list_of(hint: Any) -> Any:
     return next((typing.get_args(a)[0] for a in args if typing.get_origin(a) is list and typing.get_args(a)), None)
 
 
-def check_field_types(config: Any) -> None:
+def check_field_types(config: Any, names: Collection[str] | None = None) -> None:
     """Catch what YAML lets through untyped: a float or string where an int belongs, a non-boolean for a flag (``0``
     equals ``False`` but is not a flag), ``null`` for a setting that has no such value, a string for a list
-    (``reward_funcs: log_likelihood`` would be read one character at a time)."""
+    (``reward_funcs: log_likelihood`` would be read one character at a time). ``names``: only these fields (of a
+    dataclass whose hints are narrower than what its fields take)."""
     hints = typing.get_type_hints(type(config))
-    for f in fields(config):
+    for f in (f for f in fields(config) if names is None or f.name in names):
         hint, value, default = hints.get(f.name), getattr(config, f.name), _default(f)
         if hint is None or (type(value) is type(default) and value == default):
             continue

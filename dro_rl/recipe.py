@@ -194,18 +194,18 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
                          f"evaluation: use one of {list(EVAL_METRICS)} (the eval_ prefix is optional)")
     if dro.share_base_model and not model_args.use_peft:
         raise ValueError("share_base_model needs LoRA adapters: set use_peft: true (and lora_r, ...)")
-    for name in ("model_name_or_path", "model_revision", "dtype", "attn_implementation"):  # TRL's ModelConfig
-        value = getattr(model_args, name)  # from the same YAML: `model_name_or_path: 123` is a number to it
-        if value is not None and not isinstance(value, str):
-            raise ValueError(f"{name} must be a string, got {value!r} ({type(value).__name__}); in YAML, quote it")
-    if dro.fp16 and (dro.use_cpu or not torch.cuda.is_available()):
+    # TRL's ModelConfig, from the same YAML (`model_name_or_path: 123`): its string settings only, since its
+    # `lora_target_modules: list[str]` is narrower than what PEFT takes ("all-linear")
+    check_field_types(model_args, ("model_name_or_path", "model_revision", "dtype", "attn_implementation"))
+    no_gpu = dro.use_cpu or not torch.cuda.is_available()
+    if dro.fp16 and no_gpu:
         raise ValueError("fp16: true has no effect on a CPU (Accelerate's CPU autocast is bf16 only): the run would "
                          "train in float32 and record fp16; leave it false, or use bf16: true with use_cpu: true")
     models = [model_args.model_name_or_path, dro.generator_model_name_or_path or model_args.model_name_or_path]
     built = any(name is None or name.startswith("tiny:") for name in models)  # from a config, in float32
     if model_args.load_in_4bit or model_args.load_in_8bit:
         bits = 4 if model_args.load_in_4bit else 8
-        if dro.use_cpu or not torch.cuda.is_available():
+        if no_gpu:
             raise ValueError(f"load_in_{bits}bit: quantised (QLoRA) training needs a CUDA GPU (bitsandbytes' CPU "
                              "layers stop passing gradients after their first evaluation); on a CPU drop it")
         if built:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from .evaluation import bootstrap_interval
@@ -51,12 +52,10 @@ def build_report(before: dict, after: dict, wall: float, config: dict, data: dic
         return evaluations[evaluation].get(strategy, {}).get("per_question", {}).get(metric)
 
     rows = {}
-    warmed_up = (config.get("script") or {}).get("generator_warmup_steps", 1) != 0
     for label, evaluation, strategy in ROWS:
         if after and strategy not in evaluations[evaluation]:
             continue  # the oracle of an evaluation set without gold passage labels
-        if not warmed_up:  # the generator before DRO is the one the run started from
-            label = label.replace("warm-up generator", "generator before DRO (no warm-up)")
+        label = _starting_generator(label, config)
         found = evaluations[evaluation].get(strategy, {})
         rows[label] = {metric: {"mean": found.get(metric),
                                 "ci95": _interval(values(evaluation, strategy, metric) or [])}
@@ -80,6 +79,14 @@ def build_report(before: dict, after: dict, wall: float, config: dict, data: dic
         "resumed": resumed,
         "config": config,
     }
+
+
+def _starting_generator(label: str, config: dict) -> str:
+    """``label``, with the "warm-up generator" (a row's label) or "warmup generator" (a difference's key) named for
+    what it is in a run without a generator warm-up: the generator the run started from."""
+    if (config.get("script") or {}).get("generator_warmup_steps", 1) != 0:
+        return label
+    return re.sub(r"warm-?up generator", "generator before DRO (no warm-up)", label)
 
 
 def _interval(values: list) -> list[float] | None:
@@ -108,11 +115,8 @@ def format_table(report: dict) -> str:
         lines.append("\noracle: no evaluation question has gold passage labels, so there is no oracle row"
                      if not labelled else
                      f"\noracle: scored on the {labelled} of {total} evaluation questions with gold passage labels")
-    warmed_up = ((report.get("config") or {}).get("script") or {}).get("generator_warmup_steps", 1) != 0
     for name, by_metric in report["differences"].items():  # report.json keeps the key; the line says what it is
-        label = name.replace("_", " ")
-        if not warmed_up:
-            label = label.replace("warmup generator", "generator before DRO (no warm-up)")
+        label = _starting_generator(name.replace("_", " "), report.get("config") or {})
         lines.append(f"\n{label}: " + ", ".join(f"{m} {cell(e)}" for m, e in by_metric.items()))
     data = report.get("data") or {}
     if any(d["skipped"] for d in data.values()):

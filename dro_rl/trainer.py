@@ -465,11 +465,11 @@ class DROTrainer(GRPOTrainer):
             "gen_target_ids": y_ids,
             "gen_target_mask": y_mask,
             "sample_logps": samples.logps,
-            # Without replacement: the log ratios log ρ, and each row's share ρ̃·m of its question's policy
-            # expectations (mean 1 per question; 0 for spare repeats) — with replacement every row's share is 1.
-            **({"sample_log_ratio": samples.log_ratio,
-                "sample_share": (E.proposal_weights(samples.log_ratio.view(-1, m), m) * m).reshape(-1)}
-               if samples.log_ratio is not None else {}),
+            # Each row's share of its question's policy expectations (mean 1 per question): 1 with replacement;
+            # without, ρ̃·m (0 for spare repeats), and the log ratios log ρ the weights take.
+            "sample_share": (torch.ones(len(rows), device=device) if samples.log_ratio is None else
+                             (E.proposal_weights(samples.log_ratio.view(-1, m), m) * m).reshape(-1)),
+            **({"sample_log_ratio": samples.log_ratio} if samples.log_ratio is not None else {}),
             "rows": rows,
             "completions": completions,
         }
@@ -532,7 +532,7 @@ class DROTrainer(GRPOTrainer):
         normalised ratios ρ̃ (a plain mean would describe the proposal — with m = N, every candidate equally)."""
         metrics, m, gathered = self._metrics[mode], self.num_generations, self.accelerator.gather
         device, rows, args = answer_logp.device, batch["rows"], self.args
-        share = gathered(batch.get("sample_share", torch.ones(len(rows), device=device)))
+        share = gathered(batch["sample_share"])
 
         def policy_mean(values: torch.Tensor) -> float:  # over all processes' rows; NaN or weightless rows left out
             values = values.float()
@@ -616,8 +616,7 @@ class DROTrainer(GRPOTrainer):
             self._metrics[mode]["selector/loss"].append(self.accelerator.gather(select.detach()).mean().item())
             loss = loss + select
             if entropy is not None:  # a gradient even where the advantages vanish (a group of m equal samples)
-                # the policy's expected entropy: rows drawn without replacement count by their share ρ̃·m
-                bonus = entropy.mean() if "sample_share" not in inputs else (entropy * inputs["sample_share"]).mean()
+                bonus = (entropy * inputs["sample_share"]).mean()  # the policy's expected entropy (rows by share)
                 self._metrics[mode]["selector/entropy"].append(self.accelerator.gather(bonus.detach()).mean().item())
                 loss = loss - args.entropy_coef * bonus
         if not torch.isfinite(loss):

@@ -18,8 +18,8 @@ from `--corpus`. `--strategies` picks the selections to score (default: retrieva
 the generator read no passage; `best_reward` is the pick DRO's reward points to, a ceiling). Writes, per dataset,
 `<name>.<strategy>.predictions.jsonl` (with each question's scores), plus `metrics.json` and `metrics.md` for all of
 them: each metric with its 95 % bootstrap interval over questions, what made them (`evaluated_with`: the run or
-models, the datasets, `--limit` and every pipeline setting), and each strategy's wall time and throughput (non-padding tokens through the models' forwards, prompts and
-decoding steps, per second). An output_dir holding an earlier evaluation's files is refused before any model loads,
+models, the datasets, `--limit` and every pipeline setting), and each strategy's wall time and throughput
+(non-padding tokens through the models' forwards, prompts and decoding steps, per second). An output_dir holding an earlier evaluation's files is refused before any model loads,
 unless `--overwrite true`, which removes all of them once the inputs are read and the models loaded (a folder never
 mixes two evaluations, and a mistyped path costs nothing).
 """
