@@ -15,6 +15,7 @@ The scripts sit beside the package, so the command works from a source checkout 
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 import runpy
@@ -154,7 +155,16 @@ def launch(script: Path, args: list[str]) -> None:
             raise ValueError(f"--accelerate_config {launch_args[i]}: neither a file nor a config name (ours: "
                              f"{', '.join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob('*.yaml')))}; or TRL's)") from None
     script_args = _subtract_subsequence(args, cli_rest)
-    parsed = launch_command_parser().parse_args([*launch_args, str(script), *script_args])
+    launcher = launch_command_parser()
+    known = {flag for parsers in (launcher, parser) for a in parsers._actions for flag in a.option_strings}
+    known.add("--accelerate_config")  # TRL's, resolved above
+    unknown = [word for word in cli_rest if word.startswith("--") and word.split("=")[0] not in known]
+    if unknown:  # neither the script's nor accelerate's: accelerate's refusal printed its whole usage, no hint
+        hints = [f"{match[0]} for {word}" for word in unknown
+                 for match in [difflib.get_close_matches(word.split("=")[0], sorted(known), 1)] if match]
+        raise ValueError(f"unknown arguments (neither {script.name}'s settings nor accelerate launch's flags): "
+                         f"{' '.join(unknown)}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+    parsed = launcher.parse_args([*launch_args, str(script), *script_args])
     modes = (parsed.multi_gpu, parsed.use_deepspeed, parsed.use_fsdp, parsed.use_megatron_lm, parsed.tpu,
              parsed.config_file)
     import torch

@@ -1,4 +1,5 @@
-"""``DROParser``: TRL's parser (YAML ``--config`` plus flags, strict) with a ``--help`` that puts DRO first.
+"""``DROParser``: TRL's parser (YAML ``--config`` plus flags, strict) with a ``--help`` that puts DRO first, and
+refusals that name the nearest setting. Every script of the project parses with it.
 
 DROConfig inherits some two hundred fields from GRPOConfig and TrainingArguments. ``--help`` lists DRO's own fields
 and the pipeline's first, then the inherited ones, and marks the inherited GRPO settings DRO does not use (they are
@@ -50,10 +51,11 @@ class DROParser(TrlParser):
         """The one usage line an error prints above itself (argparse's would list every one of the ~250 flags)."""
         return f"usage: {self.prog} [--config FILE.yaml] [--<setting> VALUE ...]   (every setting: --help)\n"
 
-    def parse_args_and_config(self, args=None, **kwargs):
+    def parse_args_and_config(self, args=None, return_remaining_strings: bool = False, **kwargs):
         """TRL's; a ``--config`` file that is not YAML is refused in one line naming its line and column (PyYAML's
         error is no ValueError, so it came with a traceback), and so is one that gives a setting twice (PyYAML keeps
-        the later value without a word: an edited recipe would run with the value its reader did not see)."""
+        the later value without a word: an edited recipe would run with the value its reader did not see). An
+        unknown flag is refused with the nearest setting's name, as an unknown YAML key is."""
         import yaml
 
         argv = list(sys.argv[1:] if args is None else args)
@@ -62,9 +64,18 @@ class DROParser(TrlParser):
             for path in paths:
                 if os.path.isfile(path):
                     refuse_repeated_keys(path)
-            return super().parse_args_and_config(args, **kwargs)
+            output = super().parse_args_and_config(args, return_remaining_strings=True, **kwargs)
         except yaml.YAMLError as err:
             raise ValueError(f"the --config file is not valid YAML: {' '.join(str(err).split())}") from None
+        if return_remaining_strings:
+            return output
+        if output[-1]:
+            known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
+            hints = [f"{match[0]} for {word}" for word in output[-1] if word.startswith("--")
+                     for match in [difflib.get_close_matches(word.split("=")[0], known, 1)] if match]
+            raise ValueError(f"unknown arguments: {' '.join(output[-1])}" +
+                             (f"; did you mean {', '.join(hints)}?" if hints else ""))
+        return output[:-1]
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:
         """The YAML file's settings as defaults. Refused here, by name: a key that is no setting (with the nearest

@@ -218,9 +218,12 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
         raise ValueError(f"lora_r must be >= 1, got {model_args.lora_r}")
     if model_args.use_peft and not 0 <= model_args.lora_dropout < 1:
         raise ValueError(f"lora_dropout must be in [0, 1), got {model_args.lora_dropout}")
-    for spec in (args.dataset, args.eval_dataset, args.corpus):
+    for name, spec in (("dataset", args.dataset), ("eval_dataset", args.eval_dataset), ("corpus", args.corpus)):
         if spec and spec != "demo":
-            check_data_file(parse_spec(spec)[1])
+            try:
+                check_data_file(parse_spec(spec)[1])
+            except FileNotFoundError as err:  # which setting names it (a --config file's, or a flag's)
+                raise FileNotFoundError(f"{name}: {err}") from None
     for name in (model_args.model_name_or_path, dro.generator_model_name_or_path):
         if name is not None:
             check_model_name(name, dro.trust_remote_code)

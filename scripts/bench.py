@@ -57,7 +57,7 @@ from peft import LoraConfig, get_peft_model
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-from trl import ModelConfig, TrlParser, get_quantization_config
+from trl import ModelConfig, get_quantization_config
 
 from dro_rl import estimators as E
 from dro_rl.cli import refusals_in_one_line
@@ -74,6 +74,7 @@ from dro_rl.models import (
     load_model,
     shared_base_model,
 )
+from dro_rl.parser import DROParser
 from dro_rl.pipeline_config import check_positive_int
 from dro_rl.selector import (
     IdGrammar,
@@ -739,4 +740,4 @@ def report_ratios(out: dict) -> None:
 
 if __name__ == "__main__":
     with refusals_in_one_line("bench.py"):
-        main(*TrlParser((BenchArguments,)).parse_args_and_config())
+        main(*DROParser((BenchArguments,)).parse_args_and_config())

@@ -38,7 +38,6 @@ from typing import Literal
 
 import torch
 from peft import PeftModel
-from trl import TrlParser
 
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import check_data_file
@@ -52,10 +51,11 @@ from dro_rl.evaluation import (
 )
 from dro_rl.files import atomic_write, claim_folder, write_json, write_lines
 from dro_rl.models import GENERATOR, SELECTOR, as_role, check_model_name
+from dro_rl.parser import DROParser
 from dro_rl.pipeline import load_ranked, make_retriever, parse_spec
 from dro_rl.pipeline_config import PipelineConfig, check_positive_int
 from dro_rl.run_folder import COMPLETE_MARKER, check_complete, check_model_folder, given_settings, run_settings
-from dro_rl.run_models import load_pair
+from dro_rl.run_models import load_pair, load_saved_model
 from dro_rl.selector import IdGrammar
 
 METRICS = ["support_recall_at_k", "answer_recall_at_k", "answer_em", "answer_f1", "answer_sub_em"]
@@ -72,7 +72,8 @@ class EvaluateArguments:
                   "setting from its pipeline.json."},
     )
     selector: str | None = field(
-        default=None, metadata={"help": "Selector model (folder, name, or tiny:<tokenizer>); default: run_dir's."}
+        default=None, metadata={"help": "Selector model (folder, name, or tiny:<tokenizer>); default: run_dir's. "
+                                "Needed only by the `selector` strategy."}
     )
     generator: str | None = field(
         default=None, metadata={"help": "Generator model (folder, name, or tiny:<tokenizer>); default: run_dir's."}
@@ -123,12 +124,15 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
                              "with)")
         check_complete(args.run_dir)
         pipeline = run_settings(args.run_dir, pipeline, given)
-    elif not (args.selector and args.generator):
-        raise ValueError("give --run_dir, or both --selector and --generator")
+    elif not args.generator:
+        raise ValueError("give --run_dir, or --generator (and --selector for the `selector` strategy)")
     pipeline.check_pipeline()
     unknown = sorted(set(args.strategies) - set(STRATEGIES))
     if unknown or not args.strategies:
         raise ValueError(f"strategies: unknown {unknown}, choose from {list(STRATEGIES)}")
+    if not (args.run_dir or args.selector) and "selector" in args.strategies:
+        raise ValueError("--strategies selector scores a selector's picks: give --selector (or --run_dir), or drop "
+                         "`selector` from --strategies")
     names = [parse_spec(spec)[2] for spec in args.datasets]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:  # their predictions, metrics rows and retrieval caches would overwrite each other
@@ -157,8 +161,13 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
         if name is not None:  # a misspelt name: refused now, not by the Hub client after the other models load
             check_model_name(name, setting=setting)
     retriever = make_retriever(pipeline.retriever, pipeline.retriever_model)
-    selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
-                                               args.generator or os.path.join(args.run_dir, GENERATOR))
+    generator_path = args.generator or os.path.join(args.run_dir, GENERATOR)
+    if args.selector or args.run_dir:
+        selector, tok, generator, gtok = load_pair(args.selector or os.path.join(args.run_dir, SELECTOR),
+                                                   generator_path)
+    else:  # no strategy asked reads a selector: the generator alone is loaded
+        generator, gtok = load_saved_model(generator_path, GENERATOR)
+        selector, tok = generator.eval(), gtok
     datasets = [load_ranked(spec, retriever, args.corpus, pipeline.top_n, args.output_dir, args.on_error, args.limit,
                             f"{pipeline.retriever}:{pipeline.retriever_model}") for spec in args.datasets]
     # Every input read and both models loaded: only now does the earlier evaluation go, all of it, so that a typo in
@@ -222,7 +231,8 @@ def main(args: EvaluateArguments, pipeline: PipelineConfig, given: Collection[st
              "datasets": args.datasets, "limit": args.limit, "pipeline": pipeline.pipeline_dict()}
     write_json({**results, "evaluated_with": setup}, os.path.join(args.output_dir, "metrics.json"))
     with atomic_write(os.path.join(args.output_dir, "metrics.md")) as f:  # what made the figures, above them
-        models = (f"run {args.run_dir}" if args.run_dir else f"selector {args.selector}, generator {args.generator}")
+        models = (f"run {args.run_dir}" if args.run_dir else
+                  (f"selector {args.selector}, " if args.selector else "") + f"generator {args.generator}")
         f.write(f"{models}; K = {k}, retriever {pipeline.retriever}" +
                 (f" ({pipeline.retriever_model})" if pipeline.retriever == "dense" else "") +
                 (f"; at most {args.limit} questions per dataset" if args.limit else "") + "\n\n" + table + "\n")
@@ -302,8 +312,8 @@ def markdown_table(results: dict, k: int) -> str:
     return "\n".join(lines)
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((EvaluateArguments, PipelineConfig))
+def make_parser() -> DROParser:
+    return DROParser((EvaluateArguments, PipelineConfig))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ import itertools
 from dataclasses import dataclass, field
 
 import torch
-from trl import TrlParser
 
 from dro_rl import estimators as E
+from dro_rl.parser import DROParser
 
 THETA = (0.3, -0.2, 0.5)  # the selector's logits over three rankings
 ANSWER_LOGP = (-0.5, -2.0, -1.0)  # log p(y | x, d_z) of each ranking
@@ -127,8 +127,8 @@ def main(args: FiniteMArguments) -> list[dict]:
     return rows
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((FiniteMArguments,))
+def make_parser() -> DROParser:
+    return DROParser((FiniteMArguments,))
 
 
 if __name__ == "__main__":

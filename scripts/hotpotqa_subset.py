@@ -19,11 +19,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from trl import TrlParser
-
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import iter_records, load
 from dro_rl.files import claim_output, write_lines
+from dro_rl.parser import DROParser
 
 
 @dataclass
@@ -103,4 +102,4 @@ def _rows(n: int) -> str:
 
 if __name__ == "__main__":
     with refusals_in_one_line("hotpotqa_subset.py"):
-        main(TrlParser(SubsetArguments).parse_args_and_config()[0])
+        main(DROParser(SubsetArguments).parse_args_and_config()[0])

@@ -458,9 +458,9 @@ def summarize(results: list[dict], args: MutationArguments) -> str:
 
 
 def make_parser():
-    from trl import TrlParser
+    from dro_rl.parser import DROParser
 
-    return TrlParser((MutationArguments,))
+    return DROParser((MutationArguments,))
 
 
 if __name__ == "__main__":

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import transformers
-from trl import TrlParser
 
 from dro_rl import DROPipeline
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import load_questions
 from dro_rl.evaluation import exact_match, f1_score, sub_exact_match
 from dro_rl.files import claim_output, write_lines
+from dro_rl.parser import DROParser
 from dro_rl.pipeline import parse_spec
 from dro_rl.pipeline_config import PipelineConfig, check_positive_int
 from dro_rl.run_folder import check_complete
@@ -119,8 +119,8 @@ def main(args: PredictArguments) -> dict:
     return {"output": output, "n": len(predictions), "n_with_answers": len(scored), "metrics": metrics}
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((PredictArguments,))
+def make_parser() -> DROParser:
+    return DROParser((PredictArguments,))
 
 
 if __name__ == "__main__":

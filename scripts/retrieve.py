@@ -16,12 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trl import TrlParser
-
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import FORMATS, load, parse_mapping, write_jsonl
 from dro_rl.files import claim_output
 from dro_rl.models import check_model_name
+from dro_rl.parser import DROParser
 from dro_rl.pipeline import make_retriever, retrieval_order
 from dro_rl.pipeline_config import check_positive_int
 from dro_rl.retrieval import DEFAULT_DENSE_MODEL, load_corpus, retrieve_candidates
@@ -78,8 +77,8 @@ def main(args: RetrieveArguments) -> list[dict]:
     return rows
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((RetrieveArguments,))
+def make_parser() -> DROParser:
+    return DROParser((RetrieveArguments,))
 
 
 if __name__ == "__main__":

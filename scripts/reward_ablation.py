@@ -25,8 +25,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import TYPE_CHECKING, Literal
 
-from trl import TrlParser
-
 if TYPE_CHECKING:  # for the annotation only: the functions import dro_rl where they use it
     from dro_rl import DROConfig
 
@@ -336,7 +334,16 @@ def summarise(results: list[dict], args: AblationArguments) -> str:
     return "\n".join(lines)
 
 
-def plot_curves(results: list[dict], path: str) -> None:
+def plot_title(args: AblationArguments) -> str:
+    """What a figure shows, on the figure: a PNG is often read apart from the table beside it."""
+    seeds = f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''} (demo worlds {', '.join(map(str, args.seeds))})"
+    if args.analysis == "variance":
+        return f"variance analysis: selector-gradient variance over {args.variance_repeats} samplings; {seeds}"
+    return (f"{args.analysis} analysis: {args.max_steps} DRO steps, {args.num_train} training / {args.num_eval} "
+            f"evaluation questions; {seeds}" + ("; the band spans the seeds" if len(args.seeds) > 1 else ""))
+
+
+def plot_curves(results: list[dict], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -358,12 +365,13 @@ def plot_curves(results: list[dict], path: str) -> None:
     ax.set_ylabel("eval support recall@K (greedy)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def plot_variance(rows: list[dict], path: str) -> None:
+def plot_variance(rows: list[dict], path: str, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,6 +393,7 @@ def plot_variance(rows: list[dict], path: str) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -410,7 +419,7 @@ def main(args: AblationArguments) -> list[dict]:
     if args.analysis == "variance":
         results = [row for seed in args.seeds for row in gradient_variance(args, folders[seed], seed)]
         keys = ["estimator", "m", "seed", "variance", "mean_grad_norm", "relative_variance"]
-        plot_variance(results, paths["png"])
+        plot_variance(results, paths["png"], plot_title(args))
         table = variance_table(results)
     else:
         if args.workers > 1:
@@ -419,7 +428,7 @@ def main(args: AblationArguments) -> list[dict]:
         else:
             results = [run_job(job) for job in jobs]
         keys = ["name", "seed", "support_recall", "answer_em", "answer_f1", "steps_to_threshold", "wall_seconds"]
-        plot_curves(results, paths["png"])
+        plot_curves(results, paths["png"], plot_title(args))
         table = summarise(results, args)
     with atomic_write(paths["csv"]) as f:
         writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
@@ -450,8 +459,10 @@ def variance_table(rows: list[dict]) -> str:
     return "\n\n".join(out)
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((AblationArguments,))
+def make_parser():
+    from dro_rl.parser import DROParser
+
+    return DROParser((AblationArguments,))
 
 
 if __name__ == "__main__":

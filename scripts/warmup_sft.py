@@ -20,11 +20,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from trl import SFTConfig, TrlParser
+from trl import SFTConfig
 
 from dro_rl.cli import refusals_in_one_line
 from dro_rl.data import load
 from dro_rl.models import load_model
+from dro_rl.parser import DROParser
 from dro_rl.pipeline_config import PipelineConfig
 from dro_rl.selector import IdGrammar
 from dro_rl.warmup import (
@@ -100,8 +101,8 @@ def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
     return trainer
 
 
-def make_parser() -> TrlParser:
-    return TrlParser((WarmupArguments, SFTConfig, PipelineConfig))
+def make_parser() -> DROParser:
+    return DROParser((WarmupArguments, SFTConfig, PipelineConfig))
 
 
 if __name__ == "__main__":

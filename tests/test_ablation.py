@@ -23,7 +23,12 @@ def run(tmp_path, *flags):
     return main(args)
 
 
-def test_quick_grid_writes_csv_table_and_curves(tmp_path):
+def test_quick_grid_writes_csv_table_and_curves(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    titles, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: (titles.append(fig.axes[0].get_title()), savefig(fig, *a, **k)))
     results = run(tmp_path)
     assert [r["name"] for r in results] == ["dro_baseline/-", "rloo/log_likelihood"]
     assert all(len(r["curve"]) == 2 and 0.0 <= r["support_recall"] <= 1.0 for r in results)
@@ -31,6 +36,8 @@ def test_quick_grid_writes_csv_table_and_curves(tmp_path):
     assert len(rows) == 2 and rows[0]["name"] == "dro_baseline/-"
     assert "| rloo/log_likelihood |" in (tmp_path / "grid.md").read_text()
     assert (tmp_path / "grid.png").stat().st_size > 10_000
+    steps = max(s for s, _, _ in results[0]["curve"])  # the figure says what it shows (it was untitled)
+    assert len(titles) == 1 and titles[0].startswith(f"grid analysis: {steps} DRO steps,"), titles
 
 
 def test_variance_analysis_separates_dro_from_its_baseline(tmp_path):

@@ -54,6 +54,21 @@ def test_misspelled_yaml_key_is_an_error(tmp_path, capsys):
     assert "train_rl.py: error: the --config file holds 1 unknown" in capsys.readouterr().err
 
 
+def test_a_misspelled_flag_names_the_nearest_setting_in_every_script(capsys):
+    """An unknown flag was refused with the whole remainder and no hint (a YAML key already had one); the other
+    scripts parse with the same parser."""
+    with pytest.raises(SystemExit) as exit_info:
+        with refusals_in_one_line("train_rl.py"):
+            make_parser().parse_args_and_config(args=["--num_docs_selcted", "2", "--max_steps", "1", "--zzz"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("train_rl.py: error: unknown arguments: --num_docs_selcted 2 --zzz; did you "
+                                       "mean --num_docs_selected for --num_docs_selcted? (see --help)\n")
+    from evaluate import make_parser as evaluate_parser
+
+    with pytest.raises(ValueError, match=r"did you mean --generator for --generatr\?"):
+        evaluate_parser().parse_args_and_config(args=["--datasets", "x", "--generatr", "y"])
+
+
 def test_a_config_file_that_is_not_yaml_is_refused_with_its_line(tmp_path, capsys):
     path = write_yaml(tmp_path, "output_dir: x\nestimator: dro: baseline\n")
     with pytest.raises(SystemExit) as exit_info:  # was PyYAML's ScannerError with a traceback

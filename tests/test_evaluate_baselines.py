@@ -71,6 +71,16 @@ def test_unknown_strategy_is_refused_before_loading_models(tmp_path):
                                         strategies=["closed_books"], output_dir=str(tmp_path)), PipelineConfig())
 
 
+def test_the_selector_strategy_without_a_selector_is_refused_before_loading_models(tmp_path):
+    """Only the `selector` strategy reads a selector: without --selector (or --run_dir) it is refused by name."""
+    with pytest.raises(ValueError, match="--strategies selector scores a selector's picks: give --selector"):
+        evaluate_main(EvaluateArguments(datasets=["x"], generator="missing", output_dir=str(tmp_path)),
+                      PipelineConfig())
+    with pytest.raises(ValueError, match=r"give --run_dir, or --generator \(and --selector"):
+        evaluate_main(EvaluateArguments(datasets=["x"], selector="missing", output_dir=str(tmp_path)),
+                      PipelineConfig())
+
+
 def test_an_output_dir_that_is_a_model_or_run_folder_is_refused(tmp_path):
     """Metrics and predictions were written among a run's or a model's files without a word."""
     (tmp_path / "selector").mkdir()
@@ -152,7 +162,8 @@ def test_data_files_are_checked_before_models_load_and_skipped_strategies_say_wh
 
 
 def test_the_oracle_is_scored_on_the_labelled_rows_only(tmp_path):
-    """A row without gold labels has no oracle pick: scoring its retrieval picks under "oracle" lowered the oracle."""
+    """A row without gold labels has no oracle pick: scoring its retrieval picks under "oracle" lowered the oracle.
+    Neither strategy reads a selector: none is given, and the generator alone loads."""
     passages = [{"id": f"p{i}", "text": f"passage {i} about things"} for i in range(3)]
     rows = [{"id": "a", "question": "q a ?", "answers": ["x"], "passages": [{**p, "gold": i == 1}
                                                                           for i, p in enumerate(passages)]},
@@ -161,7 +172,7 @@ def test_the_oracle_is_scored_on_the_labelled_rows_only(tmp_path):
                                                                           for i, p in enumerate(passages)]}]
     data = tmp_path / "mixed.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    args = EvaluateArguments(datasets=[str(data)], selector="tiny:minilm", generator="tiny:minilm",
+    args = EvaluateArguments(datasets=[str(data)], generator="tiny:minilm",
                              output_dir=str(tmp_path / "eval"), strategies=["retrieval", "oracle"])
     table = evaluate_main(args, PipelineConfig(retriever="none", num_docs_selected=1, max_passage_tokens=8,
                                                generator_max_passage_tokens=8, max_answer_tokens=2,
@@ -171,7 +182,8 @@ def test_the_oracle_is_scored_on_the_labelled_rows_only(tmp_path):
     oracle = [json.loads(line) for line in (tmp_path / "eval" / "mixed.oracle.predictions.jsonl").read_text()
               .splitlines()]
     assert [(r["id"], r["selected"]) for r in oracle] == [("a", ["p1"]), ("c", ["p2"])]
-    assert "| mixed (n=2) | oracle |" in (tmp_path / "eval" / "metrics.md").read_text()
+    md = (tmp_path / "eval" / "metrics.md").read_text()
+    assert md.startswith("generator tiny:minilm; K = 1") and "| mixed (n=2) | oracle |" in md
 
 
 def test_group_by_scores_each_value_of_a_metadata_field_on_its_own(tmp_path):

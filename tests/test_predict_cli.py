@@ -196,6 +196,19 @@ def test_dro_rl_train_hands_launch_flags_to_accelerate_and_the_rest_to_the_scrip
     assert args.training_script_args == ["--config", str(ROOT / "configs" / "demo.yaml"), "--max_steps", "3"]
 
 
+def test_dro_rl_train_names_a_flag_neither_the_script_nor_accelerate_knows(monkeypatch, capsys):
+    """It went to accelerate's parser, whose refusal printed its whole usage and no hint."""
+    launched = []
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", launched.append)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train", "--max_stepz", "3", "--num_processes", "1", "--mixed_precison", "no"])
+    assert stop.value.code == 1 and not launched
+    assert capsys.readouterr().err == (
+        "dro-rl train: error: unknown arguments (neither train_rl.py's settings nor accelerate launch's flags): "
+        "--max_stepz --mixed_precison; did you mean --max_steps for --max_stepz, --mixed_precision for "
+        "--mixed_precison?\n")
+
+
 def test_dro_rl_train_with_num_processes_on_a_cpu_starts_that_many_processes(monkeypatch):
     """Without a GPU and a launch mode, accelerate ran `--num_processes 2` as one process, without a word."""
     launched = []

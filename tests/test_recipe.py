@@ -513,6 +513,13 @@ def test_a_prompt_length_too_small_for_the_prompts_is_refused_before_the_warm_up
     assert (out / "report.json").exists()
 
 
+def test_a_missing_data_file_is_refused_with_the_setting_that_names_it(tmp_path):
+    """A recipe names three files; "data file not found: x" left the user to find which setting (or YAML key) it was."""
+    with pytest.raises(FileNotFoundError, match=r"^eval_dataset: data file not found: .*nosuch.jsonl$"):
+        run(*TINY_DEMO, "--output_dir", str(tmp_path / "run"), "--eval_dataset", f"hotpotqa:{tmp_path}/nosuch.jsonl")
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_output_dir_that_is_a_file_is_refused_as_a_file(tmp_path):
     taken = tmp_path / "notes.txt"
     taken.write_text("mine\n")
