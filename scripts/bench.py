@@ -267,6 +267,8 @@ def build_base(shape: dict | str, tok, preset: Preset, num_layers: int | None, s
         model, _ = load_model(shape, seed=seed, dtype=dtype)
         model.to(device).train()  # from_pretrained gives eval mode, where transformers skips gradient checkpointing
         if num_layers is not None:
+            if num_layers > len(model.model.layers):  # the slice would keep them all, and the figures name num_layers
+                raise ValueError(f"--num_layers {num_layers}: {shape} has {len(model.model.layers)} decoder layers")
             model.model.layers = model.model.layers[:num_layers]
             model.config.num_hidden_layers = num_layers
     else:

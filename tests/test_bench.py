@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from trl import TrlParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import bench  # noqa: E402
@@ -164,7 +163,7 @@ def test_count_step_ops_attributes_each_phase_and_does_not_depend_on_passage_len
 def test_a_setting_that_would_measure_something_else_is_refused_in_one_line_when_parsed(
         capsys, monkeypatch, flags, message):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the machine of the report
-    err = refusal(capsys, lambda: TrlParser((bench.BenchArguments,)).parse_args_and_config(args=flags), "bench.py")
+    err = refusal(capsys, lambda: bench.DROParser((bench.BenchArguments,)).parse_args_and_config(args=flags), "bench.py")
     assert err.startswith(f"bench.py: error: {message}")
 
 
@@ -175,6 +174,15 @@ def test_an_output_folder_is_refused_before_measuring(tmp_path, capsys, monkeypa
     monkeypatch.setattr(bench, "make_rows", make_rows)
     err = refusal(capsys, lambda: bench.main(bench.BenchArguments(output=str(tmp_path))), "bench.py")
     assert err == f"bench.py: error: {tmp_path} is a folder: give a file path\n"
+
+
+def test_num_layers_above_a_loaded_models_depth_is_refused():
+    """The slice kept every layer, and the figures were reported under the larger --num_layers."""
+    preset = bench.Preset(selector="tiny:minilm", generator="tiny:minilm", adapters="full", checkpointing=(False,),
+                          questions=1, passage_tokens=8)
+    with pytest.raises(ValueError, match="--num_layers 3: tiny:minilm has 2 decoder layers"):
+        bench.build_base("tiny:minilm", None, preset, 3, 0, "cpu")
+    assert len(bench.build_base("tiny:minilm", None, preset, 1, 0, "cpu").model.layers) == 1
 
 
 def test_one_timed_step_prints_no_spread(capsys):
