@@ -82,7 +82,8 @@ def _answers(value: Any, where: str, name: str) -> list[str]:
         _fail(where, name, "must hold only non-empty strings")
     if not any(normalize_answer(a) for a in answers):
         _fail(where, name, f"holds only {answers!r}, empty after answer normalisation (punctuation and articles "
-              "removed): no prediction can be scored against it (on_error='skip' drops such rows)")
+              "removed): no prediction can be scored against it (skipping bad rows drops such rows: the scripts' "
+              "--on_error skip, training's on_bad_row: skip)")
     return answers
 
 
@@ -274,18 +275,18 @@ def convert(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _canonical(where: str, r: dict, answers_required: bool = True) -> dict:
+def _canonical(where: str, r: dict, answers_required: bool = True, min_passages: int = 0) -> dict:
     passages = r.get("passages")
     if passages is not None and not isinstance(passages, list):
         _fail(where, "passages", "must be a list")
-    gold = [_label(p.get("gold", False), where, f"passages[{j}].gold") if isinstance(p, dict) else False
-            for j, p in enumerate(passages or [])]
-    if r.get("gold") is not None:  # the trainer's in-memory row layout: one list beside the passages
+    gold = [_label(p.get("gold") if p.get("gold") is not None else False, where, f"passages[{j}].gold")
+            if isinstance(p, dict) else False for j, p in enumerate(passages or [])]  # None: a Dataset's missing key
+    if r.get("gold") not in (None, []):  # the trainer's in-memory row layout: one list beside the passages ([]: none)
         row_gold = r["gold"]
         if not isinstance(row_gold, list) or len(row_gold) != len(passages or []):
             _fail(where, "gold", f"must be a list of one true/false per passage ({len(passages or [])}), or be left "
                                  "out for gold flags inside the passages")
-        if any(isinstance(p, dict) and "gold" in p for p in passages):
+        if any(isinstance(p, dict) and p.get("gold") is not None for p in passages):
             _fail(where, "gold", "is given both as a row-level list and inside the passages: keep one")
         gold = [_label(g, where, f"gold[{j}]") for j, g in enumerate(row_gold)]
     hint = None if answers_required else _format_hint(r)
@@ -294,7 +295,7 @@ def _canonical(where: str, r: dict, answers_required: bool = True) -> dict:
                         "first with scripts/retrieve.py and that --format")
     try:
         return make_row(where, r.get("id"), r.get("question"), r.get("answers"), passages, gold, r.get("metadata"),
-                        answers_required=answers_required)
+                        answers_required=answers_required, min_passages=min_passages)
     except DataError as err:
         hint = _format_hint(r)
         raise DataError(f"{err}; {hint}" if hint else str(err)) from None
@@ -515,25 +516,51 @@ def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "tra
     """Validate trainer rows (question, answers, passages) before training; return (dataset, LoadStats). ``dataset``
     is a ``datasets.Dataset`` or a list of rows.
 
-    A row with fewer than K candidates, an empty question or answer list, or a passage without text raises a
-    DataError naming the row and field — or, with ``on_error="skip"``, is dropped and counted. Passages given as
-    plain strings become ``{"title": "", "text": ...}``, as the file loaders read them.
+    Each row is read as the canonical file reader reads a line, so that a Dataset built in Python trains on what
+    the same rows in a file would give: a row with fewer than K candidates, an empty question or answer list, or a
+    passage without text raises a DataError naming the row and field — or, with ``on_error="skip"``, is dropped
+    and counted. An answer given as one string becomes a one-answer list (not a list of its characters), passages
+    given as plain strings become ``{"title": "", "text": ...}``, and gold flags inside the passages become the
+    row-level ``gold`` list the trainer logs support recall from.
     """
+    from datasets import Dataset
+
+    if not isinstance(dataset, (Dataset, list)):
+        hint = {"DataFrame": ": datasets.Dataset.from_pandas(df)",
+                "IterableDataset": " (DRO draws whole groups from a sampler that needs the length): "
+                                   "datasets.Dataset.from_list(list(ds))"}.get(type(dataset).__name__, "")
+        raise TypeError(f"{name} must be a datasets.Dataset or a list of row dicts, not {type(dataset).__name__}"
+                        + hint)
+    read: dict[int, dict] = {}
 
     def check(where: str, row: dict) -> int:
-        make_row(where, row.get("id"), row.get("question"), row.get("answers"), row.get("passages"), row.get("gold"),
-                 min_passages=k)
+        if "passages" not in row:  # else "has 0 candidates", as if the field were there and empty
+            _fail(where, "passages", f"is missing (the row's fields: {sorted(k for k in row if k != '__index__')})")
+        read[row["__index__"]] = _canonical(where, row, min_passages=k)
         return row["__index__"]
 
     # Named 1-based, as the loaders name lines: question 1 is dataset[0] (or a file's first question read).
     records = ((f"{name} question {i + 1}" + (f" (id {row['id']!r})" if row.get("id") else ""),
                 {**row, "__index__": i}) for i, row in enumerate(dataset))
     keep, stats = convert(records, check, name, on_error)
-    if stats.skipped:
-        dataset = dataset.select(keep) if hasattr(dataset, "select") else [dataset[i] for i in keep]
-    if any(isinstance(p, str) for row in dataset for p in row["passages"]):  # as the file loaders accept them
-        def as_objects(row: dict) -> dict:
-            return {**row, "passages": [{"title": "", "text": p} if isinstance(p, str) else p for p in row["passages"]]}
 
-        dataset = dataset.map(as_objects) if hasattr(dataset, "map") else [as_objects(r) for r in dataset]
+    def as_read(row: dict, canonical: dict) -> dict:
+        return {**row, "answers": canonical["answers"],
+                "gold": row["gold"] if row.get("gold") not in (None, []) else canonical["gold"],
+                "passages": [{"title": "", "text": p} if isinstance(p, str) else
+                             {key: value for key, value in p.items() if key != "gold"} for p in row["passages"]]}
+
+    def changed(row: dict) -> bool:
+        return isinstance(row["answers"], str) or any(isinstance(p, str) or "gold" in p for p in row["passages"])
+
+    if any(changed(dataset[i]) for i in keep):  # one rebuild: Arrow infers each column's type from every row
+        rows = [as_read(dataset[i], read[i]) for i in keep]
+        if isinstance(dataset, Dataset):  # its name and description kept (the model card cites them), not its types
+            info = dataset.info.copy()
+            info.features = None
+            dataset = Dataset.from_list(rows, info=info)
+        else:
+            dataset = rows
+    elif stats.skipped:
+        dataset = dataset.select(keep) if isinstance(dataset, Dataset) else [dataset[i] for i in keep]
     return dataset, stats

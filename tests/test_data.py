@@ -457,3 +457,34 @@ def test_a_row_level_gold_list_is_read_not_dropped(tmp_path):
     path.write_text(json.dumps({**row, "passages": [{"text": "a", "gold": True}, {"text": "b"}]}) + "\n")
     with pytest.raises(DataError, match="both as a row-level list and inside the passages"):
         load(str(path))
+
+
+def test_trainer_rows_are_read_as_the_file_reader_reads_them():
+    """From Python, `"answers": "Paris"` trained on the target "P" and was scored per character; gold flags inside
+    the passages (the file schema) were ignored without a word; a DataFrame or IterableDataset ended in an
+    AttributeError / TypeError; a row with `ctxs` instead of `passages` was said to have 0 candidates."""
+    from datasets import Dataset, DatasetInfo
+
+    from dro_rl.data import check_dataset
+
+    texts = [{"title": "", "text": t} for t in ("Berlin is big.", "Paris is the capital.", "Rome is old.")]
+    rows = [{"question": "capital of France?", "answers": "Paris", "passages": texts},
+            {"question": "capital of Italy?", "answers": "Rome",
+             "passages": [{**p, "gold": j == 2} for j, p in enumerate(texts)]}]
+    data, stats = check_dataset(Dataset.from_list(rows, info=DatasetInfo(dataset_name="mine")), 2)
+    assert stats.kept == 2 and data.info.dataset_name == "mine"  # the name the model card cites
+    assert [r["answers"] for r in data] == [["Paris"], ["Rome"]]
+    assert [r["gold"] for r in data] == [[], [False, False, True]]
+    assert all("gold" not in p for r in data for p in r["passages"])
+    both = [{**rows[1], "gold": [False, False, True]}]
+    with pytest.raises(DataError, match="question 1: field 'gold' is given both as a row-level list and inside"):
+        check_dataset(both, 2)
+    with pytest.raises(DataError, match=r"question 1: field 'passages' is missing \(the row's fields: \['answers', "
+                                        r"'ctxs', 'question'\]\)"):
+        check_dataset([{"question": "q?", "answers": ["x"], "ctxs": []}], 2)
+    import pandas
+
+    for data, hint in ((pandas.DataFrame(rows), r"not DataFrame: datasets.Dataset.from_pandas\(df\)"),
+                       (Dataset.from_list(rows).to_iterable_dataset(), "not IterableDataset .*from_list")):
+        with pytest.raises(TypeError, match="train_dataset must be a datasets.Dataset or a list of row dicts, " + hint):
+            check_dataset(data, 2)
