@@ -199,6 +199,12 @@ class DROConfig(GRPOConfig, PipelineConfig):
         best = getattr(self.save_strategy, "value", self.save_strategy) == "best"
         if (self.load_best_model_at_end or best) and self.metric_for_best_model is None:
             self.metric_for_best_model = "answer_em"  # the parent's default, "loss", is no metric evaluate() gives
+        metric = (self.metric_for_best_model or "").removeprefix("eval_")
+        if metric and not any(metric == m or metric.endswith(f"_{m}") for m in EVAL_METRICS):  # <set>_<metric>: one
+            # of a dict of eval sets. Else transformers' KeyError at the first evaluation, after training began
+            raise ValueError(f"metric_for_best_model={self.metric_for_best_model!r} is not a metric of DROTrainer's "
+                             f"evaluation: use one of {list(EVAL_METRICS)} (the eval_ prefix is optional; with a dict "
+                             "of eval sets, <name>_<metric>)")
         if self.bf16 is None:  # TRL's default is True everywhere, which transformers refuses on a CPU-only machine
             self.bf16 = not (self.fp16 or self.use_cpu) and is_torch_bf16_gpu_available()
         elif self.bf16 and not self.use_cpu and not is_torch_bf16_gpu_available():  # e.g. a GPU recipe on a laptop
@@ -349,15 +355,21 @@ UNUSED_GRPO_SETTINGS: tuple[str, ...] = (
     "log_completions_hub_repo",
 )
 _UNUSED_PREFIXES = ("vllm_", "sapo_", "vespo_")
-# TrainingArguments settings with no effect on DRO: GRPO's sampler orders the data with `seed` (not `data_seed` or
-# `train_sampling_strategy`), the loss is DRO's (no label smoothing; with Liger, GRPO's compute_loss would run its
-# own loss instead of DRO's), and evaluation is DRO's greedy pipeline, not the Trainer's prediction loop.
+# TrainingArguments settings with no effect on DRO, or one that would change what its loss scores: GRPO's sampler
+# orders the data with `seed` (not `data_seed` or `train_sampling_strategy`), the loss is DRO's (no label smoothing;
+# with Liger, GRPO's compute_loss would run its own loss instead of DRO's; NEFTune's noise on the embeddings in train
+# mode would score the rankings under another distribution than the one that sampled them), and evaluation is DRO's
+# greedy pipeline, not the Trainer's prediction loop.
 UNUSED_TRAINER_SETTINGS: tuple[str, ...] = (
     "data_seed", "train_sampling_strategy", "label_smoothing_factor", "use_liger_kernel", "liger_kernel_config",
+    "neftune_noise_alpha",
     "eval_accumulation_steps", "prediction_loss_only", "include_for_metrics", "eval_do_concat_batches",
     "batch_eval_metrics",
 )
 
+
+FP16_ON_CPU = ("fp16: true has no effect on a CPU (Accelerate's CPU autocast is bf16 only): the run would train in "
+               "float32 and record fp16; leave it false, or use bf16: true with use_cpu: true")
 
 DEEPSPEED_REFUSAL = (
     "DeepSpeed is not supported by DROTrainer: the generator is a second trainable model outside the DeepSpeed "

@@ -76,6 +76,8 @@ def run_record(args, selector, generator, train_dataset) -> dict[str, Any]:
     """The content of ``dro_run.json``."""
     return {
         "settings": run_defining_settings(args),
+        # each process draws its own questions: the count sets a step's batch, and each saved its own RNG state
+        "world_size": args.world_size,
         "selector": model_identity(selector),
         "generator": model_identity(generator),
         "train_dataset": dataset_fingerprint(train_dataset),
@@ -95,7 +97,10 @@ def check_same_run(checkpoint: str, record: dict[str, Any]) -> None:
                          "cannot be checked against this run; start a new run or resume with the version that wrote it")
     with open(path) as f:
         saved = json.load(f)
-    changed = [f"{key}: checkpoint {old!r}, now {new!r}"
+    if "world_size" not in saved:  # written before the process count was recorded
+        record = {key: value for key, value in record.items() if key != "world_size"}
+    changed = [f"{key}: checkpoint {old!r}, now {new!r}" + (f" (launch it with --num_processes {old})"
+                                                             if key == "world_size" else "")
                for key, old, new in _differences(saved, record) if key not in EXECUTION_FIELDS]
     if changed:
         raise ValueError(f"cannot resume {checkpoint} with different settings:\n  " + "\n  ".join(changed) +

@@ -40,6 +40,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
@@ -59,7 +60,7 @@ from trl.trainer.utils import RepeatSampler, disable_dropout_in_model, split_ten
 from rewards import get_reward
 
 from . import estimators as E
-from .config import DEEPSPEED_REFUSAL, EVAL_METRICS, DROConfig
+from .config import DEEPSPEED_REFUSAL, EVAL_METRICS, FP16_ON_CPU, DROConfig
 from .data import check_dataset
 from .evaluation import score_picks, select_greedy, support_recall
 from .files import readable_as_umask_allows
@@ -148,6 +149,12 @@ class _StopOnNonFiniteParameters(TrainerCallback):
                                          f"{state.global_step}: the update overflowed. {trainer._lower_the_lr()}")
 
 
+class CandidateOrderWarning(UserWarning):
+    """The rows' candidates are trained on in the order given, while the run's ``pipeline.json`` names a first-stage
+    retriever that ``DROPipeline``, ``evaluate.py`` and ``predict.py`` put new candidates in the order of. The recipe,
+    which ranked the rows with that retriever, silences it; filter it (``warnings.filterwarnings``) when yours are."""
+
+
 class DROTrainer(GRPOTrainer):
     """Train a list-wise selector (``model``) and a generator jointly with DRO (Shi et al., 2025).
 
@@ -188,18 +195,36 @@ class DROTrainer(GRPOTrainer):
             train_dataset, stats = check_dataset(train_dataset, args.num_docs_selected, args.on_bad_row)
             self.data_stats.append(stats)
             args.check_enough_questions(len(train_dataset))
-        if eval_dataset is not None and not isinstance(eval_dataset, dict):
-            eval_dataset, stats = check_dataset(eval_dataset, args.num_docs_selected, args.on_bad_row, "eval_dataset")
-            self.data_stats.append(stats)
+            if args.retriever != "none":
+                model_name = f" ({args.retriever_model})" if args.retriever == "dense" else ""
+                warnings.warn(f"DROTrainer trains on each row's candidates in the order given, and the run's "
+                              f"pipeline.json records retriever={args.retriever!r}{model_name}: DROPipeline, "
+                              "evaluate.py and predict.py put new candidates in that retriever's order. Give rows "
+                              "ranked by it (scripts/retrieve.py), or set retriever='none' to keep candidates as "
+                              "given (or 'bm25')", CandidateOrderWarning, stacklevel=2)
+        if isinstance(eval_dataset, dict):  # named sets, each evaluated under its own prefix (eval_<name>_...)
+            eval_dataset = {name: self._checked_eval_rows(data, args, f"eval_dataset[{name!r}]")
+                            for name, data in eval_dataset.items()}
+        elif eval_dataset is not None:
+            eval_dataset = self._checked_eval_rows(eval_dataset, args)
         for stats in self.data_stats:
             if stats.skipped:
                 logger.warning(stats.summary())
         if args.share_base_model and generator is not None and generator is not model:
             raise ValueError("share_base_model: the generator is an adapter on the selector's base; "
                              "do not pass `generator=`")
+        if generator is model and not isinstance(model, str) and not args.share_base_model:
+            raise ValueError("model and generator are one module: DRO trains two models, so pass two instances (or "
+                             "names, each loaded on its own), or one base with a LoRA adapter per role: "
+                             "share_base_model=True with a peft_config")
         if isinstance(model, str):  # loaded here rather than by GRPOTrainer, so every name dro_rl.models knows works
             model, loaded_tokenizer = load_by_name(model, args, quantization_config, seed=args.seed)
             processing_class = processing_class or loaded_tokenizer
+        elif processing_class is None and not getattr(model, "name_or_path", ""):  # else the Hub client's repo-id error
+            raise ValueError("pass `processing_class` (its tokenizer) with a selector model instance built from a "
+                             "config: it has no name_or_path to load one from")
+        if processing_class is not None:
+            check_vocabulary(model, processing_class, "selector (model)")
         if args.share_base_model:
             model, generator = self._shared_model(model, peft_config, generator_peft_config)
             # The generator's forward bypasses the DDP wrapper; its adapter's gradients still arrive in the same
@@ -220,6 +245,13 @@ class DROTrainer(GRPOTrainer):
             peft_config=peft_config,
         )
         self.reward_func_names = list(args.reward_funcs)
+        refuse_fp16_on_cpu(args, self.accelerator.device)
+        said = "bf16" if args.bf16 else "fp16" if args.fp16 else "no"
+        if self.accelerator.mixed_precision != said:  # an accelerate config's mixed_precision wins over the run's
+            raise ValueError(f"accelerate runs mixed precision {self.accelerator.mixed_precision!r} (its config file or "
+                             f"--mixed_precision), and this run's settings say {said!r} (bf16: {args.bf16}, fp16: "
+                             f"{args.fp16}), which its files would record: set bf16 / fp16 to match, or launch with "
+                             f"--mixed_precision {said}")
         if args.share_base_model:
             self._init_shared_generator(generator_processing_class)
         else:
@@ -235,7 +267,8 @@ class DROTrainer(GRPOTrainer):
         self.add_callback(_StopOnNonFiniteParameters(self))
         self._nonfinite_losses, self._skipped_in_a_row = 0, 0
 
-        datasets = [d for d in (train_dataset, eval_dataset) if d is not None and not isinstance(d, dict)]
+        datasets = [train_dataset] if train_dataset is not None else []
+        datasets += list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset] * bool(eval_dataset)
         max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
         self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
         self.selector_prompt, self.generator_prompt = args.selector_prompt(), args.generator_prompt()
@@ -251,6 +284,7 @@ class DROTrainer(GRPOTrainer):
             generator_processing_class = generator_processing_class or loaded_tokenizer
         if generator_processing_class is None:
             raise ValueError("pass `generator_processing_class` with a generator model instance")
+        check_vocabulary(generator, generator_processing_class, "generator")
         if generator_peft_config is not None:  # a copy: PEFT writes the base's name into the config it is given, and
             # the selector's may be the same object (it would then name the generator's base)
             generator = get_peft_model(generator, copy.deepcopy(generator_peft_config))
@@ -630,16 +664,35 @@ class DROTrainer(GRPOTrainer):
     # Evaluation: the greedy retrieve -> select -> generate pipeline on the eval set
     # ------------------------------------------------------------------------------------------------------------
 
+    @staticmethod
+    def _checked_eval_rows(data, args: DROConfig, name: str = "eval_dataset"):
+        data, stats = check_dataset(data, args.num_docs_selected, args.on_bad_row, name)
+        if stats.skipped:
+            logger.warning(stats.summary())
+        return data
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """Support recall@K and answer EM/F1 of greedy selection + greedy answers (replaces GRPO's eval loss)."""
+        """Support recall@K and answer EM/F1 of greedy selection + greedy answers (replaces GRPO's eval loss).
+
+        As the Trainer's: a dict of datasets is evaluated set by set under ``<prefix>_<name>``, and a name picks one
+        of the dict given at construction; a dataset given here is checked as the constructor checks its own."""
+        if isinstance(eval_dataset, str) and isinstance(self.eval_dataset, dict):
+            eval_dataset = self.eval_dataset[eval_dataset]
+        elif eval_dataset is not None and not isinstance(eval_dataset, dict):
+            eval_dataset = self._checked_eval_rows(eval_dataset, self.args)
         data = eval_dataset if eval_dataset is not None else self.eval_dataset
         if data is None:
             raise ValueError("evaluate() needs an eval_dataset")
+        if isinstance(data, dict):
+            return {key: value for name, part in data.items()
+                    for key, value in self.evaluate(part, ignore_keys, f"{metric_key_prefix}_{name}").items()}
         rows = [dict(r) for r in data]
+        most = max(len(r["passages"]) for r in rows)  # a dataset given here may hold more candidates than the others
+        grammar = self.grammar if most <= len(self.grammar.first) else IdGrammar(self.processing_class, most)
         selector = self.accelerator.unwrap_model(self.model)
         generator = self.accelerator.unwrap_model(self.generator)
         with self._role(SELECTOR):
-            picks = select_greedy(selector, self.processing_class, self.grammar, self.selector_prompt, rows,
+            picks = select_greedy(selector, self.processing_class, grammar, self.selector_prompt, rows,
                                   self.args.per_device_eval_batch_size)
         with self._role(GENERATOR):
             scores = score_picks(rows, picks, generator, self.generator_processing_class, self.generator_prompt,
@@ -652,6 +705,11 @@ class DROTrainer(GRPOTrainer):
         Trainer.log(self, metrics)  # not GRPO's log(), which would flush the pending training metrics here
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def predict(self, *args, **kwargs):
+        """The Trainer's prediction loop runs a loss forward, which has no meaning for a ranking policy."""
+        raise NotImplementedError("DROTrainer has no prediction loop: evaluate() scores a dataset, and "
+                                  "DROPipeline.from_pretrained(<saved run>) answers new questions with both models")
 
     # ------------------------------------------------------------------------------------------------------------
     # Checkpoints: selector/ and generator/
@@ -874,8 +932,25 @@ def refuse_deepspeed(args: DROConfig) -> None:
         raise ValueError(DEEPSPEED_REFUSAL)
 
 
+def refuse_fp16_on_cpu(args: DROConfig, device: torch.device) -> None:
+    if args.fp16 and device.type == "cpu":
+        raise ValueError(FP16_ON_CPU)
+
+
+def check_vocabulary(model: torch.nn.Module, tokenizer, role: str) -> None:
+    """A tokenizer with more tokens than the model has embedding rows is another model's: refused here, not as an
+    IndexError inside the first forward (after transformers has rewritten the model's special-token ids)."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise ValueError(f"the {role}'s tokenizer has {len(tokenizer)} tokens and its model {rows} embedding rows: a "
+                         "tokenizer of another model? Pass the model's own")
+
+
 def load_by_name(name: str, args: DROConfig, quantization_config, seed: int):
     """(model, tokenizer) for a Hub name, local path or ``tiny:``, with the config's init kwargs and quantization."""
+    if quantization_config is not None and name.startswith("tiny:"):
+        raise ValueError(f"quantization_config quantises a pretrained checkpoint as it loads; {name} is built from a "
+                         "config in float32 and would not be quantised")
     init_kwargs = dict(args.model_init_kwargs or {}, trust_remote_code=args.trust_remote_code)
     if args.distributed_state.distributed_type in ("MULTI_GPU", "DEEPSPEED"):
         init_kwargs["device_map"] = None  # as GRPOTrainer loads: "auto" would spread one replica over all GPUs

@@ -527,10 +527,13 @@ def test_without_replacement_is_refused_with_the_reward_estimators(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def test_fp16_grad_scaler_unscales_once_and_clips_each_model(tmp_path, demo_rows, word_tok):
+def test_fp16_grad_scaler_unscales_once_and_clips_each_model(tmp_path, demo_rows, word_tok, monkeypatch):
     """accelerate gives no GradScaler on CPU, so the test installs torch's CPU GradScaler where accelerate would
     (fp16 mixed precision, native AMP) and trains: one unscale per step, and the logged norms are the true ones."""
     logs = {}
+    from dro_rl import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "refuse_fp16_on_cpu", lambda *_: None)  # a CPU stands in for the GPU here
     for scaled in (False, True):
         trainer = make_trainer(tmp_path / str(scaled), demo_rows, word_tok, fp16=scaled, max_steps=1)
         if scaled:
@@ -555,12 +558,12 @@ def test_load_best_model_at_end_restores_both_models_from_the_best_checkpoint(
 ):
     trainer = lora_trainer(
         tmp_path, demo_rows, word_tok, shared, demo_rows[:4], max_steps=3, eval_strategy="steps", eval_steps=1,
-        save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="score",
+        save_strategy="steps", save_steps=1, load_best_model_at_end=True, metric_for_best_model="answer_em",
     )
     scores = {1: 0.2, 2: 0.9, 3: 0.1}  # scripted, so that the best checkpoint is not the last one
 
     def scripted_evaluate(eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        return {f"{metric_key_prefix}_score": scores[trainer.state.global_step]}
+        return {f"{metric_key_prefix}_answer_em": scores[trainer.state.global_step]}
 
     trainer.evaluate = scripted_evaluate
     trainer.train()

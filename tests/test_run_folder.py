@@ -224,3 +224,22 @@ def test_a_departing_value_that_is_out_of_range_is_refused_without_the_departure
         warnings.simplefilter("always")
         rf.run_settings(str(tmp / "run"), PipelineConfig(max_answer_tokens=0), {"max_answer_tokens"})
     assert not caught
+
+
+def test_resume_with_another_process_count_is_refused_by_name(tmp_path):
+    """Resumed on one process, a two-process checkpoint trained on at half the questions per step, without a word
+    (and the other way round, from one process's RNG state); a checkpoint from before the count was recorded still
+    resumes."""
+    import json
+
+    import pytest
+
+    from dro_rl.resume import RUN_FILE, check_same_run
+
+    record = {"settings": {"seed": 0}, "world_size": 2, "selector": {}, "generator": {}, "train_dataset": "x"}
+    (tmp_path / RUN_FILE).write_text(json.dumps(record))
+    check_same_run(str(tmp_path), record)
+    with pytest.raises(ValueError, match=r"world_size: checkpoint 2, now 1 \(launch it with --num_processes 2\)"):
+        check_same_run(str(tmp_path), {**record, "world_size": 1})
+    (tmp_path / RUN_FILE).write_text(json.dumps({k: v for k, v in record.items() if k != "world_size"}))
+    check_same_run(str(tmp_path), {**record, "world_size": 1})

