@@ -778,10 +778,14 @@ class DROTrainer(GRPOTrainer):
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None) -> None:
-        """Write the run's card to ``output_dir/README.md`` (TRL's hook: called by checkpoints and ``push_to_hub``)."""
+        """Write the run's card to ``output_dir/README.md`` (TRL's hook: called by checkpoints and ``push_to_hub``).
+        Written by a checkpoint, its quick start loads that checkpoint: the run folder holds no models until the
+        final save."""
         if self.is_world_process_zero():
-            card = self._model_card(self.args.output_dir, model_name, dataset_name, tags,
-                                    report=read_report(self.args.output_dir))
+            folder = self.args.output_dir
+            models_in = os.path.join(folder, f"checkpoint-{self.state.global_step}") if self._in_checkpoint else folder
+            card = self._model_card(models_in, model_name or os.path.basename(os.path.abspath(folder)), dataset_name,
+                                    tags, report=read_report(folder))
             card.save(os.path.join(self.args.output_dir, "README.md"))
 
     def _model_card(self, output_dir: str, model_name: str | None = None, dataset_name: str | None = None,

