@@ -47,6 +47,12 @@ def refuse_repeated_keys(path: str) -> None:
 
 
 class DROParser(TrlParser):
+    def __init__(self, dataclass_types=None, **kwargs):
+        """TRL reads ``--config`` before argparse sees the flags, so ``--help`` listed no such flag: said here."""
+        kwargs.setdefault("epilog", "--config FILE.yaml: settings from a YAML file (the same names as the flags "
+                                    "above; a flag given beside it wins).")
+        super().__init__(dataclass_types, **kwargs)
+
     def format_usage(self) -> str:
         """The one usage line an error prints above itself (argparse's would list every one of the ~250 flags)."""
         return f"usage: {self.prog} [--config FILE.yaml] [--<setting> VALUE ...]   (every setting: --help)\n"

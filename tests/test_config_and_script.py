@@ -67,6 +67,7 @@ def test_a_misspelled_flag_names_the_nearest_setting_in_every_script(capsys):
 
     with pytest.raises(ValueError, match=r"did you mean --generator for --generatr\?"):
         evaluate_parser().parse_args_and_config(args=["--datasets", "x", "--generatr", "y"])
+    assert "--config FILE.yaml: settings from a YAML file" in make_parser().format_help()  # TRL reads it unlisted
 
 
 def test_a_config_file_that_is_not_yaml_is_refused_with_its_line(tmp_path, capsys):
