@@ -10,7 +10,9 @@ Each subcommand runs the script of that job in ``scripts/`` with the same flags 
 ``dro-rl evaluate ...`` and ``python scripts/evaluate.py ...`` are one code path. The training commands (``train``,
 ``warmup``) go through ``accelerate launch``, as ``trl grpo`` and ``trl sft`` do: flags their script does not know
 (``--num_processes 2``, ``--accelerate_config <file, or a name in configs/accelerate/ or TRL's>``) go to accelerate.
-The scripts sit beside the package, so the command works from a source checkout (``pip install -e .``).
+Their exit status is the script's: 1 for a refusal (one line per process, then one naming the processes that failed,
+with no launcher traceback), 130 after Ctrl-C and 143 after SIGTERM (128 + the signal's number; ``train`` then says
+how to resume). The scripts sit beside the package, so the command works from a source checkout (``pip install -e .``).
 """
 
 from __future__ import annotations
@@ -37,10 +39,13 @@ class Command(NamedTuple):
     script: str
     help: str
     launched: bool  # through `accelerate launch` (training), or run in this process
+    after_interrupt: str = ""  # what to do after Ctrl-C, said last
 
 
 COMMANDS = {
-    "train": Command("train_rl.py", "Train a selector and a generator with DRO (default: the demo)", True),
+    "train": Command("train_rl.py", "Train a selector and a generator with DRO (default: the demo)", True,
+                     "the same command with --resume_from_checkpoint true reuses the finished stages and continues "
+                     "DRO from its newest complete checkpoint"),
     "retrieve": Command("retrieve.py", "Rank each question's candidates, or retrieve them from a corpus", False),
     "warmup": Command("warmup_sft.py", "Warm-up SFT of the selector or the generator", True),
     "evaluate": Command("evaluate.py", "Evaluate retrieval order, selector and oracle picks on datasets", False),
@@ -64,11 +69,27 @@ def main(argv: list[str] | None = None) -> int:
         raise FileNotFoundError(f"{script} not found: `dro-rl {args.command}` runs the scripts of a source checkout "
                                 "of dro-rl (install it with `pip install -e .`)")
     if command.launched:
+        from torch.distributed.elastic.multiprocessing.api import SignalException
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        prog = f"dro-rl {args.command}"
+        if {"-h", "--help"} & set(rest):  # the script's parser prints the rest; it knows nothing of accelerate's
+            print(f"{prog} also takes accelerate launch's flags: --num_processes N, --accelerate_config <file, or "
+                  f"{', '.join(sorted(p.stem for p in ACCELERATE_CONFIGS.glob('*.yaml')))} or a TRL name>, "
+                  "--mixed_precision, --gpu_ids, --main_process_port, ... (all: accelerate launch --help). "
+                  f"{command.script}'s settings:", flush=True)
         try:
-            with refusals_in_one_line(f"dro-rl {args.command}"):  # an accelerate config that cannot run here
+            with refusals_in_one_line(prog, command.after_interrupt):  # an accelerate config that cannot run here
                 launch(script, rest)
         except subprocess.CalledProcessError as err:  # the script has printed why; accelerate's traceback adds nothing
             return err.returncode
+        except ChildFailedError as err:  # the same, from torch elastic's launcher of several processes
+            line, status = failed_processes(err)
+            print(f"{prog}: {line}", file=sys.stderr)
+            return status
+        except SignalException as err:  # Ctrl-C or SIGTERM to that launcher: it has stopped the processes
+            print(interrupted(prog, command.after_interrupt), file=sys.stderr)
+            return 128 + err.sigval
     else:
         run(script, rest)
     return 0
@@ -101,7 +122,7 @@ def refusals_in_one_line(prog: str, after_interrupt: str = "") -> Iterator[None]
     except KeyboardInterrupt:
         if keep_traceback:
             raise
-        print(f"\n{prog}: interrupted" + (f"; {after_interrupt}" if after_interrupt else ""), file=sys.stderr)
+        print(interrupted(prog, after_interrupt), file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError) as err:
         frame = err.__traceback__
@@ -115,6 +136,24 @@ def refusals_in_one_line(prog: str, after_interrupt: str = "") -> Iterator[None]
             raise
         print(f"{prog}: error: {err}" + (" (see --help)" if from_parser else ""), file=sys.stderr)
         sys.exit(2 if from_parser else 1)
+
+
+def interrupted(prog: str, after_interrupt: str) -> str:
+    """The line said after Ctrl-C, on a line of its own: a progress bar may hold the cursor."""
+    return f"\n{prog}: interrupted" + (f"; {after_interrupt}" if after_interrupt else "")
+
+
+def failed_processes(err) -> tuple[str, int]:
+    """``(line, status)`` for a ChildFailedError of torch elastic's launcher, whose failed processes have each printed
+    why: the ranks in the order they ended (the first failed; the launcher stops the others, with SIGTERM), and the
+    exit status of the first (a signal's as a shell gives it, 128 + its number)."""
+    ranks_by_end: dict[str, list[str]] = {}
+    for rank, failure in sorted(err.failures.items(), key=lambda item: (item[1].timestamp, item[0])):
+        end = f"exit status {failure.exitcode}" if failure.exitcode >= 0 else f"signal {failure.signal_name()}"
+        ranks_by_end.setdefault(end, []).append(str(rank))
+    first = err.get_first_failure()[1].exitcode
+    return ("; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)} {'ended' if i else 'failed'} ({end})"
+                      for i, (end, ranks) in enumerate(ranks_by_end.items())), first if first >= 0 else 128 - first)
 
 
 def run(script: Path, args: list[str]) -> None:

@@ -25,6 +25,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,6 +167,21 @@ def data_file_hashes(args: RecipeArguments) -> dict[str, str]:
     return {name: file_sha256(parse_spec(spec)[1]) for name, spec in specs.items() if spec and spec != "demo"}
 
 
+def say(message: str) -> None:
+    """Print on the main process only: under accelerate launch every process runs the recipe, and the others would
+    repeat each line, or say they reuse the data and evaluation the main process has just written for this run."""
+    if PartialState().is_main_process:
+        print(message, flush=True)
+
+
+def use_ddp_timeout(dro: DROConfig) -> None:
+    """Bound every wait on another process by ``ddp_timeout``, as on a GPU: the other processes wait at a barrier while
+    the main one runs a stage alone (retrieval, the "before" evaluation). transformers creates the process group with
+    it when DROConfig sets up its device, but not with ``use_cpu`` (gloo's 30 minutes whatever ``ddp_timeout``)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.distributed_c10d._set_pg_timeout(timedelta(seconds=dro.ddp_timeout))
+
+
 def is_resuming(dro: DROConfig) -> bool:
     return dro.resume_from_checkpoint not in (None, "", "false", "False")
 
@@ -255,17 +271,17 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
     checkpoint = None
     if resuming:
         checkpoint = resolve_checkpoint(True if dro.resume_from_checkpoint in ("true", "True") else
-                                        dro.resume_from_checkpoint, dro.output_dir, print) if _has_checkpoint(dro) \
+                                        dro.resume_from_checkpoint, dro.output_dir, say) if _has_checkpoint(dro) \
             else None
         if checkpoint is None and os.path.isdir(os.path.join(dro.output_dir, "selector")):
             raise ValueError(f"no complete checkpoint to resume from in {dro.output_dir}: its run finished without "
                              "saving checkpoints (save_strategy); to train it longer, start from its models")
         if checkpoint is None and not earlier:
-            print(f"resume: {dro.output_dir} holds no run yet: starting a new one", flush=True)
+            say(f"resume: {dro.output_dir} holds no run yet: starting a new one")
         elif checkpoint is None:
-            print(f"resume: no checkpoint in {dro.output_dir} yet; finished stages are reused, DRO starts at step 0")
+            say(f"resume: no checkpoint in {dro.output_dir} yet; finished stages are reused, DRO starts at step 0")
         else:
-            print(f"resume: DRO continues from {checkpoint}; finished stages are reused", flush=True)
+            say(f"resume: DRO continues from {checkpoint}; finished stages are reused")
     write_json(config, saved_path, default=str)
     return checkpoint
 
@@ -306,7 +322,7 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
     """
     folder = os.path.join(dro.output_dir, "data")
     if os.path.exists(os.path.join(folder, "train.jsonl")):  # written last: the stage finished
-        print(f"data: reusing {folder}", flush=True)
+        say(f"data: reusing {folder}")
         rows = {split: load(os.path.join(folder, f"{split}.jsonl"))[0] if
                 os.path.exists(os.path.join(folder, f"{split}.jsonl")) else [] for split in ("train", "eval")}
         return rows["train"], rows["eval"]
@@ -319,7 +335,7 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
             seed=dro.seed,
         )
         train, evals = make_split(world, args.demo_num_train, 1), make_split(world, args.demo_num_eval, 2)
-        print(f"retrieval: ranking the candidates of {len(train) + len(evals)} demo questions", flush=True)
+        say(f"retrieval: ranking the candidates of {len(train) + len(evals)} demo questions")
         train, evals = retrieval_order(train, retriever), retrieval_order(evals, retriever)
     else:
         def ranked(spec: str, limit: int | None, split: str) -> list[dict]:
@@ -337,7 +353,7 @@ def data_stage(args: RecipeArguments, dro: DROConfig) -> tuple[list[dict], list[
         evaluation; ``on_bad_row: skip`` drops and counts the bad rows."""
         rows, stats = check_dataset(rows, dro.num_docs_selected, dro.on_bad_row, name=name)
         if stats.skipped:
-            print(stats.summary(), flush=True)
+            say(stats.summary())
         skipped[split] += stats.skipped
         return rows
 
@@ -373,9 +389,9 @@ def build_models(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig,
         n = max(len(r["passages"]) for r in rows)
         tok = demo_tokenizer(rows, n, dro.num_docs_selected)
         if args.dataset != "demo":  # the demo's models on a user's data: say so, it is no model that reads
-            print(f"models: no --model_name_or_path, so both are the demo's tiny random models ({args.demo_num_layers} "
-                  f"layers, {args.demo_hidden_size} wide) over a {len(tok)}-word tokenizer of this data: a smoke run. "
-                  "Name a model (e.g. --model_name_or_path smollm2-135m) to train a pretrained one", flush=True)
+            say(f"models: no --model_name_or_path, so both are the demo's tiny random models ({args.demo_num_layers} "
+                f"layers, {args.demo_hidden_size} wide) over a {len(tok)}-word tokenizer of this data: a smoke run. "
+                "Name a model (e.g. --model_name_or_path smollm2-135m) to train a pretrained one")
 
         def demo_model(role: str, seed: int):
             warmed = _warmed_up(dro, role, "")
@@ -432,9 +448,9 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
         if steps <= 0:
             return
         if os.path.isdir(saved):
-            print(f"warm-up: reusing the {role} in {saved}", flush=True)
+            say(f"warm-up: reusing the {role} in {saved}")
             return
-        print(f"warm-up: {role} SFT, {steps} step{'s' if steps != 1 else ''}", flush=True)
+        say(f"warm-up: {role} SFT, {steps} step{'s' if steps != 1 else ''}")
         config = warmup_config(os.path.join(dro.output_dir, "warmup", f"{role}-trainer"), steps,
                                args.warmup_batch_size, args.warmup_learning_rate, dro)
         run_sft(model, tokenizer, make_rows(), config)
@@ -453,8 +469,8 @@ def warmup_stage(args: RecipeArguments, dro: DROConfig, selector, tok, generator
     def selector_rows() -> list[dict]:
         picks = None
         if args.selector_warmup_target == "best_reward":  # read from the generator just warmed up
-            print(f"warm-up: the selector's targets are the reward's best K = {dro.num_docs_selected} of each "
-                  "training question's passages, scored by the generator", flush=True)
+            say(f"warm-up: the selector's targets are the reward's best K = {dro.num_docs_selected} of each "
+                "training question's passages, scored by the generator")
             picks = reward_picks(train_rows, dro.num_docs_selected, generator, gtok, dro.generator_prompt(),
                                  dro.per_device_eval_batch_size, progress=not dro.disable_tqdm)
             # What the selector is taught, beside it: ids as the selector writes them, in the rows' retrieval order.
@@ -487,11 +503,11 @@ def evaluation_stage(name: str, dro: DROConfig, eval_rows, selector, tok, gramma
     if os.path.exists(path):
         saved = read_json(path)
         if saved.get(STEP_KEY) == step:
-            print(f"evaluation ({name} DRO): reusing {path}", flush=True)
+            say(f"evaluation ({name} DRO): reusing {path}")
             return saved
-        print(f"evaluation ({name} DRO): {path} was made with the models of step {saved.get(STEP_KEY)}, these are "
-              f"step {step}: evaluating again", flush=True)
-    print(f"evaluation ({name} DRO): {len(eval_rows)} questions", flush=True)
+        say(f"evaluation ({name} DRO): {path} was made with the models of step {saved.get(STEP_KEY)}, these are "
+            f"step {step}: evaluating again")
+    say(f"evaluation ({name} DRO): {len(eval_rows)} questions")
     results = compare(eval_rows, selector, tok, grammar, dro.selector_prompt(), generator, gtok,
                       dro.generator_prompt(), seed=dro.seed, max_new_tokens=dro.max_answer_tokens,
                       batch_size=dro.per_device_eval_batch_size, progress=not dro.disable_tqdm)
@@ -545,6 +561,7 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     start = time.time()
     # Under accelerate launch every process runs the recipe. The stages that write the run folder without a
     # collective run on the main process first; the others then find its files and reuse them, as a resume does.
+    use_ddp_timeout(dro)
     if dro.disable_tqdm:  # also transformers' own bars (loading and writing weights) and datasets' (map)
         transformers.utils.logging.disable_progress_bar()
         datasets.disable_progress_bars()

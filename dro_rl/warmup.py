@@ -14,6 +14,8 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+import datasets
+from accelerate import PartialState
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
@@ -73,6 +75,8 @@ def run_sft(model, tokenizer, rows: list[dict], args: SFTConfig) -> SFTTrainer:
             "its target; lower the per-passage token budget or raise max_length"
         )
     args.completion_only_loss = True
+    if not PartialState().is_main_process:  # every process maps the rows: one "Building labels" bar is enough
+        datasets.disable_progress_bars()
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     trainer.train()
     return trainer

@@ -22,8 +22,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def two_processes(script: str, *args) -> None:
-    """``script`` on two gloo processes; fails with the workers' output when they fail or hang."""
+def two_processes(script: str, *args) -> str:
+    """``script`` on two gloo processes; fails with the workers' output when they fail or hang, else returns their
+    standard output."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent)}
     port = str(free_port())  # not a fixed one: another test run or launcher on this machine may hold it
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
@@ -33,12 +34,13 @@ def two_processes(script: str, *args) -> None:
     launcher = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
     try:
-        _, stderr = launcher.communicate(timeout=300)
+        stdout, stderr = launcher.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(launcher.pid, signal.SIGKILL)
         launcher.communicate()
         pytest.fail("the two processes did not finish within 300 s (a hang in a collective)")
     assert launcher.returncode == 0, stderr[-3000:]
+    return stdout
 
 
 @pytest.mark.slow
@@ -79,12 +81,36 @@ def test_a_two_process_run_resumed_inside_a_later_pass_equals_the_uninterrupted_
 @pytest.mark.slow
 def test_the_training_command_runs_its_stages_on_two_processes(tmp_path):
     """scripts/train_rl.py under a two-process launcher: every rank trains the warm-up and probes the run folder; one
-    writes. Before, the ranks' probes and warm-up saves removed each other's files (about every other start)."""
+    writes. Before, the ranks' probes and warm-up saves removed each other's files (about every other start); and
+    rank 1 repeated the log lines, saying on a fresh run that it reused the data and evaluation rank 0 had just
+    written."""
     out = tmp_path / "run"
-    two_processes(ROOT / "scripts" / "train_rl.py", "--config", ROOT / "configs" / "demo.yaml", "--output_dir", out,
-                  "--max_steps", "2", "--demo_num_train", "32", "--demo_num_eval", "8", "--generator_warmup_steps", "2",
-                  "--per_device_train_batch_size", "16", "--disable_tqdm", "true")
+    said = two_processes(ROOT / "scripts" / "train_rl.py", "--config", ROOT / "configs" / "demo.yaml",
+                         "--output_dir", out, "--max_steps", "2", "--demo_num_train", "32", "--demo_num_eval", "8",
+                         "--generator_warmup_steps", "2", "--per_device_train_batch_size", "16", "--disable_tqdm",
+                         "true")
     state = json.loads((out / "trainer_state.json").read_text())
     # 8 questions per step (4 on each rank) of 32: two steps are half a pass; on one process they would be a quarter
     assert [h["epoch"] for h in state["log_history"] if "selector/loss" in h] == [0.5]
     assert (out / "warmup" / "generator" / "model.safetensors").exists() and (out / "report.json").exists()
+    assert "reusing" not in said
+    for line in ("retrieval: ranking", "warm-up: generator SFT, 2 steps", "evaluation (before DRO): 8 questions"):
+        assert said.count(line) == 1, (line, said)
+
+
+def test_the_process_group_waits_as_long_as_ddp_timeout_on_a_cpu(tmp_path):
+    """The other processes wait for the main one's stages (retrieval, the "before" evaluation) at a barrier. With
+    use_cpu, transformers created the process group with gloo's default 30 minutes whatever --ddp_timeout said."""
+    probe = ("from datetime import timedelta\n"
+             "import torch\n"
+             "from dro_rl import DROConfig\n"
+             "from dro_rl.recipe import use_ddp_timeout\n"
+             f"dro = DROConfig(output_dir={str(tmp_path)!r}, use_cpu=True, bf16=False, report_to='none', "
+             "ddp_timeout=77)\n"
+             "group = torch.distributed.distributed_c10d._get_default_group()\n"
+             "use_ddp_timeout(dro)\n"
+             "assert group._get_backend(torch.device('cpu')).options._timeout == timedelta(seconds=77)\n")
+    env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]

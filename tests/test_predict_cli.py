@@ -277,3 +277,73 @@ def test_a_cpu_accelerate_config_starts_its_processes_and_num_processes_below_on
     with pytest.raises(SystemExit):
         cli.main(["train", "--num_processes", "0"])
     assert "dro-rl train: error: --num_processes must be >= 1, got 0" in capsys.readouterr().err and len(launched) == 1
+
+
+@pytest.mark.parametrize("signal_name, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_dro_rl_train_interrupted_on_several_processes_says_so_in_one_line(monkeypatch, capsys, signal_name, status):
+    """torch elastic's launcher turns Ctrl-C (and SIGTERM) into a SignalException: it ended in its traceback, with
+    status 1 and no word of how to resume."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    def interrupted(args):
+        raise SignalException("Process 1 got signal: 2", sigval=signal.Signals[signal_name])
+
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", interrupted)
+    assert cli.main(["train", "--num_processes", "2"]) == status
+    assert capsys.readouterr().err == ("\ndro-rl train: interrupted; the same command with --resume_from_checkpoint "
+                                       "true reuses the finished stages and continues DRO from its newest complete "
+                                       "checkpoint\n")
+
+
+def test_dro_rl_train_interrupted_on_one_process_says_how_to_resume(monkeypatch, capsys):
+    """accelerate's one-process launcher lets Ctrl-C through as KeyboardInterrupt: the line had no resume hint."""
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["train"])
+    assert stop.value.code == 130 and capsys.readouterr().err.endswith("dro-rl train: interrupted; the same command "
+                                                                       "with --resume_from_checkpoint true reuses the "
+                                                                       "finished stages and continues DRO from its "
+                                                                       "newest complete checkpoint\n")
+
+
+def test_dro_rl_train_on_several_processes_returns_the_first_failures_status_in_one_line(monkeypatch, capsys,
+                                                                                         tmp_path):
+    """Each process has printed its refusal; torch elastic's ChildFailedError added its traceback and a 35-line
+    table."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    def failed(exitcodes: dict[int, int]):
+        def launch_command(args):
+            failures = {rank: ProcessFailure(rank, 100 + rank, code, str(tmp_path / "none")) for rank, code in
+                        exitcodes.items()}
+            for order, failure in enumerate(failures.values()):  # in the order given
+                failure.timestamp = order
+            raise ChildFailedError(args.training_script, failures)
+        return launch_command
+
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", failed({0: 1, 1: 1}))
+    assert cli.main(["train", "--num_processes", "2"]) == 1
+    assert capsys.readouterr().err == "dro-rl train: ranks 0, 1 failed (exit status 1)\n"
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", failed({0: -15, 1: 1, 2: -9}))
+    assert cli.main(["train", "--num_processes", "3"]) == 143  # rank 0 was killed first, with SIGTERM
+    assert capsys.readouterr().err == ("dro-rl train: rank 0 failed (signal SIGTERM); rank 1 ended (exit status 1); "
+                                       "rank 2 ended (signal SIGKILL)\n")
+    monkeypatch.setattr("accelerate.commands.launch.launch_command", failed({1: 1, 0: -15}))  # as a 2-process refusal
+    assert cli.main(["warmup", "--data", "d.jsonl", "--role", "generator", "--num_processes", "2"]) == 1
+    assert capsys.readouterr().err == "dro-rl warmup: rank 1 failed (exit status 1); rank 0 ended (signal SIGTERM)\n"
+
+
+@pytest.mark.parametrize("command, setting", [("train", "--max_steps"), ("warmup", "--role")])
+def test_dro_rl_training_help_names_the_launch_flags_it_takes_too(capsys, command, setting):
+    """--help listed the script's settings only, not --num_processes and the other flags it hands to accelerate."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main([command, "--help"])
+    first, rest = capsys.readouterr().out.split("\n", 1)
+    assert stop.value.code == 0 and first.startswith(f"dro-rl {command} also takes accelerate launch's flags: "
+                                                     "--num_processes N, --accelerate_config <file, or ddp, fsdp")
+    assert "--mixed_precision" in first and f"  {setting} " in rest

@@ -766,3 +766,50 @@ def test_best_reward_warmup_teaches_the_selector_the_warmed_up_generators_best_p
     assert taught[0]["passages"][0] == train[0]["passages"][calls[0]["picks"][0][0]]["text"]
     run(*flags, "--max_steps", "2", "--resume_from_checkpoint", "true")
     assert len(calls) == 1  # the saved selector is reused: no second scoring pass
+
+
+def test_only_the_main_process_says_what_the_stages_reuse(tmp_path, finished_run, capsys, monkeypatch):
+    """Under accelerate launch every process runs the recipe: rank 1 repeated the main process's lines, and on a fresh
+    run said "data: reusing" and "evaluation (before DRO): reusing" of the files rank 0 had just written."""
+    from dro_rl import recipe
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    args, dro, model_args = parse(*TINY_DEMO, "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps",
+                                  "--save_steps", "2", "--resume_from_checkpoint", "true")
+
+    def stages() -> None:
+        recipe.prepare(args, dro, model_args)
+        train_rows, eval_rows = recipe.data_stage(args, dro)
+        recipe.warmup_stage(args, dro, None, None, "generator", None, train_rows, None)  # reused: no model is read
+        recipe.evaluation_stage("before", dro, eval_rows, None, None, None, None, None)
+
+    stages()
+    said = capsys.readouterr().out
+    for line in ("resume: DRO continues from", "data: reusing", "warm-up: reusing the generator",
+                 "evaluation (before DRO): reusing"):
+        assert line in said, line  # one process: as before
+    monkeypatch.setattr(recipe, "PartialState", type("Rank1", (), {"is_main_process": False}))
+    stages()
+    assert capsys.readouterr().out == ""
+
+
+def test_only_the_main_process_shows_the_warm_ups_labelling_bar(tmp_path, capsys, monkeypatch):
+    """Every process of a two-process warm-up showed TRL's "Building labels" bar."""
+    import datasets
+
+    from dro_rl import warmup
+    from tiny_run import tiny_task
+
+    _, tok, _, generator = tiny_task()
+    rows = [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1]}] * 4
+    dro = DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, report_to="none")
+    datasets.enable_progress_bars()  # a recipe run of this process with disable_tqdm turned them off
+    try:
+        warmup.run_sft(generator, tok, rows, warmup_config(str(tmp_path / "a"), 1, 2, 1e-3, dro))
+        assert "Building labels" in capsys.readouterr().err
+        monkeypatch.setattr(warmup, "PartialState", type("Rank1", (), {"is_main_process": False}), raising=False)
+        warmup.run_sft(generator, tok, rows, warmup_config(str(tmp_path / "b"), 1, 2, 1e-3, dro))
+        assert "Building labels" not in capsys.readouterr().err
+    finally:
+        datasets.enable_progress_bars()
