@@ -23,6 +23,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
@@ -36,7 +37,7 @@ from accelerate import PartialState
 from datasets import Dataset, DatasetInfo
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
-from .config import EVAL_METRICS, DROConfig, check_field_types
+from .config import FP16_ON_CPU, DROConfig, check_field_types
 from .data import check_data_file, check_dataset, load, write_jsonl
 from .demo import WorldConfig, demo_tokenizer, make_split, tiny_llama
 from .evaluation import reward_picks
@@ -46,7 +47,7 @@ from .pipeline import compare, load_ranked, make_retriever, parse_spec, retrieva
 from .report import build_report, write_report
 from .resume import claim_output_dir, resolve_checkpoint, run_artefacts, run_defining_settings
 from .selector import IdGrammar, passage_text
-from .trainer import DROTrainer
+from .trainer import CandidateOrderWarning, DROTrainer
 from .warmup import generator_sft_rows, run_sft, selector_sft_rows, selector_targets, warmup_config
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
@@ -205,18 +206,14 @@ def prepare(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> s
     if dro.share_base_model and dro.generator_model_name_or_path not in (None, model_args.model_name_or_path):
         raise ValueError(f"share_base_model: the generator is an adapter on {model_args.model_name_or_path}, not "
                          f"{dro.generator_model_name_or_path}")
-    if dro.metric_for_best_model is not None and dro.metric_for_best_model.removeprefix("eval_") not in EVAL_METRICS:
-        raise ValueError(f"metric_for_best_model={dro.metric_for_best_model!r} is not a metric of DROTrainer's "
-                         f"evaluation: use one of {list(EVAL_METRICS)} (the eval_ prefix is optional)")
     if dro.share_base_model and not model_args.use_peft:
         raise ValueError("share_base_model needs LoRA adapters: set use_peft: true (and lora_r, ...)")
     # TRL's ModelConfig, from the same YAML (`model_name_or_path: 123`): its string settings only, since its
     # `lora_target_modules: list[str]` is narrower than what PEFT takes ("all-linear")
     check_field_types(model_args, ("model_name_or_path", "model_revision", "dtype", "attn_implementation"))
     no_gpu = dro.use_cpu or not torch.cuda.is_available()
-    if dro.fp16 and no_gpu:
-        raise ValueError("fp16: true has no effect on a CPU (Accelerate's CPU autocast is bf16 only): the run would "
-                         "train in float32 and record fp16; leave it false, or use bf16: true with use_cpu: true")
+    if dro.fp16 and no_gpu:  # DROTrainer refuses it too, but only after the warm-up
+        raise ValueError(FP16_ON_CPU)
     models = [model_args.model_name_or_path, dro.generator_model_name_or_path or model_args.model_name_or_path]
     built = any(name is None or name.startswith("tiny:") for name in models)  # from a config, in float32
     if model_args.load_in_4bit or model_args.load_in_8bit:
@@ -530,12 +527,14 @@ def dro_stage(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig, se
     as_dataset = lambda rows, name: Dataset.from_list(  # noqa: E731  (the name is what the model card cites)
         [{c: r[c] for c in columns} for r in rows], info=DatasetInfo(dataset_name=name))
     peft_config = get_peft_config(model_args)
-    trainer = DROTrainer(
-        model=selector, generator=generator, args=dro, train_dataset=as_dataset(train_rows, args.dataset),
-        eval_dataset=as_dataset(eval_rows, args.eval_dataset) if eval_rows else None,
-        processing_class=tok, generator_processing_class=gtok,
-        peft_config=peft_config, generator_peft_config=peft_config,
-    )
+    with warnings.catch_warnings():  # the data stage put every row in the retriever's order, as pipeline.json says
+        warnings.simplefilter("ignore", CandidateOrderWarning)
+        trainer = DROTrainer(
+            model=selector, generator=generator, args=dro, train_dataset=as_dataset(train_rows, args.dataset),
+            eval_dataset=as_dataset(eval_rows, args.eval_dataset) if eval_rows else None,
+            processing_class=tok, generator_processing_class=gtok,
+            peft_config=peft_config, generator_peft_config=peft_config,
+        )
     trainer.train(resume_from_checkpoint=checkpoint)
     trainer.save_model()
     return trainer

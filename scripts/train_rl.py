@@ -17,7 +17,7 @@ from accelerate import PartialState
 from trl import ModelConfig
 
 from dro_rl import DROConfig
-from dro_rl.cli import refusals_in_one_line
+from dro_rl.cli import COMMANDS, refusals_in_one_line
 from dro_rl.parser import DROParser
 from dro_rl.recipe import RecipeArguments, run_recipe, with_default_config
 
@@ -32,7 +32,6 @@ def make_parser(subparsers=None) -> DROParser:
 
 
 if __name__ == "__main__":
-    with refusals_in_one_line("train_rl.py", "the same command with --resume_from_checkpoint true reuses the "
-                              "finished stages and continues DRO from its newest complete checkpoint"):
+    with refusals_in_one_line("train_rl.py", COMMANDS["train"].after_interrupt):
         main(*make_parser().parse_args_and_config(args=with_default_config(sys.argv[1:])))
     PartialState().destroy_process_group()  # a clean exit under accelerate launch / torchrun (no gloo/NCCL abort)

@@ -813,3 +813,17 @@ def test_only_the_main_process_shows_the_warm_ups_labelling_bar(tmp_path, capsys
         assert "Building labels" not in capsys.readouterr().err
     finally:
         datasets.enable_progress_bars()
+
+
+def test_the_recipe_trains_on_rows_it_ranked_without_the_candidate_order_warning(tmp_path):
+    """The warning is for rows a user brings in their own order; the recipe ranked its rows with the retriever that
+    pipeline.json records, so it would only be noise there."""
+    import warnings
+
+    from dro_rl.trainer import CandidateOrderWarning
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        run(*TINY_DEMO, "--output_dir", str(tmp_path / "run"), "--max_steps", "1")
+    assert (tmp_path / "run" / "report.json").exists()
+    assert not [w for w in seen if issubclass(w.category, CandidateOrderWarning)]
