@@ -17,7 +17,6 @@ how to resume). The scripts sit beside the package, so the command works from a 
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 import runpy
@@ -145,15 +144,18 @@ def interrupted(prog: str, after_interrupt: str) -> str:
 
 def failed_processes(err) -> tuple[str, int]:
     """``(line, status)`` for a ChildFailedError of torch elastic's launcher, whose failed processes have each printed
-    why: the ranks in the order they ended (the first failed; the launcher stops the others, with SIGTERM), and the
-    exit status of the first (a signal's as a shell gives it, 128 + its number)."""
-    ranks_by_end: dict[str, list[str]] = {}
-    for rank, failure in sorted(err.failures.items(), key=lambda item: (item[1].timestamp, item[0])):
+    why: the ranks that exited with a status failed, and the launcher then stopped the others with a signal (their
+    timestamps do not say which came first); when every one ended by a signal, those are the failures. The status is
+    the first failure's (a signal's as a shell gives it, 128 + its number)."""
+    exited = {rank: f for rank, f in err.failures.items() if f.exitcode >= 0}
+    failed = exited or err.failures
+    groups: dict[tuple[bool, str], list[str]] = {}
+    for rank, failure in sorted(err.failures.items(), key=lambda item: (item[0] not in failed, item[0])):
         end = f"exit status {failure.exitcode}" if failure.exitcode >= 0 else f"signal {failure.signal_name()}"
-        ranks_by_end.setdefault(end, []).append(str(rank))
-    first = err.get_first_failure()[1].exitcode
-    return ("; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)} {'ended' if i else 'failed'} ({end})"
-                      for i, (end, ranks) in enumerate(ranks_by_end.items())), first if first >= 0 else 128 - first)
+        groups.setdefault((rank in failed, end), []).append(str(rank))
+    first = min(failed.values(), key=lambda f: f.timestamp).exitcode
+    return ("; ".join(f"rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)} {'failed' if hit else 'ended'} ({end})"
+                      for (hit, end), ranks in groups.items()), first if first >= 0 else 128 - first)
 
 
 def run(script: Path, args: list[str]) -> None:
@@ -171,6 +173,8 @@ def launch(script: Path, args: list[str]) -> None:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from trl.cli.accelerate_config import resolve_accelerate_config_argument
     from trl.cli.commands.training import _subtract_subsequence
+
+    from .parser import refuse_unknown_arguments
 
     parser = load_script(script).make_parser()
     # Only told apart here, not checked: the launched script parses and validates (and may add a default --config).
@@ -197,12 +201,10 @@ def launch(script: Path, args: list[str]) -> None:
     launcher = launch_command_parser()
     known = {flag for parsers in (launcher, parser) for a in parsers._actions for flag in a.option_strings}
     known.add("--accelerate_config")  # TRL's, resolved above
-    unknown = [word for word in cli_rest if word.startswith("--") and word.split("=")[0] not in known]
-    if unknown:  # neither the script's nor accelerate's: accelerate's refusal printed its whole usage, no hint
-        hints = [f"{match[0]} for {word}" for word in unknown
-                 for match in [difflib.get_close_matches(word.split("=")[0], sorted(known), 1)] if match]
-        raise ValueError(f"unknown arguments (neither {script.name}'s settings nor accelerate launch's flags): "
-                         f"{' '.join(unknown)}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+    # neither the script's nor accelerate's: accelerate's refusal printed its whole usage, and no hint
+    refuse_unknown_arguments([word for word in cli_rest if word.startswith("--") and word.split("=")[0] not in known],
+                             list(known), f"unknown arguments (neither {script.name}'s settings nor accelerate "
+                             "launch's flags)")
     parsed = launcher.parse_args([*launch_args, str(script), *script_args])
     modes = (parsed.multi_gpu, parsed.use_deepspeed, parsed.use_fsdp, parsed.use_megatron_lm, parsed.tpu,
              parsed.config_file)
@@ -217,8 +219,11 @@ def launch(script: Path, args: list[str]) -> None:
             modes = ()
     if (parsed.num_processes or 1) > 1 and not any(modes) and not torch.cuda.is_available():
         # accelerate starts ONE process for `--num_processes 2` when it finds no GPU and is given no launch mode;
-        # its multi-process launcher (`--multi_gpu`, by name) runs the processes on the CPU with gloo.
+        # its multi-process launcher (`--multi_gpu`, by name) runs the processes on the CPU with gloo, once they are
+        # told so (ACCELERATE_USE_CPU, which transformers reads; accelerate refuses `--cpu` beside `--multi_gpu`):
+        # without it, or use_cpu, each process found no GPU and trained on its own, all in one folder.
         parsed.multi_gpu = True
+        os.environ["ACCELERATE_USE_CPU"] = "true"  # the processes inherit this process's environment
     launch_command(parsed)
 
 

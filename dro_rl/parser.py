@@ -46,6 +46,16 @@ def refuse_repeated_keys(path: str) -> None:
                          "would keep the last in silence; keep one")
 
 
+def refuse_unknown_arguments(words: list[str], known: list[str], what: str = "unknown arguments") -> None:
+    """Refuse command-line words no parser took, with the nearest known flag for each misspelt one (a parser's
+    refusal: ``refusals_in_one_line`` ends it with status 2, as argparse's own)."""
+    if words:
+        flags = sorted(flag for flag in known if flag.startswith("--"))
+        hints = [f"{match[0]} for {word}" for word in words if word.startswith("--")
+                 for match in [difflib.get_close_matches(word.split("=")[0], flags, 1)] if match]
+        raise ValueError(f"{what}: {' '.join(words)}" + (f"; did you mean {', '.join(hints)}?" if hints else ""))
+
+
 class DROParser(TrlParser):
     def __init__(self, dataclass_types=None, **kwargs):
         """TRL reads ``--config`` before argparse sees the flags, so ``--help`` listed no such flag: said here."""
@@ -75,12 +85,7 @@ class DROParser(TrlParser):
             raise ValueError(f"the --config file is not valid YAML: {' '.join(str(err).split())}") from None
         if return_remaining_strings:
             return output
-        if output[-1]:
-            known = [flag for action in self._actions for flag in action.option_strings if flag.startswith("--")]
-            hints = [f"{match[0]} for {word}" for word in output[-1] if word.startswith("--")
-                     for match in [difflib.get_close_matches(word.split("=")[0], known, 1)] if match]
-            raise ValueError(f"unknown arguments: {' '.join(output[-1])}" +
-                             (f"; did you mean {', '.join(hints)}?" if hints else ""))
+        refuse_unknown_arguments(output[-1], [flag for action in self._actions for flag in action.option_strings])
         return output[:-1]
 
     def set_defaults_with_config(self, **kwargs) -> list[str]:

@@ -48,6 +48,7 @@ from typing import Any
 import torch
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, gather_object
+from datasets import Dataset
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import PreTrainedModel, Trainer, TrainerCallback, TrainerState
@@ -190,6 +191,8 @@ class DROTrainer(GRPOTrainer):
         self._pass_sampler: _PassSeededSampler | None = None  # made with the train dataloader
         self._record: dict | None = None  # dro_run.json (_run_record)
         refuse_deepspeed(args)
+        # rows as a list, as evaluate() takes them (GRPOTrainer takes only a Dataset)
+        train_dataset = Dataset.from_list(train_dataset) if isinstance(train_dataset, list) else train_dataset
         self.data_stats = []
         if train_dataset is not None:
             train_dataset, stats = check_dataset(train_dataset, args.num_docs_selected, args.on_bad_row)
@@ -207,6 +210,12 @@ class DROTrainer(GRPOTrainer):
                             for name, data in eval_dataset.items()}
         elif eval_dataset is not None:
             eval_dataset = self._checked_eval_rows(eval_dataset, args)
+        metric = (args.metric_for_best_model or "").removeprefix("eval_")
+        metrics = ([f"{name}_{m}" for name in eval_dataset for m in EVAL_METRICS] if isinstance(eval_dataset, dict)
+                   else list(EVAL_METRICS))
+        if metric and eval_dataset is not None and metric not in metrics:  # else a KeyError at the first evaluation
+            raise ValueError(f"metric_for_best_model={args.metric_for_best_model!r} is not among this trainer's "
+                             f"evaluation metrics: {metrics} (eval_ prefix optional)")
         for stats in self.data_stats:
             if stats.skipped:
                 logger.warning(stats.summary())

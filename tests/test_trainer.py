@@ -259,6 +259,7 @@ def test_python_api_mistakes_are_refused_by_name_before_training(tmp_path, demo_
         DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, neftune_noise_alpha=5.0)
     with pytest.raises(NotImplementedError, match="DROTrainer has no prediction loop"):
         build().predict(data)
+    assert len(build(train_dataset=[dict(r) for r in data]).train_dataset) == len(data)  # TRL took only a Dataset
 
 
 def test_evaluate_takes_a_dict_of_sets_and_checks_a_set_given_to_it(tmp_path, demo_rows, word_tok):
@@ -275,6 +276,12 @@ def test_evaluate_takes_a_dict_of_sets_and_checks_a_set_given_to_it(tmp_path, de
     alone = trainer.evaluate(sets["two"], metric_key_prefix="eval_two")
     assert alone["eval_two_answer_em"] == metrics["eval_two_answer_em"]
     assert trainer.evaluate("one")["eval_answer_em"] == metrics["eval_one_answer_em"]  # a name, as the Trainer passes
+    with pytest.raises(ValueError, match=r"metric_for_best_model='answer_em' is not among this trainer's evaluation "
+                                         r"metrics: \['one_support_recall_at_k'"):  # a KeyError after the first step
+        DROTrainer(model=make_model(word_tok), generator=make_model(word_tok, seed=1),
+                   args=tiny_args(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="steps"),
+                   train_dataset=[dict(r) for r in as_dataset(demo_rows)], eval_dataset=sets,  # rows as a list too
+                   processing_class=word_tok, generator_processing_class=word_tok)
     bad = [dict(r) for r in as_dataset(demo_rows[:2])]
     bad[1]["answers"] = []
     with pytest.raises(DataError, match="eval_dataset question 2: field 'answers'"):
