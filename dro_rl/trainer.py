@@ -276,8 +276,8 @@ class DROTrainer(GRPOTrainer):
         self.add_callback(_StopOnNonFiniteParameters(self))
         self._nonfinite_losses, self._skipped_in_a_row = 0, 0
 
-        datasets = [train_dataset] if train_dataset is not None else []
-        datasets += list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset] * bool(eval_dataset)
+        datasets = [d for d in [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else
+                                                [eval_dataset])] if d is not None]
         max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
         self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
         self.selector_prompt, self.generator_prompt = args.selector_prompt(), args.generator_prompt()
