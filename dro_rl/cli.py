@@ -11,7 +11,7 @@ Each subcommand runs the script of that job in ``scripts/`` with the same flags 
 ``warmup``) go through ``accelerate launch``, as ``trl grpo`` and ``trl sft`` do: flags their script does not know
 (``--num_processes 2``, ``--accelerate_config <file, or a name in configs/accelerate/ or TRL's>``) go to accelerate.
 Their exit status is the script's: 1 for a refusal (one line per process, then one naming the processes that failed,
-with no launcher traceback), 130 after Ctrl-C and 143 after SIGTERM (128 + the signal's number; ``train`` then says
+with no launcher traceback; 2 for an unknown flag, as argparse's), 130 after Ctrl-C and 143 after SIGTERM (128 + the signal's number; ``train`` then says
 how to resume). The scripts sit beside the package, so the command works from a source checkout (``pip install -e .``).
 """
 
