@@ -308,6 +308,14 @@ class DROConfig(GRPOConfig, PipelineConfig):
                 f"{self.num_generations}): no step could run; give more questions or lower "
                 "per_device_train_batch_size")
 
+    def check_prompts_fit(self, tok, gtok, rows) -> None:
+        """Build both prompts for the question with the most candidates and for the longest question: a
+        ``max_prompt_length`` / ``generator_max_prompt_length`` too small for them is refused before any training,
+        not at DRO's first step (after the recipe's warm-up and "before" evaluation)."""
+        for row in (max(rows, key=lambda r: len(r["passages"])), max(rows, key=lambda r: len(r["question"]))):
+            self.selector_prompt()(tok, row["question"], row["passages"])
+            self.generator_prompt()(gtok, row["question"], row["passages"][: self.num_docs_selected])
+
     def _check_whole_groups(self, steps_per_generation: int, single: bool = False) -> None:
         local_rows = self.per_device_train_batch_size * steps_per_generation
         if local_rows % self.num_generations != 0:

@@ -534,8 +534,9 @@ def check_dataset(dataset, k: int, on_error: OnError = "raise", name: str = "tra
     read: dict[int, dict] = {}
 
     def check(where: str, row: dict) -> int:
-        if "passages" not in row:  # else "has 0 candidates", as if the field were there and empty
-            _fail(where, "passages", f"is missing (the row's fields: {sorted(k for k in row if k != '__index__')})")
+        for required in ("question", "answers", "passages"):  # else "has 0 candidates", "must be a non-empty list"
+            if required not in row:
+                _fail(where, required, f"is missing (the row's fields: {sorted(k for k in row if k != '__index__')})")
         read[row["__index__"]] = _canonical(where, row, min_passages=k)
         return row["__index__"]
 

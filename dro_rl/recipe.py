@@ -545,16 +545,6 @@ def dro_stage(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig, se
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def check_prompts_fit(dro: DROConfig, tok, gtok, rows: list[dict]) -> None:
-    """Build both prompts for the question with the most candidates and for the longest question: a
-    ``max_prompt_length`` / ``generator_max_prompt_length`` too small for them is refused before the warm-up and
-    the "before" evaluation, not at DRO's first step."""
-    for row in {id(r): r for r in (max(rows, key=lambda r: len(r["passages"])),
-                                   max(rows, key=lambda r: len(r["question"])))}.values():
-        dro.selector_prompt()(tok, row["question"], row["passages"])
-        dro.generator_prompt()(gtok, row["question"], row["passages"][: dro.num_docs_selected])
-
-
 def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -> dict:
     """data -> retrieval -> warm-up -> evaluate -> DRO -> evaluate -> report; finished stages are reused on resume."""
     start = time.time()
@@ -575,7 +565,7 @@ def run_recipe(args: RecipeArguments, dro: DROConfig, model_args: ModelConfig) -
     dro.check_enough_questions(len(train_rows))  # before the models load and the warm-up trains
     selector, tok, generator, gtok = build_models(args, dro, model_args, train_rows + eval_rows)
     grammar = IdGrammar(tok, max(len(r["passages"]) for r in train_rows + eval_rows))
-    check_prompts_fit(dro, tok, gtok, train_rows + eval_rows)
+    dro.check_prompts_fit(tok, gtok, train_rows + eval_rows)  # before the warm-up and the "before" evaluation
     warmup_stage(args, dro, selector, tok, generator, gtok, train_rows, grammar)                       # 2
     with first():
         before = evaluation_stage("before", dro, eval_rows, selector, tok, grammar, generator or selector, gtok)  # 3

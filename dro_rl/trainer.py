@@ -281,6 +281,8 @@ class DROTrainer(GRPOTrainer):
         max_candidates = max((len(p) for d in datasets for p in d["passages"]), default=100)
         self.grammar = IdGrammar(self.processing_class, max(max_candidates, 1))
         self.selector_prompt, self.generator_prompt = args.selector_prompt(), args.generator_prompt()
+        for data in datasets:
+            args.check_prompts_fit(self.processing_class, self.generator_processing_class, data)
 
     def _init_generator(self, generator, generator_processing_class, generator_peft_config, quantization_config):
         """The generator as a second model: loaded if named, LoRA-wrapped if asked, DDP-wrapped when trainable."""

@@ -482,6 +482,8 @@ def test_trainer_rows_are_read_as_the_file_reader_reads_them():
     with pytest.raises(DataError, match=r"question 1: field 'passages' is missing \(the row's fields: \['answers', "
                                         r"'ctxs', 'question'\]\)"):
         check_dataset([{"question": "q?", "answers": ["x"], "ctxs": []}], 2)
+    with pytest.raises(DataError, match=r"question 1: field 'answers' is missing \(the row's fields: \['answer', "):
+        check_dataset([{"question": "q?", "answer": "x", "passages": texts}], 2)
     import pandas
 
     for data, hint in ((pandas.DataFrame(rows), r"not DataFrame: datasets.Dataset.from_pandas\(df\)"),

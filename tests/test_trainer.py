@@ -251,6 +251,8 @@ def test_python_api_mistakes_are_refused_by_name_before_training(tmp_path, demo_
         build(model="tiny:minilm", processing_class=None, quantization_config=BitsAndBytesConfig(load_in_4bit=True))
     with pytest.raises(ValueError, match="fp16: true has no effect on a CPU"):
         build(args=tiny_args(tmp_path, fp16=True))
+    with pytest.raises(ValueError, match="the selector prompt needs .* tokens before any passage text"):
+        build(args=tiny_args(tmp_path, max_prompt_length=10))  # was refused at the first step, models built
     with pytest.raises(ValueError, match="metric_for_best_model='loss' is not a metric of DROTrainer's evaluation"):
         DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False, metric_for_best_model="loss")
     assert DROConfig(output_dir=str(tmp_path), use_cpu=True, bf16=False,  # one set of a dict of eval sets
