@@ -12,6 +12,7 @@ the run's first-stage retrieval order (or retrieved from a corpus by it), the se
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from collections.abc import Iterable
 from typing import Sequence
@@ -136,7 +137,16 @@ class DROPipeline:
         """Rows ``{question, passages}`` with candidates in first-stage retrieval order: given, or from ``corpus``."""
         rows = [{"question": q, "passages": [_passage(p, j) for j, p in enumerate(ps)]}
                 for q, ps in zip(questions, passages)]
+        for i, row in enumerate(rows):  # the answer names its picks by id: two alike could not be told apart
+            ids = [p["id"] for p in row["passages"]]
+            repeated = sorted({pid for pid in ids if ids.count(pid) > 1})
+            if repeated:
+                raise ValueError(f"questions[{i}] ({row['question']!r}): its passages repeat the id {repeated[0]!r}; "
+                                 "give each candidate its own id (or none: its position is used)")
         missing = [i for i, r in enumerate(rows) if not r["passages"]]
+        if corpus is not None and not missing:
+            warnings.warn("the corpus is searched only for questions without passages, and every question has "
+                          "some: it was not read", stacklevel=3)
         if missing and corpus is None:
             raise ValueError(f"questions[{missing[0]}] ({rows[missing[0]]['question']!r}) has no candidate passages: "
                              "give it candidates (passages=; in predict.py a `passages` field), or a corpus to "

@@ -109,6 +109,12 @@ def test_unusable_inputs_are_refused_with_the_question_named(runs):
     with pytest.raises(ValueError, match=r"has no token for the id \[13\], so it can rank at most 12 candidates per "
                                          r"question and these have up to 14: give at most 12"):
         pipe("which city is home to p3 ?", passages=[f"p{i} lives in c1" for i in range(14)])
+    # two candidates with one id: the answer names its picks by id (training refuses such rows too)
+    with pytest.raises(ValueError, match=r"questions\[0\] .*: its passages repeat the id 'a'"):
+        pipe("which city is home to p3 ?", passages=[{"id": "a", "text": "p3 lives in c1"},
+                                                     {"id": "a", "text": "p3 works at o2"}])
+    with pytest.warns(UserWarning, match="the corpus is searched only for questions without passages"):
+        pipe("which city is home to p3 ?", passages=["p3 lives in c1", "p3 works at o2"], corpus=["p3 lives in c1"])
 
 
 def test_a_path_that_is_no_run_is_named(tmp_path, monkeypatch):
