@@ -211,9 +211,10 @@ class DROTrainer(GRPOTrainer):
         elif eval_dataset is not None:
             eval_dataset = self._checked_eval_rows(eval_dataset, args)
         metric = (args.metric_for_best_model or "").removeprefix("eval_")
-        metrics = ([f"{name}_{m}" for name in eval_dataset for m in EVAL_METRICS] if isinstance(eval_dataset, dict)
-                   else list(EVAL_METRICS))
-        if metric and eval_dataset is not None and metric not in metrics:  # else a KeyError at the first evaluation
+        metrics = [f"{name}_{m}" for name in eval_dataset for m in EVAL_METRICS] if isinstance(eval_dataset, dict) \
+            else []
+        if metric and metrics and metric not in metrics:  # DROConfig checks the metric; a dict's set names are
+            # known only here. Else a KeyError at the first evaluation
             raise ValueError(f"metric_for_best_model={args.metric_for_best_model!r} is not among this trainer's "
                              f"evaluation metrics: {metrics} (eval_ prefix optional)")
         for stats in self.data_stats:

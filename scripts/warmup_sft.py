@@ -20,7 +20,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from accelerate import PartialState
 from trl import SFTConfig
 
 from dro_rl.cli import refusals_in_one_line
@@ -28,6 +27,7 @@ from dro_rl.data import load
 from dro_rl.models import load_model
 from dro_rl.parser import DROParser
 from dro_rl.pipeline_config import PipelineConfig
+from dro_rl.recipe import say
 from dro_rl.selector import IdGrammar
 from dro_rl.warmup import (
     generator_sft_rows,
@@ -75,9 +75,8 @@ def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
     if not args.overwrite and os.path.isdir(folder) and os.listdir(folder):  # refused before training, not after
         raise FileExistsError(f"output_dir {folder} is not empty (an earlier warm-up?): pass --overwrite true to "
                               "save over it, or choose another output_dir")
-    say = print if PartialState().is_main_process else lambda *_, **__: None  # each process runs this script
     rows, stats = load(args.data, "canonical", limit=args.limit)
-    say(stats.summary(), flush=True)
+    say(stats.summary())  # on the main process only: each process runs this script
     if args.target == "gold_first" and args.role == "selector" and not any(any(r["gold"]) for r in rows):
         raise ValueError(f"--target gold_first: no row of {args.data} has gold passage labels, so the target would "
                          "be the retrieval order; use --target retrieval, or label the gold passages")
@@ -87,7 +86,7 @@ def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
         if teacher is not None:  # a file covering more questions (train and dev, say) is fine, but said
             unused = len(set(teacher) - {str(r["id"]) for r in rows})
             say(f"teacher rankings: {len(teacher) - unused} used, {unused} for questions not in {args.data} "
-                  "(ignored)", flush=True)
+                "(ignored)")
     model, tok = load_model(args.model, seed=sft_args.seed)
     if args.role == "generator":
         examples = generator_sft_rows(
@@ -99,7 +98,7 @@ def main(args: WarmupArguments, sft_args: SFTConfig, pipeline: PipelineConfig):
     trainer = run_sft(model, tok, examples, sft_args)
     trainer.save_model(sft_args.output_dir)
     pipeline.save_pipeline(sft_args.output_dir)  # the prompts it was warmed up on, for DRO and evaluation to match
-    say(f"saved the warmed-up {args.role} to {sft_args.output_dir}", flush=True)
+    say(f"saved the warmed-up {args.role} to {sft_args.output_dir}")
     return trainer
 
 
